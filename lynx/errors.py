@@ -1,0 +1,21 @@
+"""User-facing errors: each one names the problem and the fix, so callers never see torch internals."""
+
+
+class LynxError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class WeightsNotFoundError(LynxError, FileNotFoundError):
+    """A model file the user has to download is missing; the message says what and where."""
+
+
+class CheckpointError(LynxError, ValueError):
+    """A weight file exists but does not hold what the model expects (keys, shapes, corruption)."""
+
+
+class InputError(LynxError, ValueError):
+    """A call argument or input file is unusable (sizes, paths, images)."""
+
+
+class NoFaceError(InputError):
+    """No usable face was found in a photo."""
