@@ -1,0 +1,19 @@
+"""Lynx: personalized video generation on Wan2.1 with the released ID- and Ref-adapters.
+
+    from lynx import LynxPipeline
+    pipe = LynxPipeline.from_pretrained("models/Wan2.1-T2V-14B-Diffusers", adapter="models/lynx_full",
+                                        torch_dtype=torch.bfloat16, device="cuda")
+    video = pipe("A person carves a pumpkin ...", image="me.jpg").frames[0]
+"""
+
+__version__ = "0.1.0"
+
+from .adapters import Conditioning, LynxAdapters  # noqa: E402
+from .config import AdapterConfig, ResamplerConfig, SamplingConfig  # noqa: E402
+from .errors import CheckpointError, InputError, LynxError, NoFaceError, WeightsNotFoundError  # noqa: E402
+from .pipeline import Identity, LynxPipeline  # noqa: E402
+from .resampler import Resampler  # noqa: E402
+
+__all__ = ["LynxPipeline", "LynxAdapters", "Conditioning", "Identity", "Resampler", "AdapterConfig",
+           "ResamplerConfig", "SamplingConfig", "LynxError", "InputError", "CheckpointError", "NoFaceError",
+           "WeightsNotFoundError"]

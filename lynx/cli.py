@@ -1,0 +1,308 @@
+"""The `lynx` command: `generate` a video of a person, `face` to check a photo, `info` to inspect model dirs."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .config import sampling_defaults
+from .errors import InputError, LynxError
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _versions() -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"lynx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _slug(text: str, limit: int = 40) -> str:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit].strip("-")
+    return slug or "video"
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    try:
+        path.resolve().relative_to(directory.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def output_path(args, variant_fps: int) -> Path:
+    """Where the video goes. Names built from inputs are sanitised and must stay inside --out-dir."""
+    out_dir = Path(args.out_dir)
+    if args.out:
+        path = Path(args.out)
+    else:
+        stem = Path(args.image[0]).stem if args.image else (Path(args.identity).stem if args.identity else "person")
+        name = f"{_slug(stem, 24)}-{_slug(args.prompt)}-s{args.seed}{args.format}"
+        path = out_dir / name
+        if not _inside(path, out_dir):
+            raise InputError(f"refusing to write {path}: names made from inputs must stay inside {out_dir}")
+    if path.suffix.lower() not in (".mp4", ".webp", ".gif"):
+        raise InputError(f"--out must end in .mp4, .webp or .gif, not {path.name!r}")
+    if path.exists() and not args.overwrite:
+        raise InputError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
+    return path
+
+
+def _read_prompt(value: str) -> str:
+    if value.startswith("@"):
+        path = Path(value[1:])
+        if not path.is_file():
+            raise InputError(f"prompt file {path} does not exist")
+        return path.read_text().strip()
+    return value
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .loading import default_adapter_dir, default_base_dir, read_adapter_config, require_base_dir
+
+    args.prompt = _read_prompt(args.prompt)
+    if not args.prompt.strip():
+        raise InputError("--prompt is empty")
+    sources = [bool(args.image), bool(args.identity), bool(args.embedding)]
+    if sum(sources) != 1:
+        raise InputError("give the person with exactly one of --image PHOTO..., --identity FILE (from `lynx face`) "
+                         "or --embedding FILE.npy (+ --reference CROP.png for the full model)")
+    for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x]:
+        if not Path(p).is_file():
+            raise InputError(f"input file {p} does not exist")
+    base = Path(args.base or default_base_dir())
+    adapter = Path(args.adapter or default_adapter_dir(args.variant))
+    require_base_dir(base, adapter)
+    tcfg = json.loads((base / "transformer" / "config.json").read_text())
+    adapter_cfg, _ = read_adapter_config(adapter, tcfg["num_layers"],
+                                         tcfg["num_attention_heads"] * tcfg["attention_head_dim"])
+    defaults = sampling_defaults(adapter_cfg.variant)
+    args.seed = defaults.seed if args.seed is None else args.seed
+    fps = args.fps or defaults.fps
+    out = output_path(args, fps)
+
+    from .pipeline import LynxPipeline, check_video_size
+
+    check_video_size(args.height or defaults.height, args.width or defaults.width,
+                     args.frames or defaults.num_frames)
+    identity_kwargs = {}
+    if args.image:
+        from . import face
+
+        identity_kwargs["identity"] = face.analyze(args.image if len(args.image) > 1 else args.image[0],
+                                                   detector=args.detector, models_dir=args.face_models)
+    elif args.identity:
+        from .face import FaceIdentity
+
+        identity_kwargs["identity"] = FaceIdentity.load(args.identity)
+    else:
+        import numpy as np
+
+        identity_kwargs["face_embedding"] = np.load(args.embedding)
+        if args.reference:
+            identity_kwargs["reference_image"] = args.reference
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
+    print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
+    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=device)
+    if args.attention_backend:
+        pipe.transformer.set_attention_backend(args.attention_backend)
+    g_i = "default"
+    if args.guidance_i is not None:
+        g_i = None if args.guidance_i < 0 else args.guidance_i
+    started = time.time()
+    result = pipe(args.prompt, **identity_kwargs, negative_prompt=args.negative_prompt, height=args.height,
+                  width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, guidance_scale_i=g_i, ip_scale=args.ip_scale,
+                  ref_scale=args.ref_scale, seed=args.seed, output_type="np")
+    frames = result.frames[0]
+
+    from .video import save_video, write_sidecar
+
+    save_video(frames, out, fps)
+    d = defaults
+    record = {
+        "video": out.name, "prompt": args.prompt, "negative_prompt": args.negative_prompt or d.negative_prompt,
+        "seed": args.seed, "height": frames.shape[1], "width": frames.shape[2], "num_frames": frames.shape[0],
+        "fps": fps, "num_inference_steps": args.steps or d.num_inference_steps,
+        "guidance_scale": args.guidance if args.guidance is not None else d.guidance_scale,
+        "guidance_scale_i": (d.guidance_scale_i if g_i == "default" else g_i),
+        "ip_scale": args.ip_scale if args.ip_scale is not None else d.ip_scale,
+        "ref_scale": args.ref_scale if args.ref_scale is not None else d.ref_scale,
+        "variant": adapter_cfg.variant, "dtype": str(dtype).removeprefix("torch."), "device": device,
+        "base": str(base.resolve()), "adapter": str(adapter.resolve()),
+        "identity": {"images": [{"path": str(Path(p).resolve()), "sha256": _sha256(Path(p))} for p in args.image or []],
+                     "identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference},
+        "seconds": round(time.time() - started, 2), "versions": _versions(),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+    }
+    write_sidecar(out, record)
+    print(out)
+    return 0
+
+
+def cmd_face(args) -> int:
+    from . import face
+
+    out_dir = Path(args.out_dir)
+    identity = face.analyze(args.photos if len(args.photos) > 1 else args.photos[0], detector=args.detector,
+                            models_dir=args.face_models, face_index=args.face_index)
+    print(face.describe(identity))
+    if args.no_save:
+        return 0
+    from PIL import Image
+
+    name = _slug(args.name or Path(args.photos[0]).stem, 40)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"identity": out_dir / f"{name}.identity", "arcface": out_dir / f"{name}-arcface112.png",
+             "reference": out_dir / f"{name}-reference256.png"}
+    for p in paths.values():
+        if not _inside(p, out_dir):
+            raise InputError(f"refusing to write {p} outside {out_dir}")
+        if p.exists() and not args.overwrite:
+            raise InputError(f"{p} already exists; pass --overwrite to replace it")
+    identity.save(paths["identity"])
+    Image.fromarray(identity.arcface_crop).save(paths["arcface"])
+    Image.fromarray(identity.reference_crop).save(paths["reference"])
+    for kind, p in paths.items():
+        print(f"wrote {kind}: {p}")
+    return 0
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
+
+
+def cmd_info(args) -> int:
+    from .loading import default_adapter_dir, default_base_dir, download_instructions, inspect_base_dir, \
+        read_adapter_config
+
+    base = Path(args.base or default_base_dir())
+    report = inspect_base_dir(base)
+    print(f"base model: {base}")
+    for sub, ok in report.found.items():
+        print(f"  {sub:13s} {'ok' if ok else 'MISSING'}")
+    tcfg = report.transformer_config
+    if tcfg:
+        width = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+        print(f"  transformer: {tcfg['num_layers']} blocks, {tcfg['num_attention_heads']} heads x "
+              f"{tcfg['attention_head_dim']} = {width} wide, FFN {tcfg['ffn_dim']}, text_dim {tcfg['text_dim']}")
+    for problem in report.problems:
+        print(f"  problem: {problem}")
+    adapters = [Path(a) for a in args.adapter] if args.adapter else \
+        [d for d in (default_adapter_dir("full"), default_adapter_dir("lite")) if d.exists()]
+    status = 0 if report.ok else 1
+    for a in adapters:
+        print(f"adapter: {a}")
+        if not tcfg:
+            print("  (cannot check against the base: no transformer config)")
+            continue
+        try:
+            cfg, states = read_adapter_config(a, tcfg["num_layers"], width)
+        except LynxError as e:
+            print(f"  problem: {e}")
+            status = 1
+            continue
+        counts = {k: sum(v.numel() for v in s.values()) for k, s in states.items() if s is not None}
+        print(f"  variant {cfg.variant}: ID branch on {len(cfg.ip_blocks)} blocks "
+              f"({'bias' if cfg.ip_bias else 'no bias'}, key norm {cfg.ip_key_norm}, {cfg.num_registers} registers), "
+              f"Ref branch {'on every block' if cfg.use_ref else 'absent'}")
+        r = cfg.resampler
+        print(f"  resampler: {r.embedding_dim} -> {r.num_queries} tokens x {r.output_dim} (dim {r.dim}, depth {r.depth})")
+        print("  parameters: " + ", ".join(f"{k} {_count(v)}" for k, v in counts.items())
+              + f", total {_count(sum(counts.values()))}")
+    if not report.ok or not adapters:
+        print("\n" + download_instructions(base, adapters[0] if adapters else None))
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lynx", description="Lynx personalized video generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="make a video of the person in a photo doing what the prompt says")
+    who = g.add_argument_group("the person (one of)")
+    who.add_argument("--image", nargs="+", help="photo(s) of the person; several photos combine into one identity")
+    who.add_argument("--identity", help="identity file written by `lynx face`")
+    who.add_argument("--embedding", help=".npy with a 512-d ArcFace embedding")
+    who.add_argument("--reference", help="256x256 aligned face crop (full model, with --embedding)")
+    g.add_argument("--prompt", required=True, help="text, or @FILE to read it from a file")
+    g.add_argument("--negative-prompt", default=None, help="default: the authors' negative prompt")
+    g.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers directory (default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
+    g.add_argument("--adapter", help="lynx_full or lynx_lite directory (default $LYNX_MODELS/lynx_<variant>)")
+    g.add_argument("--variant", choices=("full", "lite"), default="full", help="which default adapter dir to use")
+    g.add_argument("--out", help="output file (.mp4, .webp or .gif); default: a name from the inputs in --out-dir")
+    g.add_argument("--out-dir", default="outputs")
+    g.add_argument("--format", choices=(".mp4", ".webp", ".gif"), default=".mp4", help="format of generated names")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    g.add_argument("--height", type=int)
+    g.add_argument("--width", type=int)
+    g.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite)")
+    g.add_argument("--fps", type=int, help="default 16 full, 24 lite")
+    g.add_argument("--steps", type=int, help="denoising steps (default 50)")
+    g.add_argument("--guidance", type=float, help="text guidance scale g (default 5.0)")
+    g.add_argument("--guidance-i", type=float, help="identity guidance g_i (full default 2.0; negative: 2-way)")
+    g.add_argument("--ip-scale", type=float)
+    g.add_argument("--ref-scale", type=float)
+    g.add_argument("--seed", type=int, help="default 42")
+    g.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
+    g.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
+    g.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib")
+    g.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
+    g.set_defaults(func=cmd_generate)
+
+    f = sub.add_parser("face", help="find the face in photo(s), write the crops and a reusable identity file")
+    f.add_argument("photos", nargs="+")
+    f.add_argument("--out-dir", default="outputs/faces")
+    f.add_argument("--name", help="base name of the written files (default: the first photo's name)")
+    f.add_argument("--detector", default="auto")
+    f.add_argument("--face-models")
+    f.add_argument("--face-index", type=int, help="pick this face (0 = largest) instead of the largest")
+    f.add_argument("--no-save", action="store_true", help="only print what was found")
+    f.add_argument("--overwrite", action="store_true")
+    f.set_defaults(func=cmd_face)
+
+    i = sub.add_parser("info", help="show what is in the model directories and what is missing")
+    i.add_argument("--base")
+    i.add_argument("--adapter", nargs="*")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LynxError as e:
+        print(f"lynx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was overwritten", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

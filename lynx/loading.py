@@ -1,0 +1,234 @@
+"""Finding, checking and reading weights: the Wan base directory and the official adapter files.
+
+Everything that can be wrong with a model directory is found here, at load time, and reported with
+the file name, what was expected and what to download; nothing fails later inside torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from .config import (ADAPTER_REPO, BASE_MODEL_REPO, IP_LAYERS_FILE, REF_LAYERS_FILE, RESAMPLER_FILE,
+                     AdapterConfig, full_adapter_config, lite_adapter_config)
+from .errors import CheckpointError, WeightsNotFoundError
+from .resampler import resampler_config_from_state_dict
+
+BASE_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
+BASE_DIR_NAME = "Wan2.1-T2V-14B-Diffusers"
+# Optional file our own training writes beside the official ones; the released dirs do not have it.
+ADAPTER_CONFIG_FILE = "lynx_config.json"
+
+
+def models_root() -> Path:
+    """Where weights are looked for by default: $LYNX_MODELS, else ./models (the authors' layout)."""
+    return Path(os.environ.get("LYNX_MODELS", "models"))
+
+
+def default_base_dir() -> Path:
+    return models_root() / BASE_DIR_NAME
+
+
+def default_adapter_dir(variant: str = "full") -> Path:
+    return models_root() / f"lynx_{variant}"
+
+
+def download_instructions(base_dir: Path | None = None, adapter_dir: Path | None = None) -> str:
+    base_dir = Path(base_dir or default_base_dir())
+    adapter_dir = Path(adapter_dir or default_adapter_dir())
+    variant = adapter_dir.name if adapter_dir.name.startswith("lynx_") else "lynx_full"
+    return (
+        "Download the released weights (about 80 GB in all) with the Hugging Face CLI:\n"
+        f"  huggingface-cli download {BASE_MODEL_REPO} --local-dir {base_dir}\n"
+        f"  huggingface-cli download {ADAPTER_REPO} --include '{variant}/*' --local-dir {adapter_dir.parent}\n"
+        f"so that {base_dir} holds {', '.join(BASE_SUBFOLDERS)} and {adapter_dir} holds "
+        f"{RESAMPLER_FILE}, {IP_LAYERS_FILE}" + (f" and {REF_LAYERS_FILE}." if variant != "lynx_lite" else ".") +
+        "\nOr point --base/--adapter (or $LYNX_MODELS) at where they already are."
+    )
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via a temporary file in the same directory, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    # The suffix is kept so writers that pick a format from the name (ffmpeg) still work.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs should get the usual permissions
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----- base model -------------------------------------------------------------------------------------
+@dataclass
+class BaseDirReport:
+    path: Path
+    found: dict[str, bool] = field(default_factory=dict)
+    transformer_config: dict | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.safetensors.index.json"))
+
+
+def inspect_base_dir(path) -> BaseDirReport:
+    """Check a diffusers-layout Wan base directory without loading any weight."""
+    path = Path(path)
+    report = BaseDirReport(path)
+    if not path.is_dir():
+        report.problems.append(f"{path} does not exist")
+        return report
+    for sub in BASE_SUBFOLDERS:
+        folder = path / sub
+        ok = folder.is_dir()
+        if sub in ("text_encoder", "vae", "transformer"):
+            ok = ok and (folder / "config.json").is_file() and _has_weights(folder)
+        elif sub == "scheduler":
+            ok = ok and (folder / "scheduler_config.json").is_file()
+        elif sub == "tokenizer":
+            ok = ok and any(folder.iterdir())
+        report.found[sub] = ok
+        if not ok:
+            report.problems.append(f"{folder} is missing or incomplete (needs its config and weights)")
+    cfg = path / "transformer" / "config.json"
+    if cfg.is_file():
+        try:
+            report.transformer_config = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            report.problems.append(f"{cfg} is not valid JSON ({e})")
+    return report
+
+
+def require_base_dir(path, adapter_dir=None) -> Path:
+    report = inspect_base_dir(path)
+    if not report.ok:
+        raise WeightsNotFoundError(
+            f"The Wan2.1-T2V base model was not found at {report.path}:\n  - " + "\n  - ".join(report.problems)
+            + "\n" + download_instructions(report.path, adapter_dir))
+    return report.path
+
+
+# ----- adapters ---------------------------------------------------------------------------------------
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a whole safetensors file; a truncated or foreign file becomes a CheckpointError naming it."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError(f"{path} could not be read as safetensors ({e}). The file is damaged or "
+                              "incomplete; download it again.") from None
+
+
+def _keys_by_block(state: dict, names: tuple[str, ...], path: Path) -> dict[int, dict[str, torch.Tensor]]:
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        index, _, rest = key.partition(".")
+        if not index.isdigit() or not any(rest.startswith(n) for n in names):
+            raise CheckpointError(f"{path} has an unexpected key '{key}'; expected keys like "
+                                  f"'0.{names[0]}.weight'. Is this the right file?")
+        blocks.setdefault(int(index), {})[rest] = value
+    if sorted(blocks) != list(range(len(blocks))):
+        raise CheckpointError(f"{path}: block indices are not 0..{len(blocks) - 1} (found {sorted(blocks)[:8]}...)")
+    return blocks
+
+
+def read_adapter_config(adapter_dir, num_blocks: int, hidden_dim: int) -> tuple[AdapterConfig, dict]:
+    """Inspect an adapter directory against a transformer of `num_blocks` x `hidden_dim`.
+
+    Returns the detected config and the three state dicts. Raises with the file name and the
+    expected shape on every mismatch (lite adapters on a base of another width, ref layers for another
+    depth, missing files, corrupt files).
+    """
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise WeightsNotFoundError(f"Adapter directory {adapter_dir} not found.\n"
+                                   + download_instructions(adapter_dir=adapter_dir))
+    for name in (RESAMPLER_FILE, IP_LAYERS_FILE):
+        if not (adapter_dir / name).is_file():
+            raise WeightsNotFoundError(f"{adapter_dir / name} is missing: a Lynx adapter directory holds "
+                                       f"{RESAMPLER_FILE}, {IP_LAYERS_FILE} (and {REF_LAYERS_FILE} for lynx_full).\n"
+                                       + download_instructions(adapter_dir=adapter_dir))
+    ip_path, res_path, ref_path = (adapter_dir / n for n in (IP_LAYERS_FILE, RESAMPLER_FILE, REF_LAYERS_FILE))
+    ip_state = read_safetensors(ip_path)
+    res_state = read_safetensors(res_path)
+    ref_state = read_safetensors(ref_path) if ref_path.is_file() else None
+
+    extra = {}
+    if (adapter_dir / ADAPTER_CONFIG_FILE).is_file():
+        extra = json.loads((adapter_dir / ADAPTER_CONFIG_FILE).read_text())
+    resampler = resampler_config_from_state_dict(res_state, heads=extra.get("resampler_heads"), source=str(res_path))
+
+    ip_blocks = _keys_by_block(ip_state, ("to_k_ip", "to_v_ip", "registers"), ip_path)
+    first = ip_blocks[0]
+    if "to_k_ip.weight" not in first or "to_v_ip.weight" not in first:
+        raise CheckpointError(f"{ip_path}: block 0 lacks to_k_ip.weight / to_v_ip.weight")
+    out_dim, in_dim = first["to_k_ip.weight"].shape
+    bias = "to_k_ip.bias" in first
+    registers = first["registers"].shape[1] if "registers" in first else 0
+    if out_dim != hidden_dim:
+        raise CheckpointError(f"{ip_path} projects identity tokens to width {out_dim}, but the transformer is "
+                              f"{hidden_dim} wide: these adapters belong to another base model.")
+    if in_dim != resampler.output_dim:
+        raise CheckpointError(f"{ip_path} expects {in_dim}-d identity tokens but {res_path} makes "
+                              f"{resampler.output_dim}-d ones: the two files come from different releases.")
+
+    if ref_state is not None:
+        config = full_adapter_config(num_blocks, hidden_dim, registers, resampler)
+        if len(ip_blocks) != num_blocks:
+            raise CheckpointError(f"{ip_path} has ID layers for {len(ip_blocks)} blocks; the full adapter needs "
+                                  f"one per transformer block ({num_blocks}).")
+        ref_blocks = _keys_by_block(ref_state, ("to_k_ref", "to_v_ref"), ref_path)
+        if len(ref_blocks) != num_blocks:
+            raise CheckpointError(f"{ref_path} has Ref layers for {len(ref_blocks)} blocks, but the transformer "
+                                  f"has {num_blocks}: these adapters were made for a model of another depth.")
+        shape = ref_blocks[0].get("to_k_ref.weight", torch.empty(0)).shape
+        if tuple(shape) != (hidden_dim, hidden_dim):
+            raise CheckpointError(f"{ref_path}: to_k_ref.weight is {tuple(shape)}, expected "
+                                  f"({hidden_dim}, {hidden_dim}) for this transformer.")
+    else:
+        if bias or registers:
+            raise CheckpointError(f"{adapter_dir} looks like lynx_full ({IP_LAYERS_FILE} has biases/registers) "
+                                  f"but {REF_LAYERS_FILE} is missing; download it too.\n"
+                                  + download_instructions(adapter_dir=adapter_dir))
+        config = lite_adapter_config(num_blocks, hidden_dim, in_dim, resampler)
+        if len(ip_blocks) != len(config.ip_blocks):
+            raise CheckpointError(f"{ip_path} has ID layers for {len(ip_blocks)} blocks; lynx_lite on a "
+                                  f"{num_blocks}-block transformer needs {len(config.ip_blocks)} (every second block).")
+    return config, {"resampler": res_state, "ip_layers": ip_state, "ref_layers": ref_state}
+
+
+def load_adapters(adapter_dir, num_blocks: int, hidden_dim: int, dtype: torch.dtype | None = None):
+    """Build `LynxAdapters` from an adapter directory, every tensor loaded strictly."""
+    from .adapters import LynxAdapters
+
+    config, states = read_adapter_config(adapter_dir, num_blocks, hidden_dim)
+    adapters = LynxAdapters(config)
+    parts = [("resampler", RESAMPLER_FILE), ("ip_layers", IP_LAYERS_FILE)]
+    if config.use_ref:
+        parts.append(("ref_layers", REF_LAYERS_FILE))
+    for attr, file_name in parts:
+        try:
+            getattr(adapters, attr).load_state_dict(states[attr], strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{Path(adapter_dir) / file_name} does not match the {config.variant} adapter "
+                                  f"layout: {' '.join(str(e).split())[:600]}") from None
+    if dtype is not None:
+        adapters.to(dtype)
+    return adapters.eval().requires_grad_(False)

@@ -1,0 +1,393 @@
+"""`LynxPipeline`: Wan2.1 text-to-video with the Lynx ID and Ref adapters, sampled as the authors did.
+
+One call: identity (photo, or a precomputed embedding + aligned reference crop) -> identity tokens and
+reference features (once per video) -> three guided predictions per UniPC step (two for lite) -> VAE
+decode. Text encoding, latent preparation and video post-processing are diffusers' `WanPipeline`'s own.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+from PIL import Image
+
+from .adapters import Conditioning, LynxAdapters
+from .config import MAX_TEXT_TOKENS, REFERENCE_PROMPT, SamplingConfig, sampling_defaults
+from .errors import InputError
+from .loading import load_adapters, require_base_dir
+
+logger = logging.getLogger(__name__)
+
+REFERENCE_SIZE = 256
+
+
+@dataclass
+class Identity:
+    """What the adapters need about a person: a 512-d face embedding and (full) the aligned 256x256 crop."""
+
+    embedding: torch.Tensor  # [512] float32
+    reference_image: np.ndarray | None = None  # [256, 256, 3] uint8 RGB
+
+
+def _as_uint8_rgb(image, name: str) -> np.ndarray:
+    if isinstance(image, (str, Path)):
+        try:
+            image = Image.open(image)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{name}: cannot read image file {image} ({e})") from None
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InputError(f"{name} must be an RGB image of shape [H, W, 3], got shape {tuple(image.shape)}")
+    if image.dtype != np.uint8:
+        if image.max() <= 1.0 and image.min() >= 0.0:
+            image = image * 255.0
+        image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+    return image
+
+
+def check_video_size(height: int, width: int, num_frames: int, temporal: int = 4, spatial: int = 16) -> None:
+    """Frames must be 4k+1 and sides multiples of 16 (VAE 8x and 2x2 patches); say the nearest valid values."""
+    problems = []
+    if num_frames < 1 or (num_frames - 1) % temporal:
+        lo = max(1, (num_frames - 1) // temporal * temporal + 1)
+        problems.append(f"num_frames={num_frames} is not {temporal}k+1 (try {lo} or {lo + temporal})")
+    for name, v in (("height", height), ("width", width)):
+        if v < spatial or v % spatial:
+            lo = max(spatial, v // spatial * spatial)
+            problems.append(f"{name}={v} is not a positive multiple of {spatial} (try {lo} or {lo + spatial})")
+    if problems:
+        raise InputError("invalid video size: " + "; ".join(problems))
+
+
+def flow_sigmas(num_inference_steps: int, start: float) -> np.ndarray:
+    """The authors' UniPC grid (diffusers 0.33.1) before the flow shift: linspace(start, 0, n + 1)[:-1]."""
+    return np.linspace(start, 0.0, num_inference_steps + 1)[:-1]
+
+
+class LynxPipeline(WanPipeline):
+    """Personalized text-to-video with Lynx adapters on diffusers' Wan components."""
+
+    def __init__(self, tokenizer, text_encoder, vae: AutoencoderKLWan, scheduler, transformer: WanTransformer3DModel,
+                 adapters: LynxAdapters | None = None, transformer_2=None, boundary_ratio=None,
+                 expand_timesteps: bool = False):
+        # The last three exist only because diffusers checks a pipeline's config against its signature.
+        if transformer_2 is not None or boundary_ratio is not None or expand_timesteps:
+            raise InputError("Lynx runs on the single-transformer Wan2.1-T2V base, not on Wan2.2 two-stage models")
+        super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                         transformer=transformer)
+        self.adapters: LynxAdapters | None = None
+        if adapters is not None:
+            self.set_adapters(adapters)
+
+    # ----- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, base_dir, adapter=None, torch_dtype: torch.dtype = torch.float32,
+                        device: str | torch.device | None = None, **kwargs) -> "LynxPipeline":
+        """Load a diffusers-layout Wan2.1-T2V base and a released `lynx_full`/`lynx_lite` adapter directory.
+
+        `adapter` may be a directory or a `LynxAdapters`; full vs lite is read from the files.
+        """
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        base = require_base_dir(base_dir, adapter if isinstance(adapter, (str, Path)) else None)
+        if isinstance(adapter, (str, Path)):
+            require = load_adapters  # validate adapters before spending minutes on the base
+            with open(base / "transformer" / "config.json") as f:
+                import json
+                tcfg = json.load(f)
+            adapter = require(adapter, tcfg["num_layers"], tcfg["num_attention_heads"] * tcfg["attention_head_dim"])
+        tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
+        text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder", torch_dtype=torch_dtype)
+        vae = AutoencoderKLWan.from_pretrained(base / "vae", torch_dtype=torch_dtype)
+        transformer = WanTransformer3DModel.from_pretrained(base / "transformer", torch_dtype=torch_dtype)
+        scheduler = UniPCMultistepScheduler.from_pretrained(base / "scheduler")
+        _cast_like_reference(transformer, torch_dtype)
+        pipe = cls(tokenizer, text_encoder.eval(), vae.eval(), scheduler, transformer.eval(), adapter)
+        for m in (text_encoder, vae, transformer):
+            m.requires_grad_(False)
+        if device is not None:
+            pipe.to(device)
+        return pipe
+
+    @classmethod
+    def from_wan(cls, pipe: WanPipeline, adapter=None) -> "LynxPipeline":
+        """Wrap the components of a `WanPipeline` already in memory (no copy of any weight)."""
+        t = pipe.transformer
+        if isinstance(adapter, (str, Path)):
+            adapter = load_adapters(adapter, len(t.blocks), t.config.num_attention_heads * t.config.attention_head_dim)
+        return cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.scheduler, t, adapter)
+
+    def set_adapters(self, adapters: LynxAdapters | None) -> None:
+        if self.adapters is not None:
+            LynxAdapters.uninstall(self.transformer)
+        self.adapters = adapters
+        if adapters is not None:
+            adapters.install(self.transformer)
+            adapters.to(device=self.transformer.device, dtype=self.transformer.dtype)
+
+    def to(self, *args, **kwargs):
+        out = super().to(*args, **kwargs)
+        if self.adapters is not None:
+            self.adapters.to(device=self.transformer.device, dtype=self.transformer.dtype)
+        return out
+
+    @property
+    def variant(self) -> str:
+        return self.adapters.variant if self.adapters is not None else "none"
+
+    @property
+    def defaults(self) -> SamplingConfig:
+        return sampling_defaults("lite" if self.variant == "lite" else "full")
+
+    def _require_adapters(self) -> LynxAdapters:
+        if self.adapters is None:
+            raise InputError("this pipeline has no Lynx adapters: pass adapter=DIR to from_pretrained "
+                             "or call set_adapters(...)")
+        return self.adapters
+
+    # ----- the inspectable steps -----------------------------------------------------------------------
+    def prepare_identity(self, image=None, face_embedding=None, reference_image=None, identity=None,
+                         **face_kwargs) -> Identity:
+        """One identity from a photo (face analysis), a `FaceIdentity`, or an embedding (+ reference crop)."""
+        given = sum(x is not None for x in (image, face_embedding, identity))
+        if given != 1:
+            raise InputError("give the person exactly one way: image=PHOTO(S), identity=FaceIdentity, or "
+                             "face_embedding=[512] (+ reference_image=256x256 crop for the full model)")
+        if image is not None:
+            from . import face
+
+            identity = face.analyze(image, **face_kwargs)
+        if identity is not None:
+            face_embedding = identity.embedding
+            if reference_image is None:
+                reference_image = identity.reference_crop
+        emb = torch.as_tensor(np.asarray(face_embedding, dtype=np.float32)).reshape(-1)
+        if emb.numel() != 512 or not torch.isfinite(emb).all():
+            raise InputError(f"face_embedding must be 512 finite numbers (an ArcFace embedding), got "
+                             f"{emb.numel()} values")
+        ref = None
+        if reference_image is not None:
+            ref = _as_uint8_rgb(reference_image, "reference_image")
+            if ref.shape[:2] != (REFERENCE_SIZE, REFERENCE_SIZE):
+                raise InputError(f"reference_image must be the {REFERENCE_SIZE}x{REFERENCE_SIZE} aligned face crop "
+                                 f"(`lynx face PHOTO` writes one), got {ref.shape[1]}x{ref.shape[0]}")
+        if self.adapters is not None and self.adapters.config.use_ref and ref is None:
+            raise InputError("the full Lynx model also needs reference_image (the 256x256 aligned crop); "
+                             "pass image=PHOTO to compute both, or identity=FaceIdentity")
+        return Identity(emb, ref)
+
+    @torch.no_grad()
+    def identity_tokens(self, face_embedding: torch.Tensor) -> torch.Tensor:
+        """[512] or [B, 512] embedding -> [B, Q, ip_dim] identity tokens (zeros give the 'no identity' tokens)."""
+        emb = torch.as_tensor(face_embedding)
+        return self._require_adapters().identity_tokens(emb.reshape(-1, 1, emb.shape[-1]))
+
+    def encode_text(self, prompts: list[str], max_sequence_length: int = MAX_TEXT_TOKENS) -> torch.Tensor:
+        """UMT5 embeddings padded to 512 tokens (zeros past each prompt's length); warns on truncation."""
+        for p in prompts:
+            n = len(self.tokenizer(p, add_special_tokens=True).input_ids)
+            if n > max_sequence_length:
+                msg = f"prompt is {n} tokens long; only the first {max_sequence_length} are used: {p[:60]!r}..."
+                warnings.warn(msg, stacklevel=3)
+                logger.warning(msg)
+        return self._get_t5_prompt_embeds(prompts, max_sequence_length=max_sequence_length,
+                                          device=self._execution_device, dtype=self.transformer.dtype)
+
+    @torch.no_grad()
+    def reference_features(self, reference_image: np.ndarray | None, generator: torch.Generator | None = None,
+                           prompt_embeds: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Per-block tensors entering self-attention when the frozen transformer sees the reference crop.
+
+        `reference_image=None` gives the 'no reference' features (an all-zero image in [-1, 1] space).
+        The VAE sample uses `generator` (the authors seed it with `seed + 1`).
+        """
+        adapters = self._require_adapters()
+        device, vae = self._execution_device, self.vae
+        if reference_image is None:
+            pixels = torch.zeros(1, 3, 1, REFERENCE_SIZE, REFERENCE_SIZE)
+        else:
+            pixels = torch.tensor(_as_uint8_rgb(reference_image, "reference_image")) / 255.0 * 2 - 1
+            pixels = pixels.permute(2, 0, 1)[None, :, None]
+        latents = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
+        latents = self._normalize_latents(latents)
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_text([REFERENCE_PROMPT])
+        with adapters.recording() as recorded:
+            self.transformer(hidden_states=latents.to(self.transformer.dtype),
+                             timestep=torch.zeros(1, dtype=torch.long, device=device),
+                             encoder_hidden_states=prompt_embeds.to(self.transformer.dtype), return_dict=False)
+        return list(recorded)
+
+    def _latent_stats(self, like: torch.Tensor):
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
+        return mean, inv_std
+
+    def _normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        mean, inv_std = self._latent_stats(latents)
+        return (latents - mean) * inv_std
+
+    def decode(self, latents: torch.Tensor, output_type: str = "np"):
+        latents = latents.to(self.vae.dtype)
+        mean, inv_std = self._latent_stats(latents)
+        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        return self.video_processor.postprocess_video(video, output_type=output_type)
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                cond: Conditioning | None) -> torch.Tensor:
+        """One transformer call with `cond` visible to the adapters."""
+        adapters = self._require_adapters()
+        with adapters.conditioning(cond):
+            return self.transformer(hidden_states=latents.to(self.transformer.dtype),
+                                    timestep=t.expand(latents.shape[0]), encoder_hidden_states=text,
+                                    return_dict=False)[0]
+
+    # ----- generation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | None = None,
+        image=None,
+        *,
+        face_embedding=None,
+        reference_image=None,
+        identity=None,
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_scale_i: float | None | str = "default",
+        ip_scale: float | None = None,
+        ref_scale: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        max_sequence_length: int = MAX_TEXT_TOKENS,
+        face_options: dict | None = None,
+    ):
+        """Generate one video of the person in `image` (or the given identity) doing what `prompt` says.
+
+        Unset knobs take the variant's defaults (`self.defaults`): full 81 frames, 3-way guidance
+        (guidance_scale 5, guidance_scale_i 2); lite 121 frames, 2-way guidance. `guidance_scale_i=None`
+        forces 2-way guidance. `seed` seeds the initial noise (CPU generator) and, as `seed + 1`, the VAE
+        sample of the reference crop; `generator` may replace it. `output_type`: "np", "pil" or "latent".
+        """
+        adapters = self._require_adapters()
+        d = self.defaults
+        height, width = height or d.height, width or d.width
+        num_frames = num_frames or d.num_frames
+        steps = num_inference_steps or d.num_inference_steps
+        g = d.guidance_scale if guidance_scale is None else guidance_scale
+        g_i = d.guidance_scale_i if guidance_scale_i == "default" else guidance_scale_i
+        ip_scale = d.ip_scale if ip_scale is None else ip_scale
+        ref_scale = d.ref_scale if ref_scale is None else ref_scale
+        if negative_prompt is None and negative_prompt_embeds is None:
+            negative_prompt = d.negative_prompt
+        if output_type not in ("np", "pil", "latent"):
+            raise InputError(f"output_type must be 'np', 'pil' or 'latent', not {output_type!r}")
+        if (prompt is None) == (prompt_embeds is None):
+            raise InputError("give exactly one of prompt (text) or prompt_embeds")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InputError("prompt must be one string; call the pipeline once per video")
+        check_video_size(height, width, num_frames, self.vae_scale_factor_temporal, 2 * self.vae_scale_factor_spatial)
+        if steps < 1:
+            raise InputError(f"num_inference_steps must be at least 1, got {steps}")
+        bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad:
+            raise InputError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}")
+        if generator is None:
+            generator = torch.Generator().manual_seed(d.seed if seed is None else seed)
+        ref_seed = generator.initial_seed() + 1
+
+        person = self.prepare_identity(image, face_embedding, reference_image, identity, **(face_options or {}))
+        device, dtype = self._execution_device, self.transformer.dtype
+        self._guidance_scale, self._interrupt, self._current_timestep = g, False, None
+
+        # Text.
+        if prompt_embeds is None:
+            prompt_embeds = self.encode_text([prompt], max_sequence_length)
+        use_cfg = g > 1.0
+        if use_cfg and negative_prompt_embeds is None:
+            negative_prompt_embeds = self.encode_text([negative_prompt], max_sequence_length)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
+        if use_cfg:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+
+        # Identity tokens and reference features: once per video, reused at every step.
+        tokens = self.identity_tokens(person.embedding.to(device))
+        no_tokens = self.identity_tokens(torch.zeros_like(person.embedding).to(device))
+        ref = no_ref = None
+        if adapters.config.use_ref:
+            ref_text = self.encode_text([REFERENCE_PROMPT])
+            ref = self.reference_features(person.reference_image, torch.Generator().manual_seed(ref_seed), ref_text)
+            no_ref = self.reference_features(None, torch.Generator().manual_seed(ref_seed), ref_text)
+        cond = Conditioning(tokens, ref, ip_scale, ref_scale)
+        uncond = Conditioning(no_tokens, no_ref, ip_scale, ref_scale)
+
+        # Noise and schedule.
+        self.scheduler.set_timesteps(sigmas=flow_sigmas(steps, d.sigma_start), device=device)
+        timesteps = self.scheduler.timesteps
+        latents = self.prepare_latents(1, self.transformer.config.in_channels, height, width, num_frames,
+                                       torch.float32, device, generator, latents)
+        self._num_timesteps = len(timesteps)
+        three_way = g_i is not None
+
+        with self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                noise = self.predict(latents, t, prompt_embeds, cond)
+                if use_cfg:
+                    noise_u = self.predict(latents, t, negative_prompt_embeds, uncond)
+                    if three_way:
+                        noise_i = self.predict(latents, t, negative_prompt_embeds, cond)
+                        noise = noise_u + g_i * (noise_i - noise_u) + g * (noise - noise_i)
+                    else:
+                        noise = noise_u + g * (noise - noise_u)
+                latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    names = {"latents": latents, "prompt_embeds": prompt_embeds,
+                             "negative_prompt_embeds": negative_prompt_embeds}
+                    out = callback_on_step_end(self, i, t, {k: names[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = (out or {}).get("latents", latents)
+                bar.update()
+        self._current_timestep = None
+
+        video = latents if output_type == "latent" else self.decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        return WanPipelineOutput(frames=video) if return_dict else (video,)
+
+
+def _cast_like_reference(transformer: WanTransformer3DModel, dtype: torch.dtype) -> None:
+    """Cast every weight to `dtype` as the authors' pipeline did (diffusers would keep some in fp32), but keep
+    the RoPE tables in fp32: the authors' tables were complex float64 and never cast."""
+    if dtype == torch.float32:
+        return
+    rope = transformer.rope
+    cos, sin = rope.freqs_cos, rope.freqs_sin
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformer.to(dtype)
+    rope.freqs_cos, rope.freqs_sin = cos, sin

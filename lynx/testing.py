@@ -1,0 +1,112 @@
+"""Tiny random Wan bases and Lynx adapters, saved in the real layouts, for tests and benchmarks.
+
+These are fixtures, never results: random weights produce noise videos. They exercise the exact
+loading code paths (diffusers-layout base directory, official adapter file names and keys).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ResamplerConfig, TinyModelConfig, full_adapter_config, lite_adapter_config
+
+# The released scheduler config of Wan2.1-T2V-14B-Diffusers (UniPC, flow prediction, shift 3).
+WAN_SCHEDULER_CONFIG = {
+    "_class_name": "UniPCMultistepScheduler", "beta_end": 0.02, "beta_schedule": "linear",
+    "beta_start": 0.0001, "disable_corrector": [], "dynamic_thresholding_ratio": 0.995,
+    "final_sigmas_type": "zero", "flow_shift": 3.0, "lower_order_final": True, "num_train_timesteps": 1000,
+    "predict_x0": True, "prediction_type": "flow_prediction", "rescale_betas_zero_snr": False,
+    "sample_max_value": 1.0, "solver_order": 2, "solver_p": None, "solver_type": "bh2", "steps_offset": 0,
+    "thresholding": False, "timestep_spacing": "linspace", "trained_betas": None, "use_beta_sigmas": False,
+    "use_exponential_sigmas": False, "use_flow_sigmas": True, "use_karras_sigmas": False,
+}
+
+_WORDS = ("a person walks on the beach at sunset smiling waves camera image of face man woman "
+          "dancing in rain street city night close up portrait looking talking running park").split()
+
+
+def tiny_tokenizer(vocab_size: int):
+    """A word-level fast tokenizer with T5's conventions (pad id 0, </s> appended, unk for the rest)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in _WORDS:
+        if len(vocab) < vocab_size:
+            vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=512)
+
+
+def tiny_components(cfg: TinyModelConfig = TinyModelConfig(), seed: int = 0) -> dict:
+    """Random tiny tokenizer, UMT5 encoder, Wan VAE, Wan transformer and UniPC scheduler."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=cfg.vocab_size, d_model=cfg.text_dim, d_kv=8, d_ff=32, num_layers=cfg.text_layers,
+        num_heads=2, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    vae = AutoencoderKLWan(base_dim=cfg.vae_base_dim, z_dim=cfg.vae_z_dim, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.vae_z_dim, out_channels=cfg.vae_z_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, rope_max_seq_len=32)
+    # diffusers initialises some weights to exact zeros/ones; perturb them so every path carries signal.
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    scheduler = UniPCMultistepScheduler.from_config(WAN_SCHEDULER_CONFIG)
+    return dict(tokenizer=tiny_tokenizer(cfg.vocab_size), text_encoder=text_encoder.eval(), vae=vae.eval(),
+                transformer=transformer.eval(), scheduler=scheduler)
+
+
+def save_tiny_base(directory, cfg: TinyModelConfig = TinyModelConfig(), seed: int = 0) -> Path:
+    """Save a tiny base in the diffusers layout of Wan2.1-T2V-14B-Diffusers."""
+    directory = Path(directory)
+    parts = tiny_components(cfg, seed)
+    for name, obj in parts.items():
+        obj.save_pretrained(directory / name)
+    (directory / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"]}, indent=2))
+    return directory
+
+
+def tiny_adapters(variant: str = "full", cfg: TinyModelConfig = TinyModelConfig(), num_registers: int = 0,
+                  seed: int = 1, std: float = 0.2):
+    """Random non-zero `LynxAdapters` sized for the tiny transformer of `cfg`."""
+    from .adapters import LynxAdapters
+
+    hidden = cfg.hidden_dim
+    if variant == "full":
+        config = full_adapter_config(cfg.num_layers, hidden, num_registers,
+                                     ResamplerConfig(**{**vars(cfg.resampler), "output_dim": hidden}))
+    elif variant == "lite":
+        config = lite_adapter_config(cfg.num_layers, hidden, cfg.resampler.output_dim, cfg.resampler)
+    else:
+        raise ValueError(f"variant must be 'full' or 'lite', not {variant!r}")
+    torch.manual_seed(seed)
+    adapters = LynxAdapters(config)
+    with torch.no_grad():
+        for name, p in adapters.named_parameters():
+            if "ip_layers" in name or "ref_layers" in name:
+                p.normal_(0, std)
+    return adapters.eval()
+
+
+def save_tiny_adapters(directory, variant: str = "full", cfg: TinyModelConfig = TinyModelConfig(),
+                       num_registers: int = 0, seed: int = 1) -> Path:
+    tiny_adapters(variant, cfg, num_registers, seed).save_pretrained(directory)
+    return Path(directory)

@@ -1,0 +1,87 @@
+"""Writing and reading videos: MP4 (H.264), animated WebP and GIF, plus the JSON sidecar of each video."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .loading import atomic_write
+
+VIDEO_FORMATS = (".mp4", ".webp", ".gif")
+
+
+def to_uint8(frames) -> np.ndarray:
+    """[F, H, W, 3] floats in [0, 1] (the pipeline's np output) or uint8 -> uint8."""
+    frames = np.asarray(frames)
+    if frames.ndim == 5:  # [1, F, H, W, 3] batch of one
+        frames = frames[0]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise InputError(f"expected frames of shape [F, H, W, 3], got {frames.shape}")
+    if frames.dtype != np.uint8:
+        frames = np.clip(np.round(frames.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+    return frames
+
+
+def save_video(frames, path, fps: int, quality: int = 8) -> Path:
+    """Write `frames` to `path` (format from its suffix), atomically."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_FORMATS:
+        raise InputError(f"unsupported video format {suffix!r}: use one of {', '.join(VIDEO_FORMATS)}")
+    frames = to_uint8(frames)
+
+    def write(tmp: Path):
+        if suffix == ".mp4":
+            import imageio.v2 as imageio
+
+            # yuv420p needs even sides; macro_block_size=1 keeps the exact size the model produced.
+            with imageio.get_writer(str(tmp), format="FFMPEG", fps=fps, codec="libx264", quality=quality,
+                                    pixelformat="yuv420p", macro_block_size=1) as w:
+                for f in frames:
+                    w.append_data(f)
+        else:
+            from PIL import Image
+
+            images = [Image.fromarray(f) for f in frames]
+            duration = int(round(1000 / fps))
+            kw = dict(lossless=False, quality=90) if suffix == ".webp" else dict(disposal=2)
+            images[0].save(str(tmp), format=suffix[1:].upper(), save_all=True, append_images=images[1:],
+                           duration=duration, loop=0, **kw)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, write)
+    return path
+
+
+def read_video(path, every: int = 1) -> tuple[np.ndarray, float]:
+    """Decode a video file to uint8 [F, H, W, 3] RGB frames (every k-th) and its frame rate."""
+    import av
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"video file {path} does not exist")
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(stream)) if i % every == 0]
+    except av.error.FFmpegError as e:
+        raise InputError(f"{path} is not a readable video ({e})") from None
+    if not frames:
+        raise InputError(f"{path} holds no video frames")
+    if path.suffix.lower() in (".webp", ".gif") and not fps:
+        fps = 0.0
+    return np.stack(frames), fps
+
+
+def sidecar_path(video_path) -> Path:
+    return Path(video_path).with_suffix(Path(video_path).suffix + ".json")
+
+
+def write_sidecar(video_path, record: dict) -> Path:
+    path = sidecar_path(video_path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
+    return path
