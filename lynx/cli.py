@@ -238,6 +238,10 @@ def cmd_info(args) -> int:
     return status
 
 
+# Modules that add their own subcommands through a `register(subparsers)` function.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lynx", description="Lynx personalized video generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -289,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--base")
     i.add_argument("--adapter", nargs="*")
     i.set_defaults(func=cmd_info)
+
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
