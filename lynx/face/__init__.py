@@ -1,0 +1,23 @@
+"""Face analysis for Lynx: photo -> detection with five keypoints -> aligned crops -> ArcFace embedding.
+
+``analyze(photo)`` returns a ``FaceIdentity`` holding the 512-d embedding for the ID-adapter and the
+256x256 reference crop for the Ref-adapter. Nothing is downloaded: model files are read from
+``default_models_dir()`` (``$LYNX_FACE_MODELS`` or ``~/.cache/lynx/face``). See docs/face.md.
+"""
+
+from .alignment import (ARCFACE_TEMPLATE, align_arcface, align_reference, arcface_template,
+                        reference_template)
+from .arcface import ARCFACE_FILE, ARCFACE_URL, ArcFaceIRSE50, embed, load_arcface, preprocess
+from .detection import (MIN_FACE_SIZE, DetectedFace, DlibDetector, FaceDetector, ScrfdDetector,
+                        create_detector, find_scrfd_model)
+from .identity import (FaceIdentity, IdentityMismatchWarning, analyze, combine, default_models_dir,
+                       describe)
+from .image import load_image
+
+__all__ = [
+    "ARCFACE_FILE", "ARCFACE_TEMPLATE", "ARCFACE_URL", "MIN_FACE_SIZE", "ArcFaceIRSE50", "DetectedFace",
+    "DlibDetector", "FaceDetector", "FaceIdentity", "IdentityMismatchWarning", "ScrfdDetector",
+    "align_arcface", "align_reference", "analyze", "arcface_template", "combine", "create_detector",
+    "default_models_dir", "describe", "embed", "find_scrfd_model", "load_arcface", "load_image",
+    "preprocess", "reference_template",
+]
