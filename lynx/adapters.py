@@ -179,7 +179,7 @@ class LynxAdapters(nn.Module):
         self.ref_layers = nn.ModuleDict(
             {str(i): RefLayer(config.hidden_dim) for i in range(config.num_blocks)} if config.use_ref else {})
         self.state = AdapterState()
-        self._installed_on: nn.Module | None = None
+        self.installed = False  # a flag, not the module: a module attribute would adopt the transformer
 
     @property
     def variant(self) -> str:
@@ -232,7 +232,7 @@ class LynxAdapters(nn.Module):
             self._set(block.attn2, LynxAttnProcessor(self.state, index, ip_layer=ip_of_block.get(index),
                                                      ip_key_norm=self.config.ip_key_norm,
                                                      ip_key_norm_eps=self.config.ip_key_norm_eps))
-        self._installed_on = transformer
+        self.installed = True
 
     @staticmethod
     def _set(attn, processor) -> None:
@@ -263,7 +263,7 @@ class LynxAdapters(nn.Module):
     @contextlib.contextmanager
     def recording(self):
         """Collect, per block, the tensor entering self-attention; all adapter branches are off meanwhile."""
-        if self._installed_on is None or not self.config.use_ref:
+        if not self.installed or not self.config.use_ref:
             raise InputError("reference features need installed full (Ref-adapter) adapters")
         previous = (self.state.active, self.state.recorded)
         self.state.active, self.state.recorded = None, []

@@ -295,13 +295,12 @@ class LynxPipeline(WanPipeline):
         """
         adapters = self._require_adapters()
         d = self.defaults
-        height, width = height or d.height, width or d.width
-        num_frames = num_frames or d.num_frames
-        steps = num_inference_steps or d.num_inference_steps
-        g = d.guidance_scale if guidance_scale is None else guidance_scale
+        pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is a value, not unset)
+        height, width, num_frames = pick(height, d.height), pick(width, d.width), pick(num_frames, d.num_frames)
+        steps = pick(num_inference_steps, d.num_inference_steps)
+        g = pick(guidance_scale, d.guidance_scale)
         g_i = d.guidance_scale_i if guidance_scale_i == "default" else guidance_scale_i
-        ip_scale = d.ip_scale if ip_scale is None else ip_scale
-        ref_scale = d.ref_scale if ref_scale is None else ref_scale
+        ip_scale, ref_scale = pick(ip_scale, d.ip_scale), pick(ref_scale, d.ref_scale)
         if negative_prompt is None and negative_prompt_embeds is None:
             negative_prompt = d.negative_prompt
         if output_type not in ("np", "pil", "latent"):

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random Wan bases and Lynx adapters, saved once per session in the real layouts."""
+
+import numpy as np
+import pytest
+import torch
+
+from lynx.testing import save_tiny_adapters, save_tiny_base
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    return save_tiny_base(tmp_path_factory.mktemp("models") / "Wan2.1-T2V-14B-Diffusers")
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "full": save_tiny_adapters(root / "lynx_full", "full"),
+        "registers": save_tiny_adapters(root / "lynx_full_registers", "full", num_registers=3),
+        "lite": save_tiny_adapters(root / "lynx_lite", "lite"),
+    }
+
+
+@pytest.fixture(scope="session")
+def face_embedding():
+    g = torch.Generator().manual_seed(7)
+    e = torch.randn(512, generator=g)
+    return (e / e.norm()).numpy()
+
+
+@pytest.fixture(scope="session")
+def reference_crop():
+    rng = np.random.RandomState(3)
+    img = np.zeros((256, 256, 3), np.uint8)
+    img[64:192, 80:176] = rng.randint(90, 220, (128, 96, 3))  # a face-sized blob on black, like a real crop
+    return img
+
+
+SMALL = dict(height=32, width=32, num_frames=5, num_inference_steps=3)

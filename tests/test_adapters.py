@@ -1,0 +1,222 @@
+"""Adapter processors on diffusers' WanTransformer3DModel: parity with the plain model and hand-computed branches."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lynx.adapters import Conditioning, LynxAdapters, LynxAttnProcessor
+from lynx.config import TinyModelConfig
+from lynx.errors import InputError
+from lynx.testing import tiny_adapters, tiny_components
+
+CFG = TinyModelConfig()
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return tiny_components(CFG)["transformer"]
+
+
+def inputs(seed=0, batch=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, CFG.vae_z_dim, 2, 8, 8, generator=g)
+    text = torch.randn(batch, 7, CFG.text_dim, generator=g)
+    t = torch.full((batch,), 500.0)
+    return x, t, text
+
+
+def run(model, x, t, text):
+    return model(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+
+
+def adapted(transformer, variant="full", **kw):
+    model = copy.deepcopy(transformer)
+    adapters = tiny_adapters(variant, CFG, **kw)
+    adapters.install(model)
+    return model, adapters
+
+
+def conditioning(adapters, seed=1, batch=1, ref_tokens=16, **kw):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch, adapters.config.resampler.num_queries, adapters.config.ip_input_dim, generator=g)
+    ref = None
+    if adapters.config.use_ref:
+        ref = [torch.randn(batch, ref_tokens, CFG.hidden_dim, generator=g) for _ in range(CFG.num_layers)]
+    return Conditioning(tokens, ref, **kw)
+
+
+@pytest.mark.parametrize("variant", ["full", "lite"])
+def test_without_conditioning_equals_plain_diffusers(transformer, variant):
+    model, _ = adapted(transformer, variant)
+    x, t, text = inputs()
+    with torch.no_grad():
+        assert torch.equal(run(model, x, t, text), run(transformer, x, t, text))
+
+
+def test_zeroed_adapters_equal_plain_diffusers(transformer):
+    model, adapters = adapted(transformer, "full", num_registers=2)
+    with torch.no_grad():
+        for name, p in adapters.named_parameters():
+            if "ip_layers" in name or "ref_layers" in name:
+                p.zero_()
+    x, t, text = inputs()
+    with torch.no_grad(), adapters.conditioning(conditioning(adapters)):
+        out = run(model, x, t, text)
+    assert torch.equal(out, run(transformer, x, t, text))
+
+
+@pytest.mark.parametrize("variant,registers", [("full", 0), ("full", 3), ("lite", 0)])
+def test_adapters_change_output_and_scales_switch_branches_off(transformer, variant, registers):
+    model, adapters = adapted(transformer, variant, num_registers=registers)
+    x, t, text = inputs()
+    plain = run(transformer, x, t, text).detach()
+    with torch.no_grad():
+        with adapters.conditioning(conditioning(adapters)):
+            on = run(model, x, t, text)
+        with adapters.conditioning(conditioning(adapters, ip_scale=0.0, ref_scale=0.0)):
+            off = run(model, x, t, text)
+        with adapters.conditioning(conditioning(adapters, ip_scale=2.0)):
+            doubled = run(model, x, t, text)
+    assert (on - plain).abs().max() > 1e-3
+    assert torch.equal(off, plain)
+    assert (doubled - on).abs().max() > 1e-3
+
+
+def manual_attention(q, k, v, heads):
+    """softmax(q k^T / sqrt(d)) v per head, q/k/v as [B, S, H*D]."""
+    b, s, _ = q.shape
+    q, k, v = (z.unflatten(-1, (heads, -1)).transpose(1, 2) for z in (q, k, v))
+    w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)
+    return (w @ v).transpose(1, 2).reshape(b, s, -1)
+
+
+@pytest.mark.parametrize("variant,registers", [("full", 0), ("full", 2), ("lite", 0)])
+def test_id_branch_matches_hand_computation(transformer, variant, registers):
+    model, adapters = adapted(transformer, variant, num_registers=registers)
+    block = 2
+    attn = model.blocks[block].attn2
+    cond = conditioning(adapters, ip_scale=0.7)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(1, 10, CFG.hidden_dim, generator=g)
+    text = torch.randn(1, 6, CFG.hidden_dim, generator=g)
+    with torch.no_grad():
+        base = attn(h, text)
+        with adapters.conditioning(cond):
+            out = attn(h, text)
+        layer = adapters.ip_layers[str(adapters.config.ip_blocks.index(block))]
+        tokens = cond.ip_tokens
+        if registers:
+            tokens = torch.cat([tokens, layer.registers], 1)
+        k = layer.to_k_ip(tokens)
+        if variant == "full":
+            k = attn.norm_k(k)
+        else:
+            k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + 1e-5)
+        q = attn.norm_q(attn.to_q(h))
+        branch = manual_attention(q, k, layer.to_v_ip(tokens), attn.heads)
+        expected = base + 0.7 * F.linear(branch, attn.to_out[0].weight)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lite_leaves_odd_blocks_alone(transformer):
+    model, adapters = adapted(transformer, "lite")
+    assert adapters.config.ip_blocks == (0, 2)
+    assert [model.blocks[i].attn2.processor.ip_layer is None for i in range(4)] == [False, True, False, True]
+    assert all(model.blocks[i].attn1.processor.ref_layer is None for i in range(4))
+
+
+def test_ref_branch_matches_hand_computation(transformer):
+    model, adapters = adapted(transformer, "full")
+    block = 1
+    attn = model.blocks[block].attn1
+    cond = conditioning(adapters, ref_scale=1.3, ref_tokens=9)
+    x, t, text = inputs()
+    rope = model.rope(x)
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(1, rope[0].shape[1], CFG.hidden_dim, generator=g)
+    with torch.no_grad():
+        base = attn(h, None, None, rope)
+        with adapters.conditioning(cond):
+            out = attn(h, None, None, rope)
+        layer = adapters.ref_layers[str(block)]
+        feats = cond.ref_features[block]
+        q = attn.norm_q(attn.to_q(h))  # no RoPE on the reference branch
+        branch = manual_attention(q, attn.norm_k(layer.to_k_ref(feats)), layer.to_v_ref(feats), attn.heads)
+        expected = base + 1.3 * F.linear(branch, attn.to_out[0].weight)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_recording_captures_the_self_attention_input_of_every_block(transformer):
+    model, adapters = adapted(transformer, "full")
+    seen = []
+    hooks = [b.attn1.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone())) for b in model.blocks]
+    x, t, text = inputs()
+    try:
+        with torch.no_grad(), adapters.conditioning(conditioning(adapters)), adapters.recording() as rec:
+            out = run(model, x, t, text)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    assert len(rec) == CFG.num_layers == len(seen)
+    for a, b in zip(rec, seen):
+        assert torch.equal(a, b)
+    # Recording switches every adapter branch off: the pass is the plain model's.
+    assert torch.equal(out, run(transformer, x, t, text).detach())
+    assert adapters.state.active is None and adapters.state.recorded is None
+
+
+def test_cached_keys_values_equal_uncached(transformer):
+    model, adapters = adapted(transformer, "full", num_registers=1)
+    x, t, text = inputs()
+    cached = conditioning(adapters)
+    with torch.no_grad(), adapters.conditioning(cached):
+        first, second = run(model, x, t, text), run(model, x, t, text)
+    assert len(cached._kv) == 2 * CFG.num_layers
+    uncached = conditioning(adapters, cache_kv=False)
+    with torch.no_grad(), adapters.conditioning(uncached):
+        third = run(model, x, t, text)
+    assert torch.equal(first, second) and torch.equal(first, third) and not uncached._kv
+
+
+def test_batched_inputs_match_single(transformer):
+    model, adapters = adapted(transformer, "full")
+    x, t, text = inputs(batch=2)
+    cond = conditioning(adapters, batch=2)
+    with torch.no_grad():
+        with adapters.conditioning(cond):
+            both = run(model, x, t, text)
+        for i in range(2):
+            one = Conditioning(cond.ip_tokens[i:i + 1], [f[i:i + 1] for f in cond.ref_features])
+            with adapters.conditioning(one):
+                torch.testing.assert_close(run(model, x[i:i + 1], t[i:i + 1], text[i:i + 1]), both[i:i + 1],
+                                           atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_adapters_only_when_trained(transformer):
+    model, adapters = adapted(transformer, "full")
+    adapters.train().requires_grad_(True)
+    model.requires_grad_(False)
+    x, t, text = inputs()
+    with adapters.conditioning(conditioning(adapters, cache_kv=False)):
+        run(model, x, t, text).square().mean().backward()
+    assert adapters.ip_layers["0"].to_k_ip.weight.grad.abs().sum() > 0
+    assert adapters.ref_layers["3"].to_v_ref.weight.grad.abs().sum() > 0
+
+
+def test_attention_backend_survives_install(transformer):
+    model = copy.deepcopy(transformer)
+    model.set_attention_backend("native")
+    adapters = tiny_adapters("full", CFG)
+    adapters.install(model)
+    proc = model.blocks[0].attn1.processor
+    assert isinstance(proc, LynxAttnProcessor) and str(proc._attention_backend.value) == "native"
+    LynxAdapters.uninstall(model)
+    assert not isinstance(model.blocks[0].attn1.processor, LynxAttnProcessor)
+
+
+def test_wrong_depth_is_refused(transformer):
+    other = tiny_adapters("full", CFG.with_(num_layers=2))
+    with pytest.raises(InputError, match="2 blocks"):
+        other.install(copy.deepcopy(transformer))

@@ -1,0 +1,117 @@
+"""Loading the base directory and the official adapter files; every broken input gets a message naming it."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lynx.errors import CheckpointError, WeightsNotFoundError
+from lynx.loading import inspect_base_dir, load_adapters, read_adapter_config, require_base_dir
+from lynx.testing import tiny_adapters
+
+BLOCKS, WIDTH = 4, 24
+
+
+@pytest.mark.parametrize("kind,variant,registers,ip_blocks", [
+    ("full", "full", 0, (0, 1, 2, 3)), ("registers", "full", 3, (0, 1, 2, 3)), ("lite", "lite", 0, (0, 2))])
+def test_variants_detected_from_files(adapter_dirs, kind, variant, registers, ip_blocks):
+    adapters = load_adapters(adapter_dirs[kind], BLOCKS, WIDTH)
+    cfg = adapters.config
+    assert (cfg.variant, cfg.num_registers, cfg.ip_blocks) == (variant, registers, ip_blocks)
+    assert cfg.use_ref == (variant == "full") and cfg.ip_bias == (variant == "full")
+    assert not any(p.requires_grad for p in adapters.parameters())
+
+
+def test_official_key_layout(adapter_dirs):
+    ip = load_file(adapter_dirs["registers"] / "ip_layers.safetensors")
+    assert {"0.to_k_ip.weight", "0.to_k_ip.bias", "0.to_v_ip.weight", "0.to_v_ip.bias", "0.registers"} <= set(ip)
+    assert ip["0.registers"].shape == (1, 3, WIDTH)
+    ref = load_file(adapter_dirs["full"] / "ref_layers.safetensors")
+    assert set(ref) == {f"{i}.{n}.{p}" for i in range(BLOCKS) for n in ("to_k_ref", "to_v_ref") for p in ("weight", "bias")}
+    lite = load_file(adapter_dirs["lite"] / "ip_layers.safetensors")
+    assert set(lite) == {f"{i}.{n}.weight" for i in range(2) for n in ("to_k_ip", "to_v_ip")}
+    assert lite["0.to_k_ip.weight"].shape == (WIDTH, 16)
+    assert not (adapter_dirs["lite"] / "ref_layers.safetensors").exists()
+
+
+@pytest.mark.parametrize("variant,registers", [("full", 0), ("full", 2), ("lite", 0)])
+def test_save_load_round_trip(tmp_path, variant, registers):
+    original = tiny_adapters(variant, num_registers=registers, seed=11)
+    original.save_pretrained(tmp_path)
+    loaded = load_adapters(tmp_path, BLOCKS, WIDTH)
+    a, b = original.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_directory_says_what_to_download(tmp_path):
+    with pytest.raises(WeightsNotFoundError) as e:
+        read_adapter_config(tmp_path / "lynx_full", BLOCKS, WIDTH)
+    assert "huggingface-cli download ByteDance/lynx" in str(e.value) and "lynx_full" in str(e.value)
+
+
+def test_missing_file_is_named(adapter_dirs, tmp_path):
+    d = shutil.copytree(adapter_dirs["full"], tmp_path / "a")
+    (d / "resampler.safetensors").unlink()
+    with pytest.raises(WeightsNotFoundError, match="resampler.safetensors is missing"):
+        read_adapter_config(d, BLOCKS, WIDTH)
+
+
+def test_truncated_file_is_named(adapter_dirs, tmp_path):
+    d = shutil.copytree(adapter_dirs["full"], tmp_path / "a")
+    f = d / "ref_layers.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="ref_layers.safetensors could not be read"):
+        read_adapter_config(d, BLOCKS, WIDTH)
+
+
+def test_lite_on_base_of_other_width(adapter_dirs):
+    with pytest.raises(CheckpointError, match="width 24, but the transformer is 48 wide"):
+        read_adapter_config(adapter_dirs["lite"], BLOCKS, 48)
+
+
+def test_ref_layers_for_another_depth(adapter_dirs, tmp_path):
+    d = shutil.copytree(adapter_dirs["full"], tmp_path / "a")
+    ip = load_file(d / "ip_layers.safetensors")
+    save_file({k: v for k, v in ip.items() if int(k.split(".")[0]) < 2}, d / "ip_layers.safetensors")
+    with pytest.raises(CheckpointError, match="ID layers for 2 blocks"):
+        read_adapter_config(d, BLOCKS, WIDTH)
+    d = shutil.copytree(adapter_dirs["full"], tmp_path / "b")
+    ref = load_file(d / "ref_layers.safetensors")
+    save_file({k: v for k, v in ref.items() if int(k.split(".")[0]) < 3}, d / "ref_layers.safetensors")
+    with pytest.raises(CheckpointError, match="Ref layers for 3 blocks, but the transformer has 4"):
+        read_adapter_config(d, BLOCKS, WIDTH)
+
+
+def test_full_without_ref_layers(adapter_dirs, tmp_path):
+    d = shutil.copytree(adapter_dirs["full"], tmp_path / "a")
+    (d / "ref_layers.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="ref_layers.safetensors is missing"):
+        read_adapter_config(d, BLOCKS, WIDTH)
+
+
+def test_wrong_shape_inside_file(adapter_dirs, tmp_path):
+    d = shutil.copytree(adapter_dirs["full"], tmp_path / "a")
+    res = load_file(d / "resampler.safetensors")
+    res["layers.1.0.to_out.weight"] = torch.zeros(3, 3)
+    save_file(res, d / "resampler.safetensors")
+    with pytest.raises(CheckpointError, match="resampler.safetensors does not match.*to_out"):
+        load_adapters(d, BLOCKS, WIDTH)
+
+
+def test_foreign_keys(adapter_dirs, tmp_path):
+    d = shutil.copytree(adapter_dirs["full"], tmp_path / "a")
+    save_file({"model.weight": torch.zeros(2, 2)}, d / "ip_layers.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected key 'model.weight'"):
+        read_adapter_config(d, BLOCKS, WIDTH)
+
+
+def test_base_dir_inspection(tiny_base, tmp_path):
+    report = inspect_base_dir(tiny_base)
+    assert report.ok and report.transformer_config["num_layers"] == BLOCKS
+    broken = shutil.copytree(tiny_base, tmp_path / "base")
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(WeightsNotFoundError) as e:
+        require_base_dir(broken)
+    msg = str(e.value)
+    assert "vae is missing" in msg and "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers" in msg
