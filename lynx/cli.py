@@ -55,7 +55,8 @@ def output_path(args, variant_fps: int) -> Path:
     if args.out:
         path = Path(args.out)
     else:
-        stem = Path(args.image[0]).stem if args.image else (Path(args.identity).stem if args.identity else "person")
+        source = (args.image or [None])[0] or args.identity or getattr(args, "embedding", None)
+        stem = Path(source).stem if source else "person"
         name = f"{_slug(stem, 24)}-{_slug(args.prompt)}-s{args.seed}{args.format}"
         path = out_dir / name
         if not _inside(path, out_dir):

@@ -1,0 +1,114 @@
+"""The `lynx` command run as a subprocess on tiny saved models: videos, sidecars, refusals and messages."""
+
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lynx.cli import output_path
+from lynx.errors import InputError
+from lynx.video import read_video
+
+TINY = ["--height", "32", "--width", "48", "--frames", "9", "--steps", "2"]
+
+
+def lynx(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "lynx.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def identity_files(tmp_path_factory, face_embedding, reference_crop):
+    d = tmp_path_factory.mktemp("identity")
+    np.save(d / "emb.npy", face_embedding)
+    Image.fromarray(reference_crop).save(d / "crop.png")
+    return d / "emb.npy", d / "crop.png"
+
+
+def test_generate_full_mp4_with_sidecar(tiny_base, adapter_dirs, identity_files, tmp_path):
+    emb, crop = identity_files
+    out = tmp_path / "out" / "clip.mp4"
+    r = lynx("generate", "--embedding", emb, "--reference", crop, "--prompt", "a man walks on the beach",
+             "--base", tiny_base, "--adapter", adapter_dirs["full"], "--out", out, "--seed", 5, *TINY)
+    assert r.returncode == 0, r.stderr
+    assert "2/2" in r.stderr  # the denoising progress bar
+    frames, fps = read_video(out)
+    assert frames.shape == (9, 32, 48, 3) and fps == 16
+    meta = json.loads((tmp_path / "out" / "clip.mp4.json").read_text())
+    assert meta["prompt"] == "a man walks on the beach" and meta["seed"] == 5 and meta["variant"] == "full"
+    assert (meta["num_frames"], meta["height"], meta["width"], meta["fps"]) == (9, 32, 48, 16)
+    assert meta["guidance_scale"] == 5.0 and meta["guidance_scale_i"] == 2.0
+    assert meta["versions"]["diffusers"].startswith("0.42") and meta["adapter"].endswith("lynx_full")
+
+    # The same seed reproduces the same video (decoded frames identical).
+    again = tmp_path / "again.mp4"
+    lynx("generate", "--embedding", emb, "--reference", crop, "--prompt", "a man walks on the beach",
+         "--base", tiny_base, "--adapter", adapter_dirs["full"], "--out", again, "--seed", 5, *TINY)
+    assert np.array_equal(read_video(again)[0], frames)
+
+    # An existing output is never overwritten without --overwrite.
+    before = out.read_bytes()
+    r = lynx("generate", "--embedding", emb, "--reference", crop, "--prompt", "other", "--base", tiny_base,
+             "--adapter", adapter_dirs["full"], "--out", out, *TINY)
+    assert r.returncode == 2 and "already exists; pass --overwrite" in r.stderr and out.read_bytes() == before
+
+
+def test_generate_lite_webp_at_24_fps(tiny_base, adapter_dirs, identity_files, tmp_path):
+    emb, _ = identity_files
+    r = lynx("generate", "--embedding", emb, "--prompt", "a woman dancing in rain", "--base", tiny_base,
+             "--adapter", adapter_dirs["lite"], "--out-dir", tmp_path, "--format", ".webp", *TINY)
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / "emb-a-woman-dancing-in-rain-s42.webp"
+    assert r.stdout.strip().endswith(path.name)
+    with Image.open(path) as im:
+        im.load()  # Pillow fills in frame timing on load
+        assert im.n_frames == 9 and im.size == (48, 32) and im.info["duration"] == round(1000 / 24)
+    assert json.loads((tmp_path / (path.name + ".json")).read_text())["fps"] == 24
+
+
+def test_missing_weights_say_what_to_download(identity_files, tmp_path):
+    emb, crop = identity_files
+    r = lynx("generate", "--embedding", emb, "--reference", crop, "--prompt", "hi", cwd=tmp_path,
+             env={"LYNX_MODELS": str(tmp_path / "models")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir" in r.stderr
+    assert "huggingface-cli download ByteDance/lynx --include 'lynx_full/*'" in r.stderr
+    assert str(tmp_path / "models" / "Wan2.1-T2V-14B-Diffusers") in r.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--frames", "10"], "num_frames=10 is not 4k+1"),
+    (["--out", "x.avi"], "must end in .mp4, .webp or .gif"),
+    (["--prompt", "@/nonexistent/prompt.txt"], "prompt file /nonexistent/prompt.txt does not exist"),
+])
+def test_bad_arguments_get_clear_errors(tiny_base, adapter_dirs, identity_files, tmp_path, extra, message):
+    emb, crop = identity_files
+    args = ["--embedding", emb, "--reference", crop, "--prompt", "hi", "--base", tiny_base,
+            "--adapter", adapter_dirs["full"], "--out-dir", tmp_path, *extra]
+    r = lynx("generate", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_names_from_inputs_stay_inside_the_output_dir(tmp_path):
+    args = Namespace(out=None, out_dir=str(tmp_path), image=["../../../etc/passwd"], identity=None,
+                     prompt="../../x/../y", seed=1, format=".mp4", overwrite=False)
+    path = output_path(args, 16)
+    assert path.parent == tmp_path and path.name == "passwd-x-y-s1.mp4"
+    args.out = str(tmp_path / "exists.mp4")
+    (tmp_path / "exists.mp4").write_bytes(b"keep")
+    with pytest.raises(InputError, match="already exists"):
+        output_path(args, 16)
+
+
+def test_info_reports_models_and_problems(tiny_base, adapter_dirs, tmp_path):
+    r = lynx("info", "--base", tiny_base, "--adapter", adapter_dirs["full"], adapter_dirs["lite"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "transformer: 4 blocks, 2 heads x 12 = 24 wide" in r.stdout
+    assert "variant full: ID branch on 4 blocks" in r.stdout and "variant lite: ID branch on 2 blocks" in r.stdout
+    r = lynx("info", "--base", tmp_path / "none")
+    assert r.returncode == 1 and "does not exist" in r.stdout and "huggingface-cli download" in r.stdout
