@@ -566,9 +566,9 @@ def test_same_face_twice_and_shifted_copy(astro, astro_identity, model, dlib_det
 
 
 def test_save_and_load_roundtrip(tmp_path, astro_identity):
-    path = astro_identity.save(tmp_path / "astronaut")
-    assert path.name == "astronaut.safetensors"
-    back = lf.FaceIdentity.load(tmp_path / "astronaut")
+    path = astro_identity.save(tmp_path / "astronaut.identity")
+    assert path == tmp_path / "astronaut.identity" and path.is_file()
+    back = lf.FaceIdentity.load(path)
     for name in ("embedding", "keypoints", "arcface_crop", "reference_crop", "box"):
         np.testing.assert_array_equal(getattr(back, name), getattr(astro_identity, name))
     assert (back.image_size, back.score, back.source, back.num_faces, back.detector) == (

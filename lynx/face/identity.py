@@ -106,12 +106,10 @@ class FaceIdentity:
     # -------------------------------------------------------------------------------- storage
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write to a .safetensors file (arrays) with the scalar fields as JSON metadata."""
+        """Write a safetensors file (arrays) with the scalar fields as JSON metadata, at exactly ``path``."""
         from safetensors.numpy import save_file
 
         path = Path(path).expanduser()
-        if path.suffix != ".safetensors":
-            path = path.with_name(path.name + ".safetensors")
         tensors = {"embedding": self.embedding}
         for name in ("keypoints", "arcface_crop", "reference_crop", "box"):
             value = getattr(self, name)
