@@ -1,0 +1,105 @@
+"""Time one denoising step of LynxPipeline against diffusers' plain WanPipeline on the same model, in one process.
+
+    python benchmarks/step_time.py                      # tiny and small random models on CPU
+    python benchmarks/step_time.py --sizes small --device cuda --dtype bf16
+
+Both pipelines share the very same transformer, VAE and text encoder; only the per-step work differs:
+Wan runs 2 transformer passes per step (cond, uncond); Lynx full runs 3 (c, i, u) plus the adapter
+attentions in every block, Lynx lite runs 2 plus the ID attentions in every second block. The one-off
+reference pass (full) is timed separately. Random weights: this measures speed, never quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import diffusers
+import torch
+
+from lynx import LynxPipeline
+from lynx.config import TinyModelConfig
+from lynx.testing import tiny_adapters, tiny_components
+
+SIZES = {
+    "tiny": (TinyModelConfig(), dict(height=32, width=32, num_frames=5)),
+    "small": (TinyModelConfig(num_layers=8, num_heads=8, head_dim=48, ffn_dim=1024, text_dim=64),
+              dict(height=128, width=128, num_frames=9)),
+}
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step_times(pipe, call_kwargs, steps, device) -> list[float]:
+    stamps = []
+
+    def stamp(p, i, t, tensors):
+        _sync(device)
+        stamps.append(time.perf_counter())
+        return {}
+
+    pipe.set_progress_bar_config(disable=True)
+    _sync(device)
+    stamps.append(time.perf_counter())
+    pipe(**call_kwargs, num_inference_steps=steps, output_type="latent", callback_on_step_end=stamp)
+    # The first interval also holds text encoding and (Lynx) the reference pass: drop it.
+    return [b - a for a, b in zip(stamps[1:], stamps[2:])]
+
+
+def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int) -> dict:
+    cfg, video = SIZES[size]
+    parts = tiny_components(cfg)
+    from diffusers import WanPipeline
+
+    wan = WanPipeline(**parts).to(device=device, dtype=dtype)
+    emb = torch.nn.functional.normalize(torch.randn(512), dim=0)
+    ref = (torch.rand(256, 256, 3) * 255).to(torch.uint8).numpy()
+    results = {}
+    wan_kwargs = dict(prompt="a person walks", negative_prompt="", guidance_scale=5.0, **video)
+    step_times(wan, wan_kwargs, 2, device)  # warm-up: allocator, thread pool, kernel selection
+    results["wan (2 passes)"] = [statistics.median(step_times(wan, wan_kwargs, steps, device)) for _ in range(repeats)]
+    for variant in ("full", "lite"):
+        lynx = LynxPipeline(**parts, adapters=tiny_adapters(variant, cfg)).to(device=device, dtype=dtype)
+        kw = dict(prompt="a person walks", negative_prompt="", face_embedding=emb,
+                  reference_image=ref if variant == "full" else None, **video)
+        passes = 3 if variant == "full" else 2
+        results[f"lynx {variant} ({passes} passes)"] = [
+            statistics.median(step_times(lynx, kw, steps, device)) for _ in range(repeats)]
+        if variant == "full":
+            t0 = time.perf_counter()
+            lynx.reference_features(ref, torch.Generator().manual_seed(1))
+            _sync(device)
+            results["lynx full reference pass (once per video)"] = [time.perf_counter() - t0]
+        lynx.set_adapters(None)  # give the shared transformer its own processors back
+    return {k: min(v) for k, v in results.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    args = parser.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    torch.manual_seed(0)
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    print(f"device {args.device}, dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for size in args.sizes:
+        r = bench(size, args.steps, args.device, dtype, args.repeats)
+        base = r["wan (2 passes)"]
+        print(f"\n{size}: {SIZES[size][1]}")
+        for name, seconds in r.items():
+            print(f"  {name:45s} {seconds * 1e3:9.2f} ms   x{seconds / base:5.2f} of Wan's step")
+        print(f"  per transformer pass: full x{r['lynx full (3 passes)'] / 3 / (base / 2):.2f}, "
+              f"lite x{r['lynx lite (2 passes)'] / 2 / (base / 2):.2f} of a plain Wan pass")
+
+
+if __name__ == "__main__":
+    main()
