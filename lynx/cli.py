@@ -240,7 +240,7 @@ def cmd_info(args) -> int:
 
 
 # Modules that add their own subcommands through a `register(subparsers)` function.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("lynx.evaluation.cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:

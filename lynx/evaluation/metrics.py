@@ -1,0 +1,237 @@
+"""Identity fidelity of a video against reference photos: per-frame face similarity and its summary.
+
+For each sampled frame the largest detected face is embedded by every recogniser and compared (cosine)
+with the reference embedding of the same recogniser. Per video and recogniser this gives the mean and
+minimum over frames where a face was found, and the identity drift: the slope of a straight line fitted
+to similarity against normalised time (end minus start of the fit; negative = the face drifts away from
+the reference). The share of sampled frames with a face is reported once per video, as detection is
+shared by all recognisers. Frames without a face carry no similarity: they are never counted as 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import InputError, NoFaceError
+from .recognizers import Recognizer, load_recognizers
+
+
+def sample_indices(total: int, every: int = 1, max_frames: int | None = None) -> list[int]:
+    """Frame indices to score: every k-th frame, then thinned evenly to at most max_frames."""
+    if every < 1:
+        raise InputError(f"every must be at least 1, got {every}")
+    idx = list(range(0, total, every))
+    if max_frames is not None and max_frames > 0 and len(idx) > max_frames:
+        keep = np.unique(np.round(np.linspace(0, len(idx) - 1, max_frames)).astype(int))
+        idx = [idx[i] for i in keep]
+    return idx
+
+
+def summarize(similarities: Sequence[float | None], frame_indices: Sequence[int], num_frames: int) -> dict:
+    """mean, min, max, drift and frames_scored of one recogniser's per-frame similarities (None = no face)."""
+    pairs = [(i, s) for i, s in zip(frame_indices, similarities) if s is not None]
+    out = {"frames_scored": len(pairs), "mean": None, "min": None, "max": None, "drift": None}
+    if not pairs:
+        return out
+    t = np.array([i for i, _ in pairs], dtype=np.float64) / max(num_frames - 1, 1)
+    s = np.array([v for _, v in pairs], dtype=np.float64)
+    out.update(mean=float(s.mean()), min=float(s.min()), max=float(s.max()))
+    if len(pairs) >= 2 and np.ptp(t) > 0:
+        # Slope over normalised time [0, 1] = fitted change from first to last frame.
+        out["drift"] = float(np.polyfit(t, s, 1)[0])
+    return out
+
+
+@dataclass
+class Reference:
+    """A person's reference embeddings, one per recogniser, from one or more photos."""
+
+    sources: list[str]
+    embeddings: dict[str, np.ndarray]
+    image: np.ndarray | None = None  # the (first) photo, for reports
+
+
+@dataclass
+class VideoEvaluation:
+    """Scores of one video; `recognizers[name]` holds per-frame similarities and their summary."""
+
+    video: str
+    reference: list[str]
+    num_frames: int
+    fps: float
+    every: int
+    frame_indices: list[int]
+    detector: str
+    face_found: list[bool]
+    recognizers: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float | None = None
+
+    @property
+    def face_found_share(self) -> float:
+        return float(np.mean(self.face_found)) if self.face_found else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["face_found_share"] = self.face_found_share
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VideoEvaluation":
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**fields)
+
+
+def read_frames(path) -> tuple[np.ndarray, float]:
+    """All frames of a video file as uint8 [F, H, W, 3] and its frame rate (0 when unknown).
+
+    Animated WebP and GIF are read with Pillow: FFmpeg's WebP decoder does not handle animation.
+    """
+    from ..video import read_video
+
+    path = Path(path)
+    if path.suffix.lower() not in (".webp", ".gif"):
+        return read_video(path)
+    from PIL import Image, ImageSequence
+
+    if not path.is_file():
+        raise InputError(f"video file {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            frames, durations = [], []
+            for f in ImageSequence.Iterator(im):
+                frames.append(np.asarray(f.convert("RGB")))
+                durations.append(f.info.get("duration") or 0)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path} is not a readable video ({exc})") from None
+    mean_ms = float(np.mean(durations)) if durations else 0.0
+    return np.stack(frames), (1000.0 / mean_ms if mean_ms > 0 else 0.0)
+
+
+def _as_frames(video) -> tuple[np.ndarray, float, str]:
+    from ..video import to_uint8
+
+    if isinstance(video, (str, os.PathLike)):
+        frames, fps = read_frames(video)
+        return frames, fps, str(video)
+    return to_uint8(video), 0.0, "(frames)"
+
+
+class FaceEvaluator:
+    """Detector and recognisers loaded once, to score many videos against reference photos.
+
+    recognizers: None (all three; missing ones skipped with a message), names (required), or Recognizer
+    objects. detector: a lynx.face detector name ("auto", "insightface", "dlib", "dlib-cnn") or object.
+    """
+
+    def __init__(self, recognizers: Iterable[str | Recognizer] | None = None, *, detector="auto",
+                 models_dir=None, arcface_weights=None, insightface_model=None, device: str = "cpu",
+                 on_skip: Callable[[str, str], None] | None = None):
+        from ..face import create_detector
+
+        self.skipped: dict[str, str] = {}
+        given = list(recognizers) if recognizers is not None else None
+        if given is not None and all(isinstance(r, Recognizer) for r in given):
+            self.recognizers = given
+        else:
+            if given is not None and any(isinstance(r, Recognizer) for r in given):
+                raise InputError("give recognisers either all as names or all as Recognizer objects")
+            self.recognizers, self.skipped = load_recognizers(
+                given, models_dir=models_dir, arcface_weights=arcface_weights,
+                insightface_model=insightface_model, device=device, on_skip=on_skip)
+        if not self.recognizers:
+            raise InputError("no recognisers to evaluate with")
+        self.detector = create_detector(detector, models_dir)
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.recognizers]
+
+    def _largest_face(self, image: np.ndarray):
+        faces = self.detector.detect(image)
+        return faces[0] if faces else None, len(faces)
+
+    def reference(self, photos) -> Reference:
+        """Reference embeddings from photo(s) of one person: the largest face of each, averaged per recogniser."""
+        from ..face import load_image
+        from ..face.image import describe_source
+
+        items = list(photos) if isinstance(photos, (list, tuple)) else [photos]
+        if not items:
+            raise InputError("no reference photo given")
+        per_name: dict[str, list[np.ndarray]] = {r.name: [] for r in self.recognizers}
+        first = None
+        sources = []
+        for item in items:
+            name = describe_source(item) or "(in-memory image)"
+            image = load_image(item)
+            face, _ = self._largest_face(image)
+            if face is None:
+                raise NoFaceError(f"no face found in the reference photo {name}; use a photo where the face is "
+                                  f"clearly visible")
+            for r in self.recognizers:
+                per_name[r.name].append(r.embed(image, [face])[0])
+            first = image if first is None else first
+            sources.append(name)
+        embeddings = {}
+        for k, vs in per_name.items():
+            m = np.mean(vs, axis=0)
+            embeddings[k] = (m / np.linalg.norm(m)).astype(np.float32)
+        return Reference(sources, embeddings, first)
+
+    def evaluate(self, video, reference: Reference | Sequence | str | os.PathLike, *, every: int = 1,
+                 max_frames: int | None = None) -> VideoEvaluation:
+        """Score one video (a file, or frames [F, H, W, 3]) against a Reference (or reference photo paths)."""
+        import time
+
+        started = time.time()
+        if not isinstance(reference, Reference):
+            reference = self.reference(reference)
+        frames, fps, name = _as_frames(video)
+        idx = sample_indices(len(frames), every, max_frames)
+        sims: dict[str, list[float | None]] = {r.name: [] for r in self.recognizers}
+        found = []
+        for i in idx:
+            face, _ = self._largest_face(frames[i])
+            found.append(face is not None)
+            for r in self.recognizers:
+                if face is None:
+                    sims[r.name].append(None)
+                else:
+                    e = r.embed(frames[i], [face])[0]
+                    sims[r.name].append(float(np.dot(e, reference.embeddings[r.name])))
+        result = VideoEvaluation(video=name, reference=list(reference.sources), num_frames=len(frames), fps=fps,
+                                 every=every, frame_indices=idx, detector=self.detector.name, face_found=found,
+                                 skipped=dict(self.skipped))
+        for r in self.recognizers:
+            result.recognizers[r.name] = {"similarities": sims[r.name], **summarize(sims[r.name], idx, len(frames))}
+        result.seconds = round(time.time() - started, 3)
+        return result
+
+
+def evaluate_video(video, reference, *, every: int = 1, max_frames: int | None = None, recognizers=None,
+                   detector="auto", models_dir=None, **kwargs) -> VideoEvaluation:
+    """One-off: load the recognisers, score `video` against reference photo(s). See FaceEvaluator for many."""
+    ev = FaceEvaluator(recognizers, detector=detector, models_dir=models_dir, **kwargs)
+    return ev.evaluate(video, reference, every=every, max_frames=max_frames)
+
+
+def format_evaluation(ev: VideoEvaluation) -> str:
+    """Human-readable lines for one video, for `lynx eval`."""
+    lines = [f"{ev.video}: {len(ev.frame_indices)} of {ev.num_frames} frames scored (every {ev.every}), "
+             f"face found in {ev.face_found_share:.0%} ({sum(ev.face_found)}/{len(ev.face_found)}), "
+             f"detector {ev.detector}"]
+    lines.append(f"  {'recogniser':12s} {'mean':>7s} {'min':>7s} {'drift':>7s}")
+    for name, s in ev.recognizers.items():
+        def f(v):
+            return f"{v:7.3f}" if v is not None and not (isinstance(v, float) and math.isnan(v)) else "      -"
+        lines.append(f"  {name:12s} {f(s['mean'])} {f(s['min'])} {f(s['drift'])}")
+    if not any(ev.face_found):
+        lines.append("  no face in any scored frame: no similarity was measured")
+    return "\n".join(lines)
