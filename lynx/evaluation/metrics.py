@@ -185,34 +185,56 @@ class FaceEvaluator:
             embeddings[k] = (m / np.linalg.norm(m)).astype(np.float32)
         return Reference(sources, embeddings, first)
 
-    def evaluate(self, video, reference: Reference | Sequence | str | os.PathLike, *, every: int = 1,
-                 max_frames: int | None = None) -> VideoEvaluation:
-        """Score one video (a file, or frames [F, H, W, 3]) against a Reference (or reference photo paths)."""
+    def embed_frames(self, video, *, every: int = 1, max_frames: int | None = None) -> "FrameEmbeddings":
+        """Detect and embed the largest face of each sampled frame once, to score against any reference."""
         import time
 
         started = time.time()
-        if not isinstance(reference, Reference):
-            reference = self.reference(reference)
         frames, fps, name = _as_frames(video)
         idx = sample_indices(len(frames), every, max_frames)
-        sims: dict[str, list[float | None]] = {r.name: [] for r in self.recognizers}
+        embs: dict[str, list[np.ndarray | None]] = {r.name: [] for r in self.recognizers}
         found = []
         for i in idx:
             face, _ = self._largest_face(frames[i])
             found.append(face is not None)
             for r in self.recognizers:
-                if face is None:
-                    sims[r.name].append(None)
-                else:
-                    e = r.embed(frames[i], [face])[0]
-                    sims[r.name].append(float(np.dot(e, reference.embeddings[r.name])))
-        result = VideoEvaluation(video=name, reference=list(reference.sources), num_frames=len(frames), fps=fps,
-                                 every=every, frame_indices=idx, detector=self.detector.name, face_found=found,
-                                 skipped=dict(self.skipped))
-        for r in self.recognizers:
-            result.recognizers[r.name] = {"similarities": sims[r.name], **summarize(sims[r.name], idx, len(frames))}
-        result.seconds = round(time.time() - started, 3)
+                embs[r.name].append(None if face is None else r.embed(frames[i], [face])[0])
+        return FrameEmbeddings(name, len(frames), fps, every, idx, found, embs, self.detector.name,
+                               time.time() - started)
+
+    def score(self, frames: "FrameEmbeddings", reference: Reference) -> VideoEvaluation:
+        """Cosine similarity of every embedded frame to the reference, and its summary per recogniser."""
+        result = VideoEvaluation(video=frames.video, reference=list(reference.sources), num_frames=frames.num_frames,
+                                 fps=frames.fps, every=frames.every, frame_indices=list(frames.frame_indices),
+                                 detector=frames.detector, face_found=list(frames.face_found),
+                                 skipped=dict(self.skipped), seconds=round(frames.seconds, 3))
+        for name, embs in frames.embeddings.items():
+            sims = [None if e is None else float(np.dot(e, reference.embeddings[name])) for e in embs]
+            result.recognizers[name] = {"similarities": sims,
+                                        **summarize(sims, frames.frame_indices, frames.num_frames)}
         return result
+
+    def evaluate(self, video, reference: Reference | Sequence | str | os.PathLike, *, every: int = 1,
+                 max_frames: int | None = None) -> VideoEvaluation:
+        """Score one video (a file, or frames [F, H, W, 3]) against a Reference (or reference photo paths)."""
+        if not isinstance(reference, Reference):
+            reference = self.reference(reference)
+        return self.score(self.embed_frames(video, every=every, max_frames=max_frames), reference)
+
+
+@dataclass
+class FrameEmbeddings:
+    """Per sampled frame: whether a face was found and its embedding under each recogniser (None: no face)."""
+
+    video: str
+    num_frames: int
+    fps: float
+    every: int
+    frame_indices: list[int]
+    face_found: list[bool]
+    embeddings: dict[str, list[np.ndarray | None]]
+    detector: str
+    seconds: float
 
 
 def evaluate_video(video, reference, *, every: int = 1, max_frames: int | None = None, recognizers=None,
