@@ -164,12 +164,48 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_face(args) -> int:
+def _face_check_without_embedding(args, missing: Exception) -> int:
+    """Detection and crops need no download: show them, and say what the embedding still needs."""
+    from PIL import Image
+
     from . import face
 
+    det = face.create_detector(args.detector, args.face_models)
     out_dir = Path(args.out_dir)
-    identity = face.analyze(args.photos if len(args.photos) > 1 else args.photos[0], detector=args.detector,
-                            models_dir=args.face_models, face_index=args.face_index)
+    for photo in args.photos:
+        image = face.load_image(photo)
+        faces = det.detect(image)
+        chosen = face.detection.select_face(faces, face_index=args.face_index, source=str(photo))
+        x1, y1, x2, y2 = (float(v) for v in chosen.box)
+        print(f"photo: {photo} ({image.shape[1]}x{image.shape[0]})\nfaces found: {len(faces)}"
+              f"{'; using the largest' if len(faces) > 1 and args.face_index is None else ''}\n"
+              f"face box: x {x1:.0f}-{x2:.0f}, y {y1:.0f}-{y2:.0f}\ndetector: {det.name}, score {chosen.score:.2f}")
+        if not args.no_save:
+            name = _slug(Path(photo).stem, 40)
+            for kind, crop in (("arcface112", face.align_arcface(image, chosen.keypoints)),
+                               ("reference256", face.align_reference(image, chosen.keypoints))):
+                path = out_dir / f"{name}-{kind}.png"
+                if path.exists() and not args.overwrite:
+                    raise InputError(f"{path} already exists; pass --overwrite to replace it")
+                out_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(crop).save(path)
+                print(f"wrote {kind} crop: {path}")
+    print(f"\nno identity file written: the face embedding needs the ArcFace weights.\n{missing}")
+    return 0
+
+
+def cmd_face(args) -> int:
+    from . import face
+    from .errors import WeightsNotFoundError
+
+    out_dir = Path(args.out_dir)
+    try:
+        identity = face.analyze(args.photos if len(args.photos) > 1 else args.photos[0], detector=args.detector,
+                                models_dir=args.face_models, face_index=args.face_index)
+    except WeightsNotFoundError as e:
+        if face.ARCFACE_FILE not in str(e):
+            raise
+        return _face_check_without_embedding(args, e)
     print(face.describe(identity))
     if args.no_save:
         return 0
@@ -275,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
     g.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
-    g.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib")
+    g.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib, dlib-cnn")
     g.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
     g.set_defaults(func=cmd_generate)
 

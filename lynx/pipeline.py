@@ -21,7 +21,7 @@ from PIL import Image
 
 from .adapters import Conditioning, LynxAdapters
 from .config import MAX_TEXT_TOKENS, REFERENCE_PROMPT, SamplingConfig, sampling_defaults
-from .errors import InputError
+from .errors import CheckpointError, InputError
 from .loading import load_adapters, require_base_dir
 
 logger = logging.getLogger(__name__)
@@ -108,11 +108,21 @@ class LynxPipeline(WanPipeline):
                 import json
                 tcfg = json.load(f)
             adapter = require(adapter, tcfg["num_layers"], tcfg["num_attention_heads"] * tcfg["attention_head_dim"])
-        tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
-        text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder", torch_dtype=torch_dtype)
-        vae = AutoencoderKLWan.from_pretrained(base / "vae", torch_dtype=torch_dtype)
-        transformer = WanTransformer3DModel.from_pretrained(base / "transformer", torch_dtype=torch_dtype)
-        scheduler = UniPCMultistepScheduler.from_pretrained(base / "scheduler")
+        def load(sub, loader, **kw):
+            try:
+                return loader.from_pretrained(base / sub, **kw)
+            except Exception as e:  # every library raises its own types for damaged files
+                raise CheckpointError(f"{base / sub} could not be loaded ({type(e).__name__}: "
+                                      f"{' '.join(str(e).split())[:400]}). Download it again.") from None
+
+        tokenizer = load("tokenizer", AutoTokenizer)
+        text_encoder = load("text_encoder", UMT5EncoderModel, torch_dtype=torch_dtype)
+        vae = load("vae", AutoencoderKLWan, torch_dtype=torch_dtype)
+        transformer = load("transformer", WanTransformer3DModel, torch_dtype=torch_dtype)
+        scheduler = load("scheduler", UniPCMultistepScheduler)
+        if not scheduler.config.get("use_flow_sigmas"):
+            raise CheckpointError(f"{base / 'scheduler'} is not Wan's flow-matching UniPC config "
+                                  "(use_flow_sigmas is off); use the scheduler folder of Wan2.1-T2V-14B-Diffusers")
         _cast_like_reference(transformer, torch_dtype)
         pipe = cls(tokenizer, text_encoder.eval(), vae.eval(), scheduler, transformer.eval(), adapter)
         for m in (text_encoder, vae, transformer):
@@ -247,10 +257,14 @@ class LynxPipeline(WanPipeline):
         return self.video_processor.postprocess_video(video, output_type=output_type)
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                cond: Conditioning | None) -> torch.Tensor:
-        """One transformer call with `cond` visible to the adapters."""
+                cond: Conditioning | None, branch: str = "c") -> torch.Tensor:
+        """One transformer call with `cond` visible to the adapters.
+
+        `branch` names the guidance branch for diffusers' step caches (FirstBlockCache, TaylorSeer, ...),
+        which keep one state per named context.
+        """
         adapters = self._require_adapters()
-        with adapters.conditioning(cond):
+        with adapters.conditioning(cond), self.transformer.cache_context(branch):
             return self.transformer(hidden_states=latents.to(self.transformer.dtype),
                                     timestep=t.expand(latents.shape[0]), encoder_hidden_states=text,
                                     return_dict=False)[0]
@@ -359,9 +373,9 @@ class LynxPipeline(WanPipeline):
                 self._current_timestep = t
                 noise = self.predict(latents, t, prompt_embeds, cond)
                 if use_cfg:
-                    noise_u = self.predict(latents, t, negative_prompt_embeds, uncond)
+                    noise_u = self.predict(latents, t, negative_prompt_embeds, uncond, "u")
                     if three_way:
-                        noise_i = self.predict(latents, t, negative_prompt_embeds, cond)
+                        noise_i = self.predict(latents, t, negative_prompt_embeds, cond, "i")
                         noise = noise_u + g_i * (noise_i - noise_u) + g * (noise - noise_i)
                     else:
                         noise = noise_u + g * (noise - noise_u)

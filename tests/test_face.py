@@ -335,15 +335,18 @@ def test_scrfd_input_blob_matches_insightface_preprocessing():
             self.blob = feeds["input.1"]
             return _fake_scrfd_outputs()
 
-    rec = Recorder()
-    det = ScrfdDetector(session=rec)
     img = np.zeros((50, 100, 3), np.uint8)
     img[...] = (255, 0, 128)
-    det.detect(img)
+    rec = Recorder()
+    ScrfdDetector(session=rec, channels="rgb").detect(img)
     assert rec.blob.shape == (1, 3, 640, 640) and rec.blob.dtype == np.float32
     # RGB order, (x - 127.5) / 128; the photo fills the top 320 rows, zero padding below.
     np.testing.assert_allclose(rec.blob[0, :, 100, 100], [127.5 / 128, -127.5 / 128, 0.5 / 128], atol=1e-6)
     np.testing.assert_allclose(rec.blob[0, :, 500, 100], [-127.5 / 128] * 3, atol=1e-6)
+    # The default reproduces the authors' call: the network sees the channels swapped (BGR).
+    rec = Recorder()
+    ScrfdDetector(session=rec).detect(img)
+    np.testing.assert_allclose(rec.blob[0, :, 100, 100], [0.5 / 128, -127.5 / 128, 127.5 / 128], atol=1e-6)
 
 
 def test_auto_detector_uses_insightface_models_when_present(tmp_path, monkeypatch):

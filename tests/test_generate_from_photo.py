@@ -53,3 +53,21 @@ def test_cli_generate_from_photo(tiny_base, adapter_dirs, face_models, photos, t
     assert r.returncode == 0, r.stderr
     with Image.open(out) as im:
         assert im.n_frames == 5
+
+
+def test_cli_face_with_and_without_arcface_weights(face_models, photos, tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lynx.cli", "face", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    r = run(photos / "astronaut.jpg", "--face-models", face_models, "--out-dir", tmp_path / "a", "--detector", "dlib")
+    assert r.returncode == 0, r.stderr
+    assert "faces found: 1" in r.stdout
+    ident = face.FaceIdentity.load(tmp_path / "a" / "astronaut.identity")
+    assert ident.embedding.shape == (512,) and ident.reference_crop.shape == (256, 256, 3)
+    # No ArcFace file: the face check still runs and writes the crops, and says what to download.
+    r = run(photos / "astronaut.jpg", "--face-models", tmp_path / "empty", "--out-dir", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    assert "faces found: 1" in r.stdout and "recognition_arcface_ir_se50.pth" in r.stdout
+    assert (tmp_path / "b" / "astronaut-reference256.png").is_file()
+    assert not (tmp_path / "b" / "astronaut.identity").exists()
+    r = run(photos / "cat.jpg", "--face-models", face_models, "--out-dir", tmp_path / "c")
+    assert r.returncode == 2 and "cat.jpg" in r.stderr and "Traceback" not in r.stderr

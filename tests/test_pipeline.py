@@ -39,8 +39,8 @@ def capture_step(pipe, monkeypatch):
     calls, steps = [], []
     predict, step = pipe.predict, pipe.scheduler.step
 
-    def spy_predict(latents, t, text, cond):
-        out = predict(latents, t, text, cond)
+    def spy_predict(latents, t, text, cond, branch="c"):
+        out = predict(latents, t, text, cond, branch)
         calls.append((text, cond, out))
         return out
 
@@ -187,3 +187,21 @@ def test_long_prompt_is_truncated_with_a_warning(full, face_embedding, reference
     with pytest.warns(UserWarning, match="only the first 512 are used"):
         full("walks " * 600, **person(face_embedding, reference_crop), output_type="latent",
              **{**SMALL, "num_inference_steps": 1})
+
+
+def test_damaged_base_component_is_named(tiny_base, tmp_path):
+    import shutil
+
+    base = shutil.copytree(tiny_base, tmp_path / "base")
+    weights = next((base / "vae").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:200])
+    from lynx.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"vae could not be loaded"):
+        LynxPipeline.from_pretrained(base)
+
+
+def test_fp16_on_cpu(tiny_base, adapter_dirs, face_embedding):
+    pipe = LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["lite"], torch_dtype=torch.float16)
+    out = pipe("a man walks", face_embedding=face_embedding, output_type="latent", **SMALL).frames
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -286,7 +286,12 @@ class ScrfdDetector(FaceDetector):
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, session=None,
                  det_size: tuple[int, int] = (640, 640), det_thresh: float = 0.5, nms_thresh: float = 0.4,
-                 providers: Sequence[str] | None = None):
+                 providers: Sequence[str] | None = None, channels: str = "authors"):
+        if channels not in ("authors", "rgb"):
+            raise InputError(f"channels must be 'authors' or 'rgb', not {channels!r}")
+        # "authors": the network sees BGR, as in the reference code (an RGB array handed to insightface,
+        # which swaps it); the released adapters were made with those keypoints. "rgb": what SCRFD was trained on.
+        self.channels = channels
         self.det_thresh = float(det_thresh)
         self.nms_thresh = float(nms_thresh)
         self.model_path = Path(model_path) if model_path is not None else None
@@ -336,10 +341,12 @@ class ScrfdDetector(FaceDetector):
     def blob(self, image: np.ndarray) -> tuple[np.ndarray, float]:
         """Network input (1, 3, H, W) float32 and the scale from source to network pixels.
 
-        insightface hands SCRFD a BGR image with swapRB=True, so the network sees RGB: our RGB
-        image goes in as it is.
+        insightface hands SCRFD a BGR image with swapRB=True, so the network sees RGB; the authors
+        handed it RGB, so their network saw BGR (``channels="authors"``, the default).
         """
         canvas, scale = self._letterbox(image)
+        if self.channels == "authors":
+            canvas = canvas[..., ::-1]
         x = (canvas.astype(np.float32) - 127.5) / 128.0
         return np.ascontiguousarray(x.transpose(2, 0, 1)[None]), scale
 
