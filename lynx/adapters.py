@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -56,6 +57,10 @@ class Conditioning:
     `ref_features`: one [B or 1, S, hidden] tensor per transformer block.
     With `cache_kv` the adapters' keys and values, which do not change between denoising steps, are
     computed once and kept here; use one Conditioning per distinct input and drop it after sampling.
+    `attention` (packed training, lynx.training): several samples share one sequence, so every attention
+    of the call (`kind` "self", "text", "ip" or "ref") goes through `attention(query, key, value, kind,
+    attend)`, which keeps each sample's queries on its own keys; `attend` is the processor's dispatcher call.
+    Cross-attention keys then come per sample ([n, ...]) and are not broadcast. None: plain attention.
     """
 
     ip_tokens: torch.Tensor | None = None
@@ -63,6 +68,7 @@ class Conditioning:
     ip_scale: float = 1.0
     ref_scale: float = 1.0
     cache_kv: bool = True
+    attention: Callable | None = None
     _kv: dict = field(default_factory=dict, repr=False)
 
     def kv(self, key, make):
@@ -148,18 +154,28 @@ class LynxAttnProcessor:
             query = _apply_rope(query, *rotary_emb)
             key = _apply_rope(key, *rotary_emb)
 
-        out = self._attend(query, key, value, attention_mask, self._parallel_config if is_self else None)
-
         cond = state.active
+        packed = cond.attention if cond is not None else None
+        if packed is None:
+            out = self._attend(query, key, value, attention_mask, self._parallel_config if is_self else None)
+        else:
+            out = packed(query, key, value, "self" if is_self else "text", self._attend)
+
         if cond is not None:
             batch = query.shape[0]
             if is_self and self.ref_layer is not None and cond.ref_features is not None and cond.ref_scale != 0:
                 feats = cond.ref_features[self.block]
                 k, v = cond.kv(("ref", self.block), lambda: self._ref_kv(attn, feats.to(query.dtype)))
-                out = out + cond.ref_scale * self._attend(query_no_rope, _batched(k, batch), _batched(v, batch))
+                if packed is None:
+                    out = out + cond.ref_scale * self._attend(query_no_rope, _batched(k, batch), _batched(v, batch))
+                else:
+                    out = out + cond.ref_scale * packed(query_no_rope, k, v, "ref", self._attend)
             if not is_self and self.ip_layer is not None and cond.ip_tokens is not None and cond.ip_scale != 0:
                 k, v = cond.kv(("ip", self.block), lambda: self._ip_kv(attn, cond.ip_tokens.to(query.dtype)))
-                out = out + cond.ip_scale * self._attend(query, _batched(k, batch), _batched(v, batch))
+                if packed is None:
+                    out = out + cond.ip_scale * self._attend(query, _batched(k, batch), _batched(v, batch))
+                else:
+                    out = out + cond.ip_scale * packed(query, k, v, "ip", self._attend)
 
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
