@@ -234,10 +234,17 @@ class LynxPipeline(WanPipeline):
         latents = self._normalize_latents(latents)
         if prompt_embeds is None:
             prompt_embeds = self.encode_text([REFERENCE_PROMPT])
-        with adapters.recording() as recorded:
+        # A context of its own, used once: a step cache (FirstBlockCache, ...) has nothing to reuse in it,
+        # so every block runs and is recorded.
+        self._reference_passes = getattr(self, "_reference_passes", 0) + 1
+        with adapters.recording() as recorded, \
+                self.transformer.cache_context(f"reference-{self._reference_passes}"):
             self.transformer(hidden_states=latents.to(self.transformer.dtype),
                              timestep=torch.zeros(1, dtype=torch.long, device=device),
                              encoder_hidden_states=prompt_embeds.to(self.transformer.dtype), return_dict=False)
+        if len(recorded) != len(self.transformer.blocks):
+            raise RuntimeError(f"the reference pass recorded {len(recorded)} of {len(self.transformer.blocks)} "
+                               "blocks; a hook on the transformer skipped blocks")
         return list(recorded)
 
     def _latent_stats(self, like: torch.Tensor):

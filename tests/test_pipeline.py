@@ -205,3 +205,18 @@ def test_fp16_on_cpu(tiny_base, adapter_dirs, face_embedding):
     pipe = LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["lite"], torch_dtype=torch.float16)
     out = pipe("a man walks", face_embedding=face_embedding, output_type="latent", **SMALL).frames
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_diffusers_step_cache_works_per_guidance_branch(tiny_base, adapter_dirs, face_embedding, reference_crop):
+    from diffusers import FirstBlockCacheConfig
+
+    pipe = LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["full"])
+    kw = dict(**person(face_embedding, reference_crop), output_type="latent", seed=1,
+              **{**SMALL, "num_inference_steps": 4})
+    plain = pipe("a man walks", **kw).frames
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.0))  # never skips: must change nothing
+    assert torch.equal(pipe("a man walks", **kw).frames, plain)
+    pipe.transformer.disable_cache()
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=10.0))  # skips whenever it can
+    cached = pipe("a man walks", **kw).frames
+    assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
