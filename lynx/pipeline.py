@@ -27,6 +27,7 @@ from .loading import load_adapters, require_base_dir
 logger = logging.getLogger(__name__)
 
 REFERENCE_SIZE = 256
+SAVED_ADAPTER_DIR = "lynx_adapter"
 
 
 @dataclass
@@ -102,6 +103,8 @@ class LynxPipeline(WanPipeline):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         base = require_base_dir(base_dir, adapter if isinstance(adapter, (str, Path)) else None)
+        if adapter is None and (base / SAVED_ADAPTER_DIR).is_dir():
+            adapter = base / SAVED_ADAPTER_DIR  # written by LynxPipeline.save_pretrained
         if isinstance(adapter, (str, Path)):
             require = load_adapters  # validate adapters before spending minutes on the base
             with open(base / "transformer" / "config.json") as f:
@@ -138,6 +141,12 @@ class LynxPipeline(WanPipeline):
         if isinstance(adapter, (str, Path)):
             adapter = load_adapters(adapter, len(t.blocks), t.config.num_attention_heads * t.config.attention_head_dim)
         return cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.scheduler, t, adapter)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Save the base in diffusers layout plus the adapters (official files) in `lynx_adapter/`."""
+        super().save_pretrained(save_directory, **kwargs)
+        if self.adapters is not None:
+            self.adapters.save_pretrained(Path(save_directory) / SAVED_ADAPTER_DIR)
 
     def set_adapters(self, adapters: LynxAdapters | None) -> None:
         if self.adapters is not None:

@@ -220,3 +220,12 @@ def test_diffusers_step_cache_works_per_guidance_branch(tiny_base, adapter_dirs,
     pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=10.0))  # skips whenever it can
     cached = pipe("a man walks", **kw).frames
     assert torch.isfinite(cached).all() and not torch.equal(cached, plain)
+
+
+def test_pipeline_save_load_round_trip(full, face_embedding, reference_crop, tmp_path):
+    full.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "lynx_adapter" / "ref_layers.safetensors").is_file()
+    again = LynxPipeline.from_pretrained(tmp_path / "saved")
+    assert again.variant == "full"
+    kw = dict(**person(face_embedding, reference_crop), output_type="latent", seed=5, **SMALL)
+    assert torch.equal(again("a man walks", **kw).frames, full("a man walks", **kw).frames)
