@@ -5,7 +5,6 @@ face-found share; recognisers without weights must be skipped with a message."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,30 +20,7 @@ from lynx.evaluation.recognizers import FacexlibRecognizer, InsightfaceRecognize
 from lynx.face import align_arcface, create_detector, load_image
 from lynx.video import save_video, write_sidecar
 
-
-def _insightface_images() -> Path:
-    # Located without importing insightface (which pulls in OpenCV); it is a declared dependency.
-    spec = importlib.util.find_spec("insightface")
-    assert spec is not None, "insightface (a lynx dependency) is not installed; its sample photos are needed"
-    return Path(next(iter(spec.submodule_search_locations))) / "data" / "images"
-
-
-def moving_video(photo: np.ndarray, n: int = 8, size: int = 300) -> np.ndarray:
-    """The photo scaled from 0.85x to 1.2x and shifted by up to 40 px over n frames, on a grey canvas."""
-    frames = []
-    h, w = photo.shape[:2]
-    for k in range(n):
-        s = 0.85 + 0.35 * k / (n - 1)
-        img = np.asarray(Image.fromarray(photo).resize((max(1, int(w * s)), max(1, int(h * s))), Image.BILINEAR))
-        canvas = np.full((size, size, 3), 120, np.uint8)
-        dx, dy = int(40 * k / (n - 1)) - 20, 10 - int(20 * k / (n - 1))
-        x0, y0 = (size - img.shape[1]) // 2 + dx, (size - img.shape[0]) // 2 + dy
-        sx0, sy0 = max(0, -x0), max(0, -y0)
-        tx0, ty0 = max(0, x0), max(0, y0)
-        ch, cw = min(img.shape[0] - sy0, size - ty0), min(img.shape[1] - sx0, size - tx0)
-        canvas[ty0:ty0 + ch, tx0:tx0 + cw] = img[sy0:sy0 + ch, sx0:sx0 + cw]
-        frames.append(canvas)
-    return np.stack(frames)
+from eval_media import insightface_images, moving_video
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +36,7 @@ def astronaut():
 @pytest.fixture(scope="module")
 def t1_people():
     """The six people of t1.jpg, each cut out with a margin, left to right."""
-    t1 = load_image(_insightface_images() / "t1.jpg")
+    t1 = load_image(insightface_images() / "t1.jpg")
     faces = create_detector("dlib").detect(t1)
     assert len(faces) == 6
     crops = []
@@ -73,7 +49,7 @@ def t1_people():
 
 @pytest.fixture(scope="module")
 def hanks():
-    return load_image(_insightface_images() / "Tom_Hanks_54745.png")
+    return load_image(insightface_images() / "Tom_Hanks_54745.png")
 
 
 def test_same_face_scores_near_one_and_other_people_clearly_lower(evaluator, astronaut, t1_people, hanks):

@@ -141,8 +141,10 @@ def _split_params(raw: dict, where: str) -> tuple[dict, dict]:
     if unknown:
         raise InputError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a setting may set "
                          f"{', '.join(PIPELINE_KEYS + RUNNER_KEYS)}")
-    return ({k: v for k, v in raw.items() if k in PIPELINE_KEYS},
-            {k: v for k, v in raw.items() if k in RUNNER_KEYS})
+    params = {k: v for k, v in raw.items() if k in PIPELINE_KEYS}
+    if isinstance(params.get("guidance_scale_i"), str) and params["guidance_scale_i"].lower() == "none":
+        params["guidance_scale_i"] = None  # two-way guidance; YAML spells null "null" or "~", people write none
+    return params, {k: v for k, v in raw.items() if k in RUNNER_KEYS}
 
 
 def make_setting(raw: dict, root: Path, where: str = "setting") -> Setting:
@@ -460,8 +462,6 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
         kwargs = {**manifest.generation, **s.params}
         seed = kwargs.pop("seed", None)
         seed = pipe.defaults.seed if seed is None else int(seed)
-        if "guidance_scale_i" in kwargs and kwargs["guidance_scale_i"] in ("none", "None"):
-            kwargs["guidance_scale_i"] = None
         fps = s.fps or pipe.defaults.fps
         started = time.time()
         frames = pipe(case.prompt.text, **identity_source(case.subject), seed=seed, output_type="np",
