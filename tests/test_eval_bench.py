@@ -132,6 +132,9 @@ def test_results_table_in_the_papers_layout(killed_and_resumed):
     assert float(rows["other-model"][0]) > 0.95 and rows["other-model"][1:] == ["100%", "4/4"]
     assert "The facexlib recogniser" not in md  # only dlib was asked for, so nothing was skipped
     assert "Judge metrics (PF, AQ, MN, VQ) were not measured" in md
+    gen = next(line for line in md.splitlines() if line.startswith("| lynx-tiny | 4 |"))
+    cells = [c.strip() for c in gen.strip("|").split("|")]
+    assert float(cells[2]) > 0 and cells[3:] == ["—", "5x32x32", "2", "cpu"]  # no GPU, so no GPU peak
     table = list(csv.DictReader((out / "results.csv").open()))
     assert [r["setting"] for r in table] == ["lynx-tiny", "other-model"]
     assert table[0]["dlib"] == "" and float(table[1]["dlib"]) == pytest.approx(float(rows["other-model"][0]), abs=1e-3)

@@ -416,7 +416,7 @@ def _default_pipeline_factory(base, adapter, device, dtype):
 def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 1), device: str | None = None,
              dtype=None, identity_source: IdentitySource | None = None,
              pipeline_factory: PipelineFactory | None = None, regenerate: bool = False,
-             echo: Callable[[str], None] = print) -> dict:
+             attention_backend: str | None = None, echo: Callable[[str], None] = print) -> dict:
     """Generate this shard's unfinished Lynx cases; returns counts {generated, skipped, external}.
 
     The pipeline is loaded only when something is left to generate, and once per base; settings with
@@ -454,6 +454,8 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
         if pipe is None:
             echo(f"loading {base} + {want} ({device}, {str(dtype).removeprefix('torch.')})")
             pipe = factory(base, want, device, dtype)
+            if attention_backend:
+                pipe.transformer.set_attention_backend(attention_backend)
         elif want != loaded_adapter:
             t = pipe.transformer
             pipe.set_adapters(load_adapters(want, len(t.blocks), t.config.num_attention_heads *
@@ -463,10 +465,17 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
         seed = kwargs.pop("seed", None)
         seed = pipe.defaults.seed if seed is None else int(seed)
         fps = s.fps or pipe.defaults.fps
+        person = identity_source(case.subject)  # face analysis is not part of the generation time
+        cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
         started = time.time()
-        frames = pipe(case.prompt.text, **identity_source(case.subject), seed=seed, output_type="np",
-                      **kwargs).frames[0]
+        frames = pipe(case.prompt.text, **person, seed=seed, output_type="np", **kwargs).frames[0]
+        if cuda:
+            torch.cuda.synchronize(device)
         seconds = time.time() - started
+        peak = round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None
         video = layout.video(case)
         if sidecar_path(video).exists():
             sidecar_path(video).unlink()  # a stale sidecar must never vouch for the new video
@@ -478,6 +487,7 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
             "height": int(frames.shape[1]), "width": int(frames.shape[2]), "num_frames": int(frames.shape[0]),
             **used, "variant": pipe.variant, "base": str(Path(base).resolve()), "adapter": str(Path(want).resolve()),
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "seconds": round(seconds, 2),
+            "peak_memory_gb": peak,
             "identity": {"photos": [str(p) for p in case.subject.photos],
                          "identity_file": str(case.subject.identity or ""),
                          "embedding_file": str(case.subject.embedding or ""),

@@ -113,7 +113,7 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from .bench import load_manifest, parse_setting_arg, parse_shard, run
+    from .bench import default_identity_source, load_manifest, parse_setting_arg, parse_shard, run
 
     stages = list(STAGES) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
@@ -129,7 +129,9 @@ def cmd_bench(args) -> int:
           + (f"; shard {args.shard}" if args.shard else ""))
     run(manifest, args.out, stages=stages, shard=parse_shard(args.shard), judge_client=judge, echo=_echo,
         generate_kwargs=dict(base=args.base, adapter=args.adapter, device=args.device,
-                             dtype=dtypes[args.dtype] if args.dtype else None, regenerate=args.regenerate),
+                             dtype=dtypes[args.dtype] if args.dtype else None, regenerate=args.regenerate,
+                             attention_backend=args.attention_backend,
+                             identity_source=default_identity_source(args.detector, args.face_models)),
         evaluate_kwargs=dict(every=args.every, max_frames=args.max_frames, rescore=args.rescore,
                              **_evaluator_kwargs(args)))
     return 0
@@ -158,6 +160,7 @@ def register(subparsers) -> None:
     b.add_argument("--adapter", help="lynx_full or lynx_lite directory (default: the manifest's, else lynx_full)")
     b.add_argument("--device")
     b.add_argument("--dtype", choices=("fp32", "bf16", "fp16"))
+    b.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
     b.add_argument("--regenerate", action="store_true", help="make every video of this shard again")
     b.add_argument("--rescore", action="store_true", help="score every video again (e.g. after adding weights)")
     _add_face_args(b)

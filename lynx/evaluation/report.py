@@ -57,10 +57,22 @@ def aggregate(records: list[dict]) -> dict:
             vals = [r["judge"][m]["score"] for r in mine if m in r["judge"]]
             row[m] = {"mean": _mean(vals), "videos": len(vals)}
         rows.append(row)
+    generation = []
+    for s in settings:
+        sides = [r["generation"] for r in records if r["setting"] == s and r.get("generation")]
+        if sides:
+            peaks = [x.get("peak_memory_gb") for x in sides]
+            generation.append({
+                "setting": s, "videos": len(sides), "seconds": _mean(x.get("seconds") for x in sides),
+                "peak_memory_gb": max(p for p in peaks if p is not None) if any(p is not None for p in peaks) else None,
+                "devices": sorted({str(x.get("device", "")) for x in sides}),
+                "steps": sorted({x.get("num_inference_steps") for x in sides if x.get("num_inference_steps")}),
+                "size": sorted({f"{x.get('num_frames')}x{x.get('height')}x{x.get('width')}" for x in sides})})
     missing = [f"{r['setting']}/{r['case']}" + (" (no video)" if r["video"] is None else " (not scored)")
                for r in records if r["video"] is None or r["evaluation"] is None]
     judge_errors = {f"{r['setting']}/{r['case']}": r["judge_errors"] for r in records if r["judge_errors"]}
     return {"settings": settings, "recognizers": recognizers, "judge_metrics": judged, "rows": rows,
+            "generation": generation,
             "skipped_recognizers": skipped, "missing": missing, "judge_errors": judge_errors}
 
 
@@ -92,6 +104,13 @@ def markdown_table(agg: dict, title: str = "") -> str:
             for n in agg["recognizers"]:
                 cells += [_fmt(row[n]["mean"]), _fmt(row[n]["min"]), _fmt(row[n]["drift"])]
             lines.append("| " + " | ".join(cells) + " |")
+    if agg["generation"]:
+        lines += ["", "### Generation (as recorded in each video's sidecar)", "",
+                  "| Setting | videos | seconds per video | peak GPU memory (GB) | frames x height x width | steps "
+                  "| device |", "|---|---:|---:|---:|---|---|---|"]
+        for g in agg["generation"]:
+            lines.append(f"| {g['setting']} | {g['videos']} | {_fmt(g['seconds'], 1)} | {_fmt(g['peak_memory_gb'], 2)} "
+                         f"| {', '.join(g['size'])} | {', '.join(map(str, g['steps']))} | {', '.join(g['devices'])} |")
     return "\n".join(lines).rstrip() + "\n"
 
 
