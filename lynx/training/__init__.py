@@ -1,0 +1,1 @@
+"""Training the Lynx adapters: `prepare` a cache from a manifest, then `train` on it (docs/training.md)."""
