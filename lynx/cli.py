@@ -77,6 +77,28 @@ def _read_prompt(value: str) -> str:
     return value
 
 
+def _init_distributed(args) -> int | None:
+    """Under torchrun with --guidance-parallel: join the process group, one GPU per rank. Returns the rank."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not args.guidance_parallel:
+        if world > 1:
+            raise InputError("started by torchrun with several processes: add --guidance-parallel so they share "
+                             "the work (or run one process)")
+        return None
+    if world < 2:
+        raise InputError("--guidance-parallel needs several processes: torchrun --nproc-per-node 3 -m lynx.cli generate ...")
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -124,7 +146,8 @@ def cmd_generate(args) -> int:
         if args.reference:
             identity_kwargs["reference_image"] = args.reference
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank = _init_distributed(args)
+    device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
     pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=device)
@@ -137,8 +160,11 @@ def cmd_generate(args) -> int:
     result = pipe(args.prompt, **identity_kwargs, negative_prompt=args.negative_prompt, height=args.height,
                   width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, guidance_scale_i=g_i, ip_scale=args.ip_scale,
-                  ref_scale=args.ref_scale, seed=args.seed, output_type="np")
+                  ref_scale=args.ref_scale, seed=args.seed, output_type="np",
+                  guidance_parallel=True if rank is not None else None)
     frames = result.frames[0]
+    if rank:  # every rank holds the same video; rank 0 writes it
+        return 0
 
     from .video import save_video, write_sidecar
 
@@ -276,7 +302,7 @@ def cmd_info(args) -> int:
 
 
 # Modules that add their own subcommands through a `register(subparsers)` function.
-COMMAND_MODULES: tuple[str, ...] = ("lynx.evaluation.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("lynx.evaluation.cli", "lynx.training.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
     g.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
+    g.add_argument("--guidance-parallel", action="store_true",
+                   help="under torchrun: run the guidance branches on different GPUs (3 for full, 2 for lite)")
     g.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib, dlib-cnn")
     g.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
     g.set_defaults(func=cmd_generate)

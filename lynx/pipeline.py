@@ -285,6 +285,25 @@ class LynxPipeline(WanPipeline):
                                     timestep=t.expand(latents.shape[0]), encoder_hidden_states=text,
                                     return_dict=False)[0]
 
+    def predict_branches(self, latents, t, branches, group=None) -> list[torch.Tensor]:
+        """One prediction per (name, text, conditioning) branch.
+
+        With a process group, branch k runs on rank k % world_size and is broadcast from there, so every
+        rank ends the step with the same predictions (guidance parallelism: up to 3x faster on 3 GPUs).
+        """
+        if group is None:
+            return [self.predict(latents, t, text, cond, name) for name, text, cond in branches]
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        shape = (latents.shape[0], self.transformer.config.out_channels, *latents.shape[2:])
+        outs = [self.predict(latents, t, text, cond, name).contiguous() if k % world == rank else
+                torch.empty(shape, dtype=self.transformer.dtype, device=latents.device)
+                for k, (name, text, cond) in enumerate(branches)]
+        for k, out in enumerate(outs):
+            dist.broadcast(out, src=dist.get_global_rank(group, k % world), group=group)
+        return outs
+
     # ----- generation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -315,6 +334,7 @@ class LynxPipeline(WanPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int = MAX_TEXT_TOKENS,
         face_options: dict | None = None,
+        guidance_parallel=None,
     ):
         """Generate one video of the person in `image` (or the given identity) doing what `prompt` says.
 
@@ -322,6 +342,8 @@ class LynxPipeline(WanPipeline):
         (guidance_scale 5, guidance_scale_i 2); lite 121 frames, 2-way guidance. `guidance_scale_i=None`
         forces 2-way guidance. `seed` seeds the initial noise (CPU generator) and, as `seed + 1`, the VAE
         sample of the reference crop; `generator` may replace it. `output_type`: "np", "pil" or "latent".
+        `guidance_parallel`: True (the default process group) or a process group: the guidance branches run
+        on different ranks (see `predict_branches`); every rank returns the same video.
         """
         adapters = self._require_adapters()
         d = self.defaults
@@ -382,19 +404,21 @@ class LynxPipeline(WanPipeline):
         self._num_timesteps = len(timesteps)
         three_way = g_i is not None
 
+        # Guidance branches, in the authors' order: c = (prompt, identity), u = (negative, no identity),
+        # i = (negative, identity).
+        branches = [("c", prompt_embeds, cond)]
+        if use_cfg:
+            branches.append(("u", negative_prompt_embeds, uncond))
+            if three_way:
+                branches.append(("i", negative_prompt_embeds, cond))
+        group = _guidance_group(guidance_parallel)
+
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                noise = self.predict(latents, t, prompt_embeds, cond)
-                if use_cfg:
-                    noise_u = self.predict(latents, t, negative_prompt_embeds, uncond, "u")
-                    if three_way:
-                        noise_i = self.predict(latents, t, negative_prompt_embeds, cond, "i")
-                        noise = noise_u + g_i * (noise_i - noise_u) + g * (noise - noise_i)
-                    else:
-                        noise = noise_u + g * (noise - noise_u)
+                noise = guide(self.predict_branches(latents, t, branches, group), g, g_i)
                 latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     names = {"latents": latents, "prompt_embeds": prompt_embeds,
@@ -407,6 +431,28 @@ class LynxPipeline(WanPipeline):
         video = latents if output_type == "latent" else self.decode(latents, output_type)
         self.maybe_free_model_hooks()
         return WanPipelineOutput(frames=video) if return_dict else (video,)
+
+
+def guide(preds: list[torch.Tensor], g: float, g_i: float | None) -> torch.Tensor:
+    """Combine the branch predictions: c alone; u + g (c - u); or u + g_i (i - u) + g (c - i)."""
+    if len(preds) == 1:
+        return preds[0]
+    if len(preds) == 2:
+        c, u = preds
+        return u + g * (c - u)
+    c, u, i = preds
+    return u + g_i * (i - u) + g * (c - i)
+
+
+def _guidance_group(guidance_parallel):
+    if guidance_parallel is None or guidance_parallel is False:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise InputError("guidance_parallel needs torch.distributed initialised (run under torchrun, "
+                         "or call torch.distributed.init_process_group first)")
+    return dist.group.WORLD if guidance_parallel is True else guidance_parallel
 
 
 def _cast_like_reference(transformer: WanTransformer3DModel, dtype: torch.dtype) -> None:
