@@ -533,9 +533,12 @@ def evaluate(manifest: Manifest, out_dir, *, evaluator=None, shard=(0, 1), every
         todo.append((case, video))
     references = {}
     wanted = evaluator.names if evaluator is not None else evaluator_kwargs.get("recognizers")
+    # The detector as asked for ("auto" stays "auto"), fixed before any model loads, so caches compare equal.
+    detector = str(evaluator.detector.name if evaluator is not None else evaluator_kwargs.get("detector", "auto"))
     for case, video in todo:
         config = {"every": every, "max_frames": max_frames, "video": _file_fingerprint(video),
-                  "photos": [str(p) for p in case.subject.photos]}
+                  "photos": [{"path": str(p), **_file_fingerprint(p)} for p in case.subject.photos],
+                  "detector": detector}
         cached = _read_json(layout.scores(case))
         if not rescore and cached and {k: v for k, v in cached.get("config", {}).items() if k != "recognizers"} \
                 == config and (wanted is None or list(wanted) == cached["config"].get("recognizers")):

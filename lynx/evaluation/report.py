@@ -123,6 +123,11 @@ def _notes(agg: dict, markdown: bool = False) -> str:
              "compare numbers within a column only."]
     if any(row[c]["mean"] is None for row in agg["rows"] for c in _columns(agg)):
         notes.append(f"{NOT_MEASURED}: not measured for that setting (no video with a face, or not judged).")
+    for row in agg["rows"]:
+        for n in agg["recognizers"]:
+            if row[n]["scored"] < row["scored"]:
+                notes.append(f"{row['setting']}: {n} scored {row[n]['scored']} of its {row['scored']} scored "
+                             f"videos (the others were scored before its weights were present; --rescore)")
     for name, why in agg["skipped_recognizers"].items():
         notes.append(f"The {name} recogniser was skipped: {why}")
     if not agg["judge_metrics"]:
