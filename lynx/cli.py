@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .config import sampling_defaults
-from .errors import InputError, LynxError
+from .errors import InputError, LynxError, WeightsNotFoundError
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -111,15 +111,29 @@ def cmd_generate(args) -> int:
     if sum(sources) != 1:
         raise InputError("give the person with exactly one of --image PHOTO..., --identity FILE (from `lynx face`) "
                          "or --embedding FILE.npy (+ --reference CROP.png for the full model)")
+    base = Path(args.base or default_base_dir())
+    adapter = Path(args.adapter or default_adapter_dir(args.variant))
+    # Every missing download is reported at once, before anything else is checked or loaded.
+    missing = []
+    try:
+        require_base_dir(base, adapter)
+        tcfg = json.loads((base / "transformer" / "config.json").read_text())
+        adapter_cfg, _ = read_adapter_config(adapter, tcfg["num_layers"],
+                                             tcfg["num_attention_heads"] * tcfg["attention_head_dim"])
+    except WeightsNotFoundError as e:
+        missing.append(str(e))
+    if args.image:
+        from .face import ARCFACE_FILE, default_models_dir
+        from .face.arcface import missing_weights_error
+
+        arcface = Path(args.face_models or default_models_dir()).expanduser() / ARCFACE_FILE
+        if not arcface.is_file():
+            missing.append(str(missing_weights_error(arcface)))
+    if missing:
+        raise WeightsNotFoundError("\n\n".join(missing))
     for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x]:
         if not Path(p).is_file():
             raise InputError(f"input file {p} does not exist")
-    base = Path(args.base or default_base_dir())
-    adapter = Path(args.adapter or default_adapter_dir(args.variant))
-    require_base_dir(base, adapter)
-    tcfg = json.loads((base / "transformer" / "config.json").read_text())
-    adapter_cfg, _ = read_adapter_config(adapter, tcfg["num_layers"],
-                                         tcfg["num_attention_heads"] * tcfg["attention_head_dim"])
     defaults = sampling_defaults(adapter_cfg.variant)
     args.seed = defaults.seed if args.seed is None else args.seed
     fps = args.fps or defaults.fps

@@ -45,7 +45,7 @@ def download_instructions(base_dir: Path | None = None, adapter_dir: Path | None
     adapter_dir = Path(adapter_dir or default_adapter_dir())
     variant = adapter_dir.name if adapter_dir.name.startswith("lynx_") else "lynx_full"
     return (
-        "Download the released weights (about 80 GB in all) with the Hugging Face CLI:\n"
+        "Download the released weights (tens of gigabytes) with the Hugging Face CLI:\n"
         f"  huggingface-cli download {BASE_MODEL_REPO} --local-dir {base_dir}\n"
         f"  huggingface-cli download {ADAPTER_REPO} --include '{variant}/*' --local-dir {adapter_dir.parent}\n"
         f"so that {base_dir} holds {', '.join(BASE_SUBFOLDERS)} and {adapter_dir} holds "

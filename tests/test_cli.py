@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from argparse import Namespace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,11 +72,13 @@ def test_generate_lite_webp_at_24_fps(tiny_base, adapter_dirs, identity_files, t
     assert json.loads((tmp_path / (path.name + ".json")).read_text())["fps"] == 24
 
 
-def test_missing_weights_say_what_to_download(identity_files, tmp_path):
-    emb, crop = identity_files
-    r = lynx("generate", "--embedding", emb, "--reference", crop, "--prompt", "hi", cwd=tmp_path,
-             env={"LYNX_MODELS": str(tmp_path / "models")})
+def test_missing_weights_say_what_to_download(tmp_path):
+    # The README's main command on a machine with no weights: every download is listed at once.
+    photo = Path(__file__).parent.parent / "assets" / "astronaut.jpg"
+    r = lynx("generate", "--image", photo, "--prompt", "hi", cwd=tmp_path,
+             env={"LYNX_MODELS": str(tmp_path / "models"), "LYNX_FACE_MODELS": str(tmp_path / "face")})
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "recognition_arcface_ir_se50.pth" in r.stderr and str(tmp_path / "face") in r.stderr
     assert "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir" in r.stderr
     assert "huggingface-cli download ByteDance/lynx --include 'lynx_full/*'" in r.stderr
     assert str(tmp_path / "models" / "Wan2.1-T2V-14B-Diffusers") in r.stderr
