@@ -1,0 +1,81 @@
+"""`lynx prepare` (manifest -> cache) and `lynx train` (cache -> adapters), registered into the `lynx` command."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from ..errors import InputError
+
+
+def _config(args):
+    from ..config import load_training_config
+
+    overrides = list(args.set or [])
+    if getattr(args, "base", None):
+        overrides.append(f"train.base={_toml_string(args.base)}")
+    return load_training_config(args.config, overrides)
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def cmd_prepare(args) -> int:
+    from .data import face_identity_fn, prepare
+
+    config = _config(args)
+    shard = (0, 1)
+    if args.shard:
+        try:
+            i, n = (int(x) for x in args.shard.split("/"))
+        except ValueError:
+            raise InputError(f"--shard must look like I/N (e.g. 0/4), not {args.shard!r}") from None
+        if not 0 <= i < n:
+            raise InputError(f"--shard {args.shard}: I must be in 0..N-1")
+        shard = (i, n)
+    identity_fn = face_identity_fn(args.detector, args.face_models, args.face_device)
+    report = prepare(config, identity_fn=identity_fn, limit=args.limit, shard=shard,
+                     retry_skipped=args.retry_skipped, progress=not args.no_progress)
+    print(report.summary())
+    print(f"cache: {config.data.cache_dir} (skipped samples and reasons: skipped.jsonl)")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .trainer import train
+
+    config = _config(args)
+    result = train(config, resume=args.resume, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
+    if result.losses:
+        print(f"trained to step {result.steps}; last loss {result.losses[-1]:.5f}", file=sys.stderr)
+    print(result.final_dir)
+    return 0
+
+
+def register(subparsers) -> None:
+    common = dict(help="training config (TOML with [data], [train], [validation]; see configs/train_stage1.toml)")
+    p = subparsers.add_parser("prepare", help="cache face embeddings, reference crops, text embeddings and VAE "
+                                              "latents of a training manifest")
+    p.add_argument("--config", required=True, **common)
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--base", help="Wan2.1-T2V diffusers directory (overrides train.base)")
+    p.add_argument("--limit", type=int, help="prepare at most this many samples (of this shard)")
+    p.add_argument("--shard", help="I/N: prepare every N-th sample starting at I (run N of these in parallel)")
+    p.add_argument("--retry-skipped", action="store_true", help="try again samples an earlier run skipped")
+    p.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib")
+    p.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS)")
+    p.add_argument("--face-device", default="cpu", help="device of the ArcFace network")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_prepare)
+
+    t = subparsers.add_parser("train", help="train the Lynx adapters on a prepared cache (torchrun for many GPUs)")
+    t.add_argument("--config", required=True, **common)
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    t.add_argument("--base", help="Wan2.1-T2V diffusers directory (overrides train.base)")
+    t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in train.output_dir, or from the one given")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)

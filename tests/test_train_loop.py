@@ -1,0 +1,180 @@
+"""The training loop on a tiny model and synthetic data: it learns identity, its checkpoints load in the
+pipeline, it fine-tunes released adapters, and a failed save loses nothing."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lynx.config import training_config_from_dict
+from lynx.errors import InputError, LynxError
+from lynx.loading import load_adapters
+from lynx.training import checkpoint as ckpt
+from lynx.training.data import load_sample, load_shared, prepare, read_index
+from lynx.training.objective import LynxTrainModel, evaluation_loss
+from lynx.training.synthetic import make_dataset, pixel_encoders
+from lynx.training.trainer import load_transformer, read_metrics, train
+
+RESAMPLER = {"dim": 32, "depth": 1, "heads": 2, "dim_head": 16, "num_queries": 4}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_config(data: dict, base, out, validation=None, **train_values):
+    values = {"base": str(base), "output_dir": str(out), "steps": 4, "learning_rate": 3e-3, "warmup_steps": 5,
+              "token_budget": 128, "precision": "fp32", "num_workers": 0, "save_every": 1000,
+              "resampler": RESAMPLER, **train_values}
+    return training_config_from_dict({"data": data, "train": values,
+                                      "validation": validation or {"every": 0}})
+
+
+@pytest.fixture(scope="module")
+def identity_data(tiny_base, tmp_path_factory):
+    """4 people x 4 photos whose content is their identity, cached with a colour-keeping 'VAE' (see synthetic)."""
+    root = tmp_path_factory.mktemp("identity")
+    ds = make_dataset(root / "data", identities=4, images_per_identity=4, bad_samples=False)
+    data = {"manifest": str(ds.manifest), "cache_dir": str(root / "cache"), "buckets": [[64, 64]], "frames": [1],
+            "cache_dtype": "float32", "dtype": "fp32", "device": "cpu"}
+    prepare(make_config(data, tiny_base, root / "unused"), identity_fn=ds.identity_fn,
+            encoders=pixel_encoders(tiny_base), progress=False)
+    return data
+
+
+def identity_measure(config, adapter_dir, base):
+    """Denoising loss of every training photo at fixed noise: with its own identity, with another person's
+    identity, and with the ID branch switched off. Following identity = on < wrong and on < off."""
+    index = read_index(config.data.cache_dir)
+    samples = [load_sample(config.data.cache_dir, k) for k in index.keys]
+    shared = load_shared(config.data.cache_dir, config)
+    model = LynxTrainModel(load_transformer(Path(base), torch.float32), load_adapters(adapter_dir, 4, 24),
+                           gradient_checkpointing=False)
+    kw = dict(seed=1234, shift=3.0, repeats=4)
+    emb = torch.stack([s["embedding"] for s in samples])
+    return {"on": evaluation_loss(model, samples, shared, **kw),
+            "off": evaluation_loss(model, samples, shared, ip_scale=0.0, **kw),
+            "wrong": evaluation_loss(model, samples, shared, embeddings=emb.roll(4, 0), **kw)}
+
+
+def test_tiny_model_learns_to_follow_identity(identity_data, tiny_base, tmp_path):
+    # Reference dropped always: the identity reaches the model only through the ID-adapter.
+    config = make_config(identity_data, tiny_base, tmp_path / "run", steps=150, drop_reference=1.0,
+                         drop_text=0.0, drop_identity=0.1, gradient_checkpointing=False, save_every=150,
+                         validation={"every": 150, "height": 32, "width": 32, "num_frames": 1,
+                                     "num_inference_steps": 2, "format": ".gif"})
+    result = train(config, progress=False)
+    losses = np.array(result.losses)
+    assert len(losses) == 150 and np.isfinite(losses).all()
+    assert losses[-20:].mean() < 0.85 * losses[:20].mean()  # the loss falls
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == list(range(1, 151))
+    assert rows[-1]["tokens_per_s"] > 0 and rows[0]["lr"] == pytest.approx(3e-3 / 5)  # warm-up
+    assert [p.name for p in result.samples] == ["step-00000150-0.gif"] and result.samples[0].stat().st_size > 0
+
+    # Before training the ID branch is exactly off (zero-initialised values); after, it carries the person.
+    ckpt.write_adapters(tmp_path / "init", *_fresh_adapters(config))
+    before = identity_measure(config, tmp_path / "init", tiny_base)
+    assert before["on"] == before["off"] == before["wrong"]
+    after = identity_measure(config, result.final_dir, tiny_base)
+    print("identity measure (loss): before", before, "after", after)
+    assert after["on"] < 0.9 * after["off"]
+    assert after["on"] < 0.9 * after["wrong"]  # it is this person's identity that helps, not any identity
+
+
+def _fresh_adapters(config):
+    from lynx.training.trainer import build_adapters
+
+    adapters = build_adapters(config, 4, 24, None)
+    return adapters, adapters.state_dict()
+
+
+def test_checkpoints_load_in_the_pipeline(identity_data, tiny_base, tmp_path, face_embedding, reference_crop):
+    from lynx.pipeline import LynxPipeline
+
+    config = make_config(identity_data, tiny_base, tmp_path / "run", steps=3, save_every=2, keep_last=5)
+    result = train(config, progress=False)
+    step2 = ckpt.checkpoint_dir(tmp_path / "run", 2)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == \
+        ["latest", "step-00000002", "step-00000003"]
+    assert result.checkpoint.name == "step-00000003"
+    for directory in (step2, result.final_dir):
+        assert {p.name for p in directory.glob("*.safetensors")} == \
+            {"resampler.safetensors", "ip_layers.safetensors", "ref_layers.safetensors"}
+        pipe = LynxPipeline.from_pretrained(tiny_base, adapter=directory)
+        assert pipe.variant == "full"
+        video = pipe("a person", face_embedding=face_embedding, reference_image=reference_crop, height=32,
+                     width=32, num_frames=1, num_inference_steps=2).frames[0]
+        assert video.shape == (1, 32, 32, 3) and np.isfinite(video).all()
+    trained = load_adapters(result.final_dir, 4, 24).state_dict()
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "to_v_ip" in k)  # moved off zero
+
+
+@pytest.mark.parametrize("variant", ["full", "lite"])
+def test_fine_tuning_starts_from_the_released_adapters(identity_data, tiny_base, adapter_dirs, tmp_path, variant):
+    released = load_adapters(adapter_dirs[variant], 4, 24).state_dict()
+    unchanged = train(make_config(identity_data, tiny_base, tmp_path / "lr0", steps=1, learning_rate=0.0,
+                                  init=str(adapter_dirs[variant])), progress=False)
+    got = load_adapters(unchanged.final_dir, 4, 24).state_dict()
+    assert got.keys() == released.keys() and all(torch.equal(got[k], released[k]) for k in got)
+    tuned = train(make_config(identity_data, tiny_base, tmp_path / "tuned", steps=2, learning_rate=1e-3,
+                              init=str(adapter_dirs[variant])), progress=False)
+    got = load_adapters(tuned.final_dir, 4, 24)
+    assert got.variant == variant
+    assert (tuned.final_dir / "ref_layers.safetensors").exists() == (variant == "full")
+    assert any(not torch.equal(v, released[k]) for k, v in got.state_dict().items())
+
+
+def test_a_failed_save_keeps_the_last_checkpoint_and_resume_is_exact(identity_data, tiny_base, tmp_path,
+                                                                        monkeypatch):
+    reference = train(make_config(identity_data, tiny_base, tmp_path / "ref", steps=6, save_every=2),
+                      progress=False)
+    out = tmp_path / "run"
+    config = make_config(identity_data, tiny_base, out, steps=6, save_every=2)
+    real, calls = ckpt.write_adapters, []
+
+    def dies_on_second_save(directory, *args):
+        calls.append(directory)
+        if len(calls) == 2:
+            real(directory, *args)  # the files are half there when the process dies
+            raise RuntimeError("killed during save")
+        return real(directory, *args)
+
+    monkeypatch.setattr(ckpt, "write_adapters", dies_on_second_save)
+    with pytest.raises(RuntimeError, match="killed during save"):
+        train(config, progress=False)
+    monkeypatch.setattr(ckpt, "write_adapters", real)
+    root = out / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-00000002"
+    assert (root / ".step-00000004.tmp").is_dir() and not (root / "step-00000004").exists()
+    load_adapters(root / "step-00000002", 4, 24)  # the last good checkpoint is intact
+    resumed = train(config, resume=True, progress=False)
+    assert resumed.losses == reference.losses[2:]  # bit for bit
+    assert [r["loss"] for r in read_metrics(out)] == reference.losses
+    assert not (root / ".step-00000004.tmp").exists()
+    a, b = (load_adapters(d, 4, 24).state_dict() for d in (reference.final_dir, resumed.final_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = json.loads((root / "step-00000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["packs_consumed"] == 6
+    with pytest.raises(InputError, match="nothing to do"):
+        train(config, resume=True, progress=False)
+
+
+def test_clear_errors(identity_data, tiny_base, tmp_path):
+    with pytest.raises(InputError, match="train.precision"):
+        train(make_config(identity_data, tiny_base, tmp_path, precision="fp8"), progress=False)
+    with pytest.raises(InputError, match="lynx prepare"):
+        train(make_config(dict(identity_data, cache_dir=str(tmp_path / "none")), tiny_base, tmp_path),
+              progress=False)
+    with pytest.raises(LynxError, match="not found"):
+        train(make_config(identity_data, tmp_path / "nobase", tmp_path), progress=False)
+    with pytest.raises(InputError, match="valid in \\[train\\]"):
+        training_config_from_dict({"train": {"learnig_rate": 1}})
+    with pytest.raises(InputError, match="--resume"):
+        train(make_config(identity_data, tiny_base, tmp_path), resume=str(tmp_path / "nothing"), progress=False)
