@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import re
 import shlex
 import sys
@@ -102,7 +101,8 @@ def _init_distributed(args) -> int | None:
 def cmd_generate(args) -> int:
     import torch
 
-    from .loading import default_adapter_dir, default_base_dir, read_adapter_config, require_base_dir
+    from .loading import (default_adapter_dir, default_base_dir, read_adapter_config, require_base_dir,
+                          transformer_shape)
 
     args.prompt = _read_prompt(args.prompt)
     if not args.prompt.strip():
@@ -117,9 +117,7 @@ def cmd_generate(args) -> int:
     missing = []
     try:
         require_base_dir(base, adapter)
-        tcfg = json.loads((base / "transformer" / "config.json").read_text())
-        adapter_cfg, _ = read_adapter_config(adapter, tcfg["num_layers"],
-                                             tcfg["num_attention_heads"] * tcfg["attention_head_dim"])
+        adapter_cfg, _ = read_adapter_config(adapter, *transformer_shape(base))
     except WeightsNotFoundError as e:
         missing.append(str(e))
     if args.image:
@@ -283,7 +281,7 @@ def cmd_info(args) -> int:
         print(f"  {sub:13s} {'ok' if ok else 'MISSING'}")
     tcfg = report.transformer_config
     if tcfg:
-        width = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+        num_blocks, width = report.transformer_shape
         print(f"  transformer: {tcfg['num_layers']} blocks, {tcfg['num_attention_heads']} heads x "
               f"{tcfg['attention_head_dim']} = {width} wide, FFN {tcfg['ffn_dim']}, text_dim {tcfg['text_dim']}")
     for problem in report.problems:
@@ -297,7 +295,7 @@ def cmd_info(args) -> int:
             print("  (cannot check against the base: no transformer config)")
             continue
         try:
-            cfg, states = read_adapter_config(a, tcfg["num_layers"], width)
+            cfg, states = read_adapter_config(a, num_blocks, width)
         except LynxError as e:
             print(f"  problem: {e}")
             status = 1

@@ -83,6 +83,12 @@ class BaseDirReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def transformer_shape(self) -> tuple[int, int]:
+        """(number of blocks, width) of the base transformer, which the adapters must match."""
+        c = self.transformer_config
+        return c["num_layers"], c["num_attention_heads"] * c["attention_head_dim"]
+
 
 def _has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.safetensors.index.json"))
@@ -123,6 +129,11 @@ def require_base_dir(path, adapter_dir=None) -> Path:
             f"The Wan2.1-T2V base model was not found at {report.path}:\n  - " + "\n  - ".join(report.problems)
             + "\n" + download_instructions(report.path, adapter_dir))
     return report.path
+
+
+def transformer_shape(base_dir) -> tuple[int, int]:
+    """(blocks, width) of a checked base directory's transformer."""
+    return inspect_base_dir(require_base_dir(base_dir)).transformer_shape
 
 
 # ----- adapters ---------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from PIL import Image
 from .adapters import Conditioning, LynxAdapters
 from .config import MAX_TEXT_TOKENS, REFERENCE_PROMPT, SamplingConfig, sampling_defaults
 from .errors import CheckpointError, InputError
-from .loading import load_adapters, require_base_dir
+from .loading import load_adapters, require_base_dir, transformer_shape
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class LynxPipeline(WanPipeline):
     # ----- construction ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, base_dir, adapter=None, torch_dtype: torch.dtype = torch.float32,
-                        device: str | torch.device | None = None, **kwargs) -> "LynxPipeline":
+                        device: str | torch.device | None = None) -> "LynxPipeline":
         """Load a diffusers-layout Wan2.1-T2V base and a released `lynx_full`/`lynx_lite` adapter directory.
 
         `adapter` may be a directory or a `LynxAdapters`; full vs lite is read from the files.
@@ -106,11 +106,9 @@ class LynxPipeline(WanPipeline):
         if adapter is None and (base / SAVED_ADAPTER_DIR).is_dir():
             adapter = base / SAVED_ADAPTER_DIR  # written by LynxPipeline.save_pretrained
         if isinstance(adapter, (str, Path)):
-            require = load_adapters  # validate adapters before spending minutes on the base
-            with open(base / "transformer" / "config.json") as f:
-                import json
-                tcfg = json.load(f)
-            adapter = require(adapter, tcfg["num_layers"], tcfg["num_attention_heads"] * tcfg["attention_head_dim"])
+            # Checked before the base is loaded: a wrong adapter file fails in seconds, not minutes.
+            adapter = load_adapters(adapter, *transformer_shape(base))
+
         def load(sub, loader, **kw):
             try:
                 return loader.from_pretrained(base / sub, **kw)
