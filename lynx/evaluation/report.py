@@ -309,7 +309,8 @@ table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding
 td:first-child,th:first-child{text-align:left}
 .cases{display:flex;flex-wrap:wrap;gap:1em}
 .case{border:1px solid #ccc;border-radius:6px;padding:.6em;width:560px}
-.media{display:flex;gap:.5em;align-items:flex-start}.media img,.media video{max-width:270px;max-height:270px}
+.media{display:flex;gap:.8em;align-items:flex-start}.media figure{margin:0}
+.media img,.media video{width:256px;max-height:270px;object-fit:contain;background:#eee}
 .prompt{font-style:italic;margin:.3em 0}.missing{color:#a00}
 #media-status{padding:.4em;border-radius:4px;background:#eef}#media-status.bad{background:#fdd}
 .plots img{max-width:100%;display:block;margin:.5em 0}
