@@ -118,6 +118,10 @@ def test_two_processes_make_the_same_steps_as_one(config_file, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613",
            "-m", "lynx.cli", "train", "--config", str(config_file), "--no-progress",
            "--set", f'train.output_dir="{two}"']
+    # A sample video at the end: under FSDP every rank samples (the gathers are collectives), rank 0 writes.
+    for o in ("validation.every=3", "validation.height=32", "validation.width=32", "validation.num_frames=1",
+              "validation.num_inference_steps=2", 'validation.format=".gif"'):
+        cmd += ["--set", o]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     # One process reads both ranks' packs of each step as two accumulation micro-steps.
@@ -129,5 +133,6 @@ def test_two_processes_make_the_same_steps_as_one(config_file, tmp_path):
     a, b = (load_adapters(d, 4, 24).state_dict() for d in (one.final_dir, two / "final"))
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    assert [p.name for p in (two / "samples").iterdir()] == ["step-00000003-0.gif"]
     # The optimizer state was written as one shard per rank.
     assert len(list((two / "checkpoints" / "step-00000003" / "optimizer").glob("*.distcp"))) == 2

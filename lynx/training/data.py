@@ -200,10 +200,13 @@ def face_identity_fn(detector: str = "auto", models_dir=None, device: str = "cpu
     """The project's face analysis as prepare's identity step: frame -> (ArcFace embedding, 256x256 crop)."""
     from .. import face
 
-    det = face.create_detector(detector, face.default_models_dir() if models_dir is None else Path(models_dir))
+    models = face.default_models_dir() if models_dir is None else Path(models_dir)
+    # Both models are loaded now, so missing weights are reported before any encoder is loaded.
+    det = face.create_detector(detector, models)
+    arcface = face.load_arcface(models / face.ARCFACE_FILE, device)
 
     def identify(frame: np.ndarray):
-        ident = face.analyze(frame, detector=det, models_dir=models_dir, device=device)
+        ident = face.analyze(frame, detector=det, arcface_weights=arcface, models_dir=models, device=device)
         return ident.embedding, ident.reference_crop
 
     return identify
@@ -641,6 +644,3 @@ class PackDataset(torch.utils.data.Dataset):
         keys = [self.index.records[i]["key"] for i in self.stream[g]]
         return g, [load_sample(self.index.cache_dir, k) for k in keys]
 
-
-def first_item(batch):
-    return batch[0]

@@ -129,7 +129,7 @@ class PackedAttention:
     sequence, so they cannot confine attention within a pack; they remain usable per sample via "split".
     """
 
-    def __init__(self, lengths: list[int], mode: str = "auto", device=None):
+    def __init__(self, lengths: list[int], mode: str = "auto"):
         if mode not in ATTENTION_MODES:
             raise InputError(f"attention mode must be one of {', '.join(ATTENTION_MODES)}, not {mode!r}")
         self.lengths = [int(n) for n in lengths]
@@ -137,7 +137,6 @@ class PackedAttention:
         self.mode = mode
         self._masks: dict = {}
         self._cu: dict = {}
-        self.device = device
 
     def _resolve(self, q: torch.Tensor) -> str:
         if self.mode != "auto":

@@ -341,6 +341,8 @@ def _train(config: TrainingConfig, resume, progress: bool, runtime: Runtime) -> 
     if source is not None:
         ckpt.load_optimizer_and_rng(source, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
+        # The schedule's shape comes from this config (train.steps may have been raised to train on).
+        vars(scheduler.lr_lambdas[0]).update(vars(LRSchedule(t.warmup_steps, t.steps, t.lr_schedule)))
     with open(base / "scheduler" / "scheduler_config.json") as f:
         sched_cfg = json.load(f)
     shift = t.timestep_shift if t.timestep_shift is not None else default_shift(sched_cfg)

@@ -1,0 +1,193 @@
+"""Training throughput of `lynx train`'s step, and the memory a 14B run needs per GPU under FSDP2.
+
+    python benchmarks/train_throughput.py                         # tiny and small models on CPU + memory table
+    python benchmarks/train_throughput.py --device cuda --dtype bf16 --measure-blocks 2   # on a GPU
+
+Throughput: one training step as the trainer runs it (reference pass, packed forward with per-block
+checkpointing, backward, AdamW on the adapters) on packs of images and clips filling a token budget, with
+random weights (speed only, never quality). Memory: parameters, gradients and optimizer state counted on the
+real Wan2.1-14B and lynx_full definitions, activations measured with autograd's saved-tensor hooks on a
+full-width block (lynx/training/memory.py); for 1, 8 and 128 GPUs, stage 1 (21 images of 480x832) and stage 2
+(one 81-frame 480x832 clip). `--measure-blocks k` on CUDA runs a real step of a k-block, full-width model and
+prints measured peak memory next to the model's estimate for the same configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from lynx.config import ResamplerConfig, TinyModelConfig, full_adapter_config
+from lynx.testing import tiny_components
+from lynx.training.memory import (GIB, WAN_14B, ActivationModel, describe, fsdp_memory_per_gpu, meta_model,
+                                  parameter_counts)
+from lynx.training.objective import LynxTrainModel, flow_matching_loss, token_count
+
+SIZES = {
+    # name: (model, latent shapes [C, F, H, W] of one pack)
+    "tiny": (TinyModelConfig(), [(16, 1, 8, 8)] * 4 + [(16, 2, 8, 8)] * 2),
+    "small": (TinyModelConfig(num_layers=8, num_heads=8, head_dim=48, ffn_dim=1024, text_dim=64),
+              [(16, 1, 30, 52)] * 2 + [(16, 5, 16, 16)]),
+}
+STAGES = {"stage 1: 21 images 480x832": [(16, 1, 60, 104)] * 21,
+          "stage 2: one 81-frame clip 480x832": [(16, 21, 60, 104)]}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(cfg: TinyModelConfig, device, dtype):
+    from lynx.adapters import LynxAdapters
+
+    from lynx.pipeline import _cast_like_reference
+
+    transformer = tiny_components(cfg)["transformer"].to(device).requires_grad_(False)
+    _cast_like_reference(transformer, dtype)  # as training loads the base
+    res = ResamplerConfig(dim=64, depth=2, heads=2, dim_head=32, num_queries=16, output_dim=cfg.hidden_dim)
+    adapters = LynxAdapters(full_adapter_config(cfg.num_layers, cfg.hidden_dim, resampler=res)).to(device)
+    return LynxTrainModel(transformer, adapters.train().requires_grad_(True), "auto", True)
+
+
+def step_inputs(shapes, text_dim, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(shapes)
+    return dict(noisy=[torch.randn(s, generator=g).to(device, dtype) for s in shapes],
+                targets=[torch.randn(s, generator=g).to(device) for s in shapes],
+                timesteps=torch.rand(n, generator=g).to(device) * 1000,
+                text=torch.randn(n, 512, text_dim, generator=g).to(device, dtype),
+                embeddings=torch.randn(n, 512, generator=g).to(device),
+                reference=torch.randn(n, 16, 1, 32, 32, generator=g).to(device, dtype),
+                reference_text=torch.randn(1, 512, text_dim, generator=g).to(device, dtype))
+
+
+def train_step(model, optimizer, p, normaliser, autocast):
+    with autocast():
+        preds = model(p["noisy"], p["timesteps"], p["text"], p["embeddings"], p["reference"], p["reference_text"])
+    loss = flow_matching_loss(preds, p["targets"], normaliser)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def throughput(name, device, dtype, steps, warmup) -> dict:
+    cfg, shapes = SIZES[name]
+    model = build(cfg, device, dtype)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, weight_decay=0.01)
+    p = step_inputs(shapes, cfg.text_dim, device, dtype)
+    tokens = sum(token_count(s) for s in shapes)
+    normaliser = float(sum(t.numel() for t in p["targets"]))
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    for _ in range(warmup):
+        train_step(model, optimizer, p, normaliser, autocast)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t = time.perf_counter()
+        train_step(model, optimizer, p, normaliser, autocast)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    return {"size": name, "blocks": cfg.num_layers, "width": cfg.hidden_dim, "samples_per_pack": len(shapes),
+            "tokens_per_step": tokens, "seconds_per_step": median, "tokens_per_s": tokens / median,
+            "trainable_params": sum(q.numel() for q in model.trainable_parameters())}
+
+
+def memory_table(gpus=(1, 8, 128), gpu_gib: float = 80.0) -> list[dict]:
+    transformer, adapters = meta_model(WAN_14B)
+    counts = parameter_counts(transformer, adapters)
+    activations = ActivationModel.measure(transformer, adapters)
+    hidden = WAN_14B["num_attention_heads"] * WAN_14B["attention_head_dim"]
+    rows = []
+    for stage, shapes in STAGES.items():
+        tokens = sum(token_count(s) for s in shapes)
+        for n in gpus:
+            m = fsdp_memory_per_gpu(counts, activations, gpus=n, tokens=tokens, samples=len(shapes),
+                                    blocks=WAN_14B["num_layers"], hidden=hidden)
+            rows.append({"stage": stage, "tokens": tokens, "gpus": n, "gib_per_gpu": m["total"] / GIB,
+                         "fits_80gb": m["total"] / GIB <= gpu_gib, "breakdown_gib": {k: v / GIB for k, v in m.items()}})
+    return [{"backbone_params": counts.backbone, "adapter_params": counts.adapters,
+             "block_activation_bytes_per_token": activations.per_token,
+             "block_activation_bytes_per_sample": activations.per_sample}] + rows
+
+
+def measure_gpu(blocks: int, tokens: int = 32760) -> dict:
+    """A real step of a `blocks`-deep, full-width (5120) model on one GPU, against the estimate for it."""
+    from lynx.adapters import LynxAdapters
+
+    device = torch.device("cuda")
+    kwargs = dict(WAN_14B, num_layers=blocks)
+    from diffusers import WanTransformer3DModel
+
+    transformer = WanTransformer3DModel(**kwargs).to(device, torch.bfloat16).requires_grad_(False)
+    adapters = LynxAdapters(full_adapter_config(blocks, 5120)).to(device).train().requires_grad_(True)
+    model = LynxTrainModel(transformer, adapters, "auto", True)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
+    shapes = [(16, 21, 60, 104)]
+    p = step_inputs(shapes, 4096, device, torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    train_step(model, optimizer, p, float(sum(t.numel() for t in p["targets"])),
+               lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+    measured = torch.cuda.max_memory_allocated() / GIB
+    mt, ma = meta_model(kwargs)
+    est = fsdp_memory_per_gpu(parameter_counts(mt, ma), ActivationModel.measure(mt, ma), gpus=1,
+                              tokens=token_count(shapes[0]), samples=1, blocks=blocks, hidden=5120)
+    return {"blocks": blocks, "measured_peak_gib": measured, "estimated_gib": est["total"] / GIB}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--measure-blocks", type=int, default=0, help="CUDA: real step of a k-block 14B-width model")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    results = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "throughput": []}
+    if device.type == "cuda":
+        results["gpu"] = torch.cuda.get_device_name(device)
+    print(f"training throughput on {device} ({args.dtype}, {torch.get_num_threads()} threads), median of "
+          f"{args.steps} steps:")
+    for name in args.sizes:
+        r = throughput(name, device, dtype, args.steps, args.warmup)
+        results["throughput"].append(r)
+        print(f"  {name:6s} {r['blocks']} blocks x {r['width']} wide, {r['samples_per_pack']} samples/pack, "
+              f"{r['tokens_per_step']} tokens/step: {r['seconds_per_step'] * 1000:.1f} ms/step, "
+              f"{r['tokens_per_s']:.0f} tokens/s")
+    table = memory_table()
+    results["memory"] = table
+    head = table[0]
+    print(f"\nWan2.1-14B + lynx_full under FSDP2, bf16 backbone, fp32 adapter masters + AdamW, checkpointing "
+          f"({head['backbone_params'] / 1e9:.2f} B frozen, {head['adapter_params'] / 1e9:.2f} B trainable; "
+          f"a block keeps {head['block_activation_bytes_per_token'] / 1024:.0f} KiB per token):")
+    for row in table[1:]:
+        print(f"  {row['stage']:36s} {row['gpus']:4d} GPUs: {row['gib_per_gpu']:6.1f} GiB per GPU"
+              f"{'' if row['fits_80gb'] else '  (does not fit 80 GB)'}")
+    eight = next(r for r in table[1:] if r["gpus"] == 8 and r["stage"].startswith("stage 2"))
+    print("\n  breakdown, stage 2 on 8 GPUs:\n" + describe({k: v * GIB for k, v in eight["breakdown_gib"].items()}))
+    if args.measure_blocks:
+        if device.type != "cuda":
+            raise SystemExit("--measure-blocks needs --device cuda")
+        m = measure_gpu(args.measure_blocks)
+        results["measured"] = m
+        print(f"\nmeasured on {results['gpu']}: {m['blocks']} blocks, peak {m['measured_peak_gib']:.1f} GiB; "
+              f"estimate {m['estimated_gib']:.1f} GiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

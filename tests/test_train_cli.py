@@ -1,0 +1,49 @@
+"""`lynx prepare` / `lynx train` on the command line: registered, and user mistakes end in one clear line."""
+
+import pytest
+
+from lynx.cli import build_parser, main
+
+
+def test_commands_are_registered():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--config", "c.toml", "--resume", "--set", "train.steps=5"])
+    assert args.resume == "auto" and args.set == ["train.steps=5"]
+    args = parser.parse_args(["prepare", "--config", "c.toml", "--shard", "1/4", "--limit", "3"])
+    assert args.shard == "1/4" and args.limit == 3
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_missing_or_invalid_config(command, tmp_path, capsys):
+    assert main([command, "--config", str(tmp_path / "none.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nsteps = 10\nlearnig_rate = 1e-5\n")
+    assert main([command, "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown setting(s) train.learnig_rate" in err and "Traceback" not in err
+    assert main([command, "--config", str(bad), "--set", "train.steps"]) == 2
+    assert "section.key=value" in capsys.readouterr().err
+
+
+def test_prepare_reports_missing_face_models_before_loading_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LYNX_FACE_MODELS", str(tmp_path / "no-face-models"))
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[data]\nmanifest = "{tmp_path}/m.jsonl"\ncache_dir = "{tmp_path}/cache"\n'
+                   f'[train]\nbase = "{tmp_path}/no-base"\n')
+    assert main(["prepare", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "lynx prepare: error:" in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_stage_configs_parse():
+    from pathlib import Path
+
+    from lynx.config import load_training_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    one, two = (load_training_config(root / f"train_stage{i}.toml") for i in (1, 2))
+    assert one.data.frames == (1,) and max(two.data.frames) == 81
+    for c in (one, two):
+        assert c.train.learning_rate == 1e-5 and c.train.weight_decay == 0.01 and c.train.token_budget == 33600
