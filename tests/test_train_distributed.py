@@ -115,7 +115,7 @@ def test_killed_training_resumes_with_the_same_losses(config_file, tmp_path):
 
 def test_two_processes_make_the_same_steps_as_one(config_file, tmp_path):
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "lynx.cli", "train", "--config", str(config_file), "--no-progress",
            "--set", f'train.output_dir="{two}"']
     # A sample video at the end: under FSDP every rank samples (the gathers are collectives), rank 0 writes.

@@ -176,5 +176,9 @@ def test_clear_errors(identity_data, tiny_base, tmp_path):
         train(make_config(identity_data, tmp_path / "nobase", tmp_path), progress=False)
     with pytest.raises(InputError, match="valid in \\[train\\]"):
         training_config_from_dict({"train": {"learnig_rate": 1}})
+    with pytest.raises(InputError, match="validation prompt"):
+        train(make_config(identity_data, tiny_base, tmp_path, validation={"every": 1, "prompts": ["not encoded"],
+                                                                          "height": 32, "width": 32}),
+              progress=False)
     with pytest.raises(InputError, match="--resume"):
         train(make_config(identity_data, tiny_base, tmp_path), resume=str(tmp_path / "nothing"), progress=False)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lynx.config import TinyModelConfig, full_adapter_config
+from lynx.config import TinyModelConfig
 from lynx.training.memory import (GIB, WAN_14B, ActivationModel, block_saved_bytes, fits, fsdp_memory_per_gpu,
                                   meta_model, parameter_counts)
 

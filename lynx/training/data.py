@@ -566,7 +566,8 @@ def load_shared(cache_dir, config: TrainingConfig) -> dict:
     if v.identity:
         if meta.get("validation_identity") != v.identity:
             raise InputError(f"validation.identity {v.identity} is not in the cache; run `lynx prepare` again")
-        out["validation_embedding"], out["validation_crop"] = tensors["validation_embedding"], tensors["validation_crop"]
+        out["validation_embedding"] = tensors["validation_embedding"]
+        out["validation_crop"] = tensors["validation_crop"]
     return out
 
 

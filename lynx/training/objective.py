@@ -107,11 +107,9 @@ def pad_text(text: torch.Tensor, length: int | None = None) -> torch.Tensor:
 
 # ----- attention confined to each sample -------------------------------------------------------------------------
 def _varlen_available() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
 class PackedAttention:

@@ -99,7 +99,7 @@ def build_adapters(config: TrainingConfig, num_blocks: int, hidden: int, source:
 
 
 def shard_model(model: LynxTrainModel, runtime: Runtime, compute_dtype: torch.dtype) -> None:
-    """FSDP2: one unit per block (frozen block + its ID/Ref layers), the rest (embedders, head, resampler) at the root."""
+    """FSDP2: one unit per block (frozen block + its ID/Ref layers); embedders, head and resampler at the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -204,6 +204,12 @@ class SampleMaker:
         if v.format not in (".mp4", ".webp", ".gif"):
             raise InputError(f"validation.format must be .mp4, .webp or .gif, not {v.format!r}")
         self.config, self.model, self.runtime, self.autocast = config, model, runtime, autocast
+        from ..config import REFERENCE_PROMPT
+
+        missing = [p for p in (*v.prompts, v.negative_prompt, REFERENCE_PROMPT) if p not in shared["prompt_lookup"]]
+        if missing:  # found now, not when the first sample video is due hours later
+            raise InputError(f"validation prompt {missing[0][:60]!r} is not in the prepare cache; run "
+                             "`lynx prepare` with this config again (it only encodes what is missing)")
         if "validation_embedding" in shared:
             self.embedding, self.crop = shared["validation_embedding"], shared["validation_crop"].numpy()
         else:
