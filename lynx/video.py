@@ -57,23 +57,41 @@ def save_video(frames, path, fps: int, quality: int = 8) -> Path:
 
 
 def read_video(path, every: int = 1) -> tuple[np.ndarray, float]:
-    """Decode a video file to uint8 [F, H, W, 3] RGB frames (every k-th) and its frame rate."""
-    import av
+    """Decode a video file to uint8 [F, H, W, 3] RGB frames (every k-th) and its frame rate (0 if unknown).
 
+    Animated WebP and GIF are read with Pillow: FFmpeg's WebP decoder does not handle animation.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"video file {path} does not exist")
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
-            frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(stream)) if i % every == 0]
-    except av.error.FFmpegError as e:
-        raise InputError(f"{path} is not a readable video ({e})") from None
+    if path.suffix.lower() in (".webp", ".gif"):
+        from PIL import Image, ImageSequence
+
+        try:
+            with Image.open(path) as im:
+                frames, durations = [], []
+                for i, f in enumerate(ImageSequence.Iterator(im)):
+                    f.load()  # Pillow fills in a frame's timing when it is decoded
+                    durations.append(f.info.get("duration") or 0)
+                    if i % every == 0:
+                        frames.append(np.asarray(f.convert("RGB")))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path} is not a readable video ({e})") from None
+        mean_ms = float(np.mean(durations)) if durations else 0.0
+        fps = 1000.0 / mean_ms if mean_ms > 0 else 0.0
+    else:
+        import av
+
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                fps = float(stream.average_rate or stream.guessed_rate or 0)
+                frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(stream))
+                          if i % every == 0]
+        except (av.error.FFmpegError, IndexError) as e:
+            raise InputError(f"{path} is not a readable video ({e})") from None
     if not frames:
         raise InputError(f"{path} holds no video frames")
-    if path.suffix.lower() in (".webp", ".gif") and not fps:
-        fps = 0.0
     return np.stack(frames), fps
 
 

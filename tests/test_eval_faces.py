@@ -15,7 +15,8 @@ from skimage import data as skdata
 
 from lynx.errors import WeightsNotFoundError
 from lynx.evaluation import FaceEvaluator, load_recognizers, summarize
-from lynx.evaluation.metrics import format_evaluation, read_frames, sample_indices
+from lynx.evaluation.metrics import format_evaluation, sample_indices
+from lynx.video import read_video
 from lynx.evaluation.recognizers import FacexlibRecognizer, InsightfaceRecognizer
 from lynx.face import align_arcface, create_detector, load_image
 from lynx.video import save_video, write_sidecar
@@ -123,7 +124,7 @@ def test_video_files_every_kth_frame_and_cli(tmp_path, evaluator, astronaut, cap
     webp = save_video(frames, tmp_path / "a.webp", fps=8)
     photo = tmp_path / "astronaut.png"
     Image.fromarray(astronaut).save(photo)
-    decoded, fps = read_frames(webp)
+    decoded, fps = read_video(webp)
     assert decoded.shape == frames.shape and fps == pytest.approx(8, rel=0.05)
     r = evaluator.evaluate(mp4, [str(photo)], every=2)
     assert r.frame_indices == [0, 2, 4] and r.num_frames == 6 and r.fps == pytest.approx(8)

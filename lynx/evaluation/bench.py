@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..errors import InputError, LynxError
+from ..errors import InputError
 
 log = logging.getLogger("lynx.evaluation")
 
@@ -564,7 +564,7 @@ def evaluate(manifest: Manifest, out_dir, *, evaluator=None, shard=(0, 1), every
 
 def judge(manifest: Manifest, out_dir, judge_client, *, shard=(0, 1), echo: Callable[[str], None] = print) -> dict:
     """Judge metrics (PF, AQ, MN, VQ) of this shard's videos, cached per video by the judge client."""
-    from .metrics import read_frames
+    from ..video import read_video
 
     layout = Layout(out_dir)
     counts = {"judged": 0, "failed": 0, "missing": 0}
@@ -574,7 +574,7 @@ def judge(manifest: Manifest, out_dir, judge_client, *, shard=(0, 1), echo: Call
                                                     not finished(layout, case, manifest.generation)):
             counts["missing"] += 1
             continue
-        frames, fps = read_frames(video)
+        frames, fps = read_video(video)
         result = judge_client.score(frames, case.prompt.text, fps=fps, cache_path=layout.judge(case))
         if result.get("errors"):
             counts["failed"] += 1

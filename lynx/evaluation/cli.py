@@ -88,9 +88,9 @@ def cmd_eval(args) -> int:
         print(format_evaluation(result))
         record = result.to_dict()
         if judge is not None:
-            from .metrics import read_frames
+            from ..video import read_video
 
-            frames, fps = read_frames(video)
+            frames, fps = read_video(video)
             record["judge"] = judge.score(frames, args.prompt, fps=fps)
             for m, s in record["judge"]["scores"].items():
                 print(f"  judge {m}: {s['score']:.2f}  {s['reason']}")

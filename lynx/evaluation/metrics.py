@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -88,37 +87,11 @@ class VideoEvaluation:
         return cls(**fields)
 
 
-def read_frames(path) -> tuple[np.ndarray, float]:
-    """All frames of a video file as uint8 [F, H, W, 3] and its frame rate (0 when unknown).
-
-    Animated WebP and GIF are read with Pillow: FFmpeg's WebP decoder does not handle animation.
-    """
-    from ..video import read_video
-
-    path = Path(path)
-    if path.suffix.lower() not in (".webp", ".gif"):
-        return read_video(path)
-    from PIL import Image, ImageSequence
-
-    if not path.is_file():
-        raise InputError(f"video file {path} does not exist")
-    try:
-        with Image.open(path) as im:
-            frames, durations = [], []
-            for f in ImageSequence.Iterator(im):
-                frames.append(np.asarray(f.convert("RGB")))
-                durations.append(f.info.get("duration") or 0)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path} is not a readable video ({exc})") from None
-    mean_ms = float(np.mean(durations)) if durations else 0.0
-    return np.stack(frames), (1000.0 / mean_ms if mean_ms > 0 else 0.0)
-
-
 def _as_frames(video) -> tuple[np.ndarray, float, str]:
-    from ..video import to_uint8
+    from ..video import read_video, to_uint8
 
     if isinstance(video, (str, os.PathLike)):
-        frames, fps = read_frames(video)
+        frames, fps = read_video(video)
         return frames, fps, str(video)
     return to_uint8(video), 0.0, "(frames)"
 
