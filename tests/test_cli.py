@@ -40,6 +40,10 @@ def test_generate_full_mp4_with_sidecar(tiny_base, adapter_dirs, identity_files,
     assert "2/2" in r.stderr  # the denoising progress bar
     frames, fps = read_video(out)
     assert frames.shape == (9, 32, 48, 3) and fps == 16
+    import av
+
+    with av.open(str(out)) as container:
+        assert container.streams.video[0].codec_context.name == "h264"
     meta = json.loads((tmp_path / "out" / "clip.mp4.json").read_text())
     assert meta["prompt"] == "a man walks on the beach" and meta["seed"] == 5 and meta["variant"] == "full"
     assert (meta["num_frames"], meta["height"], meta["width"], meta["fps"]) == (9, 32, 48, 16)
