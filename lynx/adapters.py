@@ -139,6 +139,12 @@ class LynxAttnProcessor:
         k = attn.norm_k(layer.to_k_ref(features))
         return k.unflatten(2, (attn.heads, -1)), layer.to_v_ref(features).unflatten(2, (attn.heads, -1))
 
+    def _branch(self, cond: Conditioning, query, k, v, kind: str) -> torch.Tensor:
+        if cond.attention is not None:  # packed samples: each query only sees its own sample's keys
+            return cond.attention(query, k, v, kind, self._attend)
+        batch = query.shape[0]
+        return self._attend(query, _batched(k, batch), _batched(v, batch))
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         is_self = encoder_hidden_states is None
         state = self.state
@@ -155,27 +161,19 @@ class LynxAttnProcessor:
             key = _apply_rope(key, *rotary_emb)
 
         cond = state.active
-        packed = cond.attention if cond is not None else None
-        if packed is None:
-            out = self._attend(query, key, value, attention_mask, self._parallel_config if is_self else None)
+        if cond is not None and cond.attention is not None:
+            out = cond.attention(query, key, value, "self" if is_self else "text", self._attend)
         else:
-            out = packed(query, key, value, "self" if is_self else "text", self._attend)
+            out = self._attend(query, key, value, attention_mask, self._parallel_config if is_self else None)
 
         if cond is not None:
-            batch = query.shape[0]
             if is_self and self.ref_layer is not None and cond.ref_features is not None and cond.ref_scale != 0:
                 feats = cond.ref_features[self.block]
                 k, v = cond.kv(("ref", self.block), lambda: self._ref_kv(attn, feats.to(query.dtype)))
-                if packed is None:
-                    out = out + cond.ref_scale * self._attend(query_no_rope, _batched(k, batch), _batched(v, batch))
-                else:
-                    out = out + cond.ref_scale * packed(query_no_rope, k, v, "ref", self._attend)
+                out = out + cond.ref_scale * self._branch(cond, query_no_rope, k, v, "ref")
             if not is_self and self.ip_layer is not None and cond.ip_tokens is not None and cond.ip_scale != 0:
                 k, v = cond.kv(("ip", self.block), lambda: self._ip_kv(attn, cond.ip_tokens.to(query.dtype)))
-                if packed is None:
-                    out = out + cond.ip_scale * self._attend(query, _batched(k, batch), _batched(v, batch))
-                else:
-                    out = out + cond.ip_scale * packed(query, k, v, "ip", self._attend)
+                out = out + cond.ip_scale * self._branch(cond, query, k, v, "ip")
 
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
