@@ -37,4 +37,14 @@ def reference_crop():
     return img
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: a second thread only adds contention; spawned training
+    ranks get one thread each (as under torchrun), and in-process runs compared with them must too."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SMALL = dict(height=32, width=32, num_frames=5, num_inference_steps=3)

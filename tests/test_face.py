@@ -22,7 +22,7 @@ from skimage import data as skdata
 import lynx.face as lf
 from lynx.errors import CheckpointError, InputError, NoFaceError, WeightsNotFoundError
 from lynx.face.alignment import estimate_transform, transform_points
-from lynx.face.detection import DetectedFace, ScrfdDetector, five_points_from_68, select_face
+from lynx.face.detection import ScrfdDetector, five_points_from_68, select_face
 
 # Hand-read from the astronaut photo (x, y): pupils, nose tip, mouth corners; image-left first.
 ASTRO_KPS = np.array([[204.0, 101.5], [246.0, 103.0], [224.0, 127.5], [203.0, 140.5], [244.5, 141.5]])

@@ -14,13 +14,7 @@ from lynx.training.objective import pad_text
 from lynx.training.synthetic import make_dataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors on a shared 2-core machine: a second thread only adds contention.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(ds, cache, base, **data):

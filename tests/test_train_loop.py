@@ -20,12 +20,7 @@ from lynx.training.trainer import load_transformer, read_metrics, train
 RESAMPLER = {"dim": 32, "depth": 1, "heads": 2, "dim_head": 16, "num_queries": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(data: dict, base, out, validation=None, **train_values):

@@ -17,12 +17,7 @@ CFG = TinyModelConfig()
 SHAPES = [(16, 1, 8, 12), (16, 2, 8, 8), (16, 1, 4, 4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
