@@ -314,7 +314,7 @@ def cmd_info(args) -> int:
 
 
 # Modules that add their own subcommands through a `register(subparsers)` function.
-COMMAND_MODULES: tuple[str, ...] = ("lynx.evaluation.cli", "lynx.training.cli")
+COMMAND_MODULES: tuple[str, ...] = ("lynx.evaluation.cli", "lynx.training.cli", "lynx.web.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
