@@ -522,12 +522,7 @@ def evaluate(manifest: Manifest, out_dir, *, evaluator=None, shard=(0, 1), every
     layout = Layout(out_dir)
     counts = {"evaluated": 0, "cached": 0, "missing": 0}
     todo = []
-    for case in shard_cases(manifest.cases(), shard):
-        video = layout.video(case)
-        if video is None or not video.is_file() or (not case.setting.external and
-                                                    not finished(layout, case, manifest.generation)):
-            counts["missing"] += 1
-            continue
+    for case, video in _finished_videos(layout, manifest, shard, counts):
         if not case.subject.photos:
             raise InputError(f"subject {case.subject.id} has no photo to score its videos against; add `photo:`")
         todo.append((case, video))
@@ -559,6 +554,17 @@ def evaluate(manifest: Manifest, out_dir, *, evaluator=None, shard=(0, 1), every
     return counts
 
 
+def _finished_videos(layout, manifest: Manifest, shard, counts: dict):
+    """(case, video) for this shard's finished videos; the others are counted as missing."""
+    for case in shard_cases(manifest.cases(), shard):
+        video = layout.video(case)
+        if video is None or not video.is_file() or (not case.setting.external and
+                                                    not finished(layout, case, manifest.generation)):
+            counts["missing"] += 1
+            continue
+        yield case, video
+
+
 # ------------------------------------------------------------------------------------------ judge
 
 
@@ -568,12 +574,7 @@ def judge(manifest: Manifest, out_dir, judge_client, *, shard=(0, 1), echo: Call
 
     layout = Layout(out_dir)
     counts = {"judged": 0, "failed": 0, "missing": 0}
-    for case in shard_cases(manifest.cases(), shard):
-        video = layout.video(case)
-        if video is None or not video.is_file() or (not case.setting.external and
-                                                    not finished(layout, case, manifest.generation)):
-            counts["missing"] += 1
-            continue
+    for case, video in _finished_videos(layout, manifest, shard, counts):
         frames, fps = read_video(video)
         result = judge_client.score(frames, case.prompt.text, fps=fps, cache_path=layout.judge(case))
         if result.get("errors"):
