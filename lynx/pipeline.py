@@ -176,7 +176,7 @@ class LynxPipeline(WanPipeline):
 
     # ----- the inspectable steps -----------------------------------------------------------------------
     def prepare_identity(self, image=None, face_embedding=None, reference_image=None, identity=None,
-                         **face_kwargs) -> Identity:
+                         need_reference: bool = True, **face_kwargs) -> Identity:
         """One identity from a photo (face analysis), a `FaceIdentity`, or an embedding (+ reference crop)."""
         given = sum(x is not None for x in (image, face_embedding, identity))
         if given != 1:
@@ -200,8 +200,9 @@ class LynxPipeline(WanPipeline):
             if ref.shape[:2] != (REFERENCE_SIZE, REFERENCE_SIZE):
                 raise InputError(f"reference_image must be the {REFERENCE_SIZE}x{REFERENCE_SIZE} aligned face crop "
                                  f"(`lynx face PHOTO` writes one), got {ref.shape[1]}x{ref.shape[0]}")
-        if self.adapters is not None and self.adapters.config.use_ref and ref is None:
-            raise InputError("the full Lynx model also needs reference_image (the 256x256 aligned crop); "
+        if need_reference and self.adapters is not None and self.adapters.config.use_ref and ref is None:
+            raise InputError("the full Lynx model also needs reference_image (the 256x256 aligned crop; or "
+                             "ref_scale=0 to run without the Ref-adapter); "
                              "pass image=PHOTO to compute both, or identity=FaceIdentity")
         return Identity(emb, ref)
 
@@ -369,7 +370,9 @@ class LynxPipeline(WanPipeline):
             generator = torch.Generator().manual_seed(d.seed if seed is None else seed)
         ref_seed = generator.initial_seed() + 1
 
-        person = self.prepare_identity(image, face_embedding, reference_image, identity, **(face_options or {}))
+        use_ref = adapters.config.use_ref and ref_scale != 0
+        person = self.prepare_identity(image, face_embedding, reference_image, identity, need_reference=use_ref,
+                                       **(face_options or {}))
         device, dtype = self._execution_device, self.transformer.dtype
         self._guidance_scale, self._interrupt, self._current_timestep = g, False, None
 
@@ -387,7 +390,7 @@ class LynxPipeline(WanPipeline):
         tokens = self.identity_tokens(person.embedding.to(device))
         no_tokens = self.identity_tokens(torch.zeros_like(person.embedding).to(device))
         ref = no_ref = None
-        if adapters.config.use_ref:
+        if use_ref:  # with ref_scale 0 the branch adds nothing: skip the reference passes altogether
             ref_text = self.encode_text([REFERENCE_PROMPT])
             ref = self.reference_features(person.reference_image, torch.Generator().manual_seed(ref_seed), ref_text)
             no_ref = self.reference_features(None, torch.Generator().manual_seed(ref_seed), ref_text)

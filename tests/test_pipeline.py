@@ -74,6 +74,13 @@ def test_lite_two_way_guidance(lite, face_embedding, monkeypatch):
     torch.testing.assert_close(steps[0], u + 5.0 * (c - u), rtol=0, atol=0)
 
 
+def test_full_without_reference_runs_with_ref_scale_zero(full, face_embedding, reference_crop):
+    kw = dict(output_type="latent", seed=3, ref_scale=0.0, **SMALL)
+    without = full("a man walks", face_embedding=face_embedding, **kw).frames
+    with_crop = full("a man walks", face_embedding=face_embedding, reference_image=reference_crop, **kw).frames
+    assert torch.equal(without, with_crop)
+
+
 def test_no_identity_tokens_are_resampler_of_zeros_not_zeros(full):
     tokens = full.identity_tokens(torch.zeros(512))
     assert tokens.shape == (1, 4, 24) and tokens.abs().max() > 0.1
