@@ -7,6 +7,7 @@ subprocess for the missing-weights test. The browser is driven over the DevTools
 
 import base64
 import fcntl
+import hashlib
 import io
 import json
 import os
@@ -168,9 +169,8 @@ def test_generate_writes_video_and_sidecar_never_overwriting(server, photos):
     assert (side["prompt"], side["seed"], side["num_frames"], side["height"], side["width"]) == \
         ("a woman smiling", 7, 5, 32, 48)
     assert side["guidance_scale"] == 5.0 and side["guidance_scale_i"] == 2.0 and side["variant"] == "full"
-    import hashlib
-
-    assert side["identity"]["images"][0]["sha256"] == hashlib.sha256((photos / "astronaut.jpg").read_bytes()).hexdigest()
+    digest = hashlib.sha256((photos / "astronaut.jpg").read_bytes()).hexdigest()
+    assert side["identity"]["images"][0]["sha256"] == digest
     assert side["command"].startswith("lynx generate --image ") and "--seed 7" in side["command"]
     # Same seed, same settings: the same video as the first run (decoded frames identical).
     assert (read_video(out / names[1])[0] == frames).all()
@@ -204,12 +204,32 @@ def test_one_generation_at_a_time(server, photos):
         assert second["job"]["id"] == first["job"]["id"]
         _, s = call(server.url + "api/status")
         assert s["job"]["id"] == first["job"]["id"] and s["job"]["message"] == "step 1 of 3"
+        # The name is claimed at once (empty) but neither listed nor served until the video is written.
+        claimed = Path(server.app.out_dir) / "astronaut-a-man-running-in-the-park-s42.mp4"
+        assert claimed.is_file() and claimed.stat().st_size == 0
+        assert claimed.name not in json.dumps(call(server.url + "api/videos")[1])
+        assert call(server.url + "files/" + claimed.name)[0] == 404
     finally:
         gate.set()
         server.app.on_step = lambda job: None
     assert wait_job(server.url, first["job"]["id"])["state"] == "done"
     status, third = call(server.url + "api/generate", "POST", request)  # free again
     assert status == 202 and wait_job(server.url, third["job"]["id"])["state"] == "done"
+
+
+def test_several_photos_make_one_identity(server, photos, tmp_path):
+    Image.fromarray(data.astronaut()[:, ::-1]).save(tmp_path / "mirrored.png")
+    status, faces = upload(server.url, photos / "astronaut.jpg", tmp_path / "mirrored.png")
+    assert status == 200 and [p["faces"] for p in faces["photos"]] == [1, 1]
+    assert -1 <= faces["similarity"] <= 1
+    ids = [p["id"] for p in faces["photos"]]
+    status, body = call(server.url + "api/generate", "POST",
+                        {"photos": ids, "prompt": "a close up portrait", "format": "webp", **TINY})
+    job = wait_job(server.url, body["job"]["id"])
+    assert job["state"] == "done", job["error"]
+    images = job["video"]["sidecar"]["identity"]["images"]
+    assert [Path(i["path"]).name for i in images] == [f"astronaut-{ids[0]}.jpg", f"mirrored-{ids[1]}.png"]
+    assert " --image " in job["video"]["sidecar"]["command"] and images[1]["path"] in job["video"]["sidecar"]["command"]
 
 
 @pytest.mark.parametrize("change,message", [

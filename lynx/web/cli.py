@@ -33,6 +33,7 @@ def cmd_serve(args) -> int:
         print("lynx serve: stopped", file=sys.stderr)
     finally:
         server.server_close()
+        app.close()
     return 0
 
 

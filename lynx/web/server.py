@@ -21,7 +21,6 @@ import base64
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 import re
@@ -46,8 +45,6 @@ from ..cli import DTYPES, _slug, _versions, output_path
 from ..config import SamplingConfig, sampling_defaults
 from ..errors import CheckpointError, InputError, LynxError, WeightsNotFoundError
 from ..video import VIDEO_FORMATS, sidecar_path
-
-log = logging.getLogger("lynx.web")
 
 # Photos are a few MB; the cap keeps a runaway upload from filling memory.
 MAX_REQUEST_BYTES = 64 << 20
@@ -99,6 +96,7 @@ class Job:
     error: str | None = None
     video: dict | None = None
     warnings: list[str] = field(default_factory=list)
+    output: Path | None = None  # claimed (empty) until the video is written
     started: float = field(default_factory=time.time)
     finished: float | None = None
 
@@ -266,6 +264,8 @@ class LynxWebApp:
         try:
             with Image.open(io.BytesIO(data)) as im:
                 fmt = (im.format or "img").lower()
+        except Image.DecompressionBombError as e:
+            raise InputError(f"{shown} is too large to decode safely ({e})") from None
         except (UnidentifiedImageError, OSError, ValueError):
             raise InputError(f"{shown} is not an image file Pillow can read (JPEG, PNG, WebP, ...)") from None
         photo_id = hashlib.sha256(data).hexdigest()[:16]
@@ -397,7 +397,9 @@ class LynxWebApp:
         if not photos or not isinstance(photos, list):
             raise InputError("no photo: upload a photo of the person first (POST /api/face), then pass its id "
                              "in \"photos\"")
-        s["photos"] = [str(p) for p in photos][:MAX_PHOTOS]
+        if len(photos) > MAX_PHOTOS:
+            raise InputError(f"at most {MAX_PHOTOS} photos of one person, got {len(photos)}")
+        s["photos"] = [str(p) for p in photos]
 
         # Filled-in values, exactly as `lynx generate` resolves them.
         s["frames"] = d.num_frames if s["frames"] is None else s["frames"]
@@ -489,7 +491,7 @@ class LynxWebApp:
                 raise CheckpointError(self.model_error or "the model is not loaded")
             job.phase = "face analysis"
             identity = self._identity(job)
-            out = self._reserve_output(job)
+            out = job.output = self._reserve_output(job)
             record = self._make_video(job, identity, out)
             job.video = {"name": out.name, "url": "/files/" + out.name, "sidecar": record,
                          "kind": "video" if out.suffix == ".mp4" else "image"}
@@ -570,6 +572,14 @@ class LynxWebApp:
         if cfg.detector != "auto":
             argv += ["--detector", cfg.detector]
         return " ".join(shlex.quote(a) for a in argv)
+
+    def close(self) -> None:
+        """On shutdown: give back the name a running job claimed but never filled (its thread dies with us)."""
+        with self._lock:
+            job = self._busy
+        out = job.output if job is not None else None
+        if out is not None and out.is_file() and out.stat().st_size == 0:
+            out.unlink()
 
     def videos(self, limit: int = 100) -> list[dict]:
         """Videos in --out-dir with a readable sidecar (this session's and earlier ones), newest first."""
@@ -720,12 +730,13 @@ class _Handler(BaseHTTPRequestHandler):
         return self._error(HTTPStatus.NOT_FOUND, f"no page {path}")
 
     def _file(self, file: Path) -> None:
-        data = file.read_bytes()
         kind = CONTENT_TYPES[".json" if file.name.endswith(".json") else file.suffix.lower()]
         headers = {"Accept-Ranges": "bytes"}
-        m = re.fullmatch(r"bytes=(\d*)-(\d*)", (self.headers.get("Range") or "").strip())
-        if m and (m.group(1) or m.group(2)):
-            size = len(data)
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            m = re.fullmatch(r"bytes=(\d*)-(\d*)", (self.headers.get("Range") or "").strip())
+            if not (m and (m.group(1) or m.group(2))):
+                return self._send(HTTPStatus.OK, f.read(), kind, headers)
             if m.group(1):
                 start, end = int(m.group(1)), int(m.group(2)) if m.group(2) else size - 1
             else:  # "bytes=-N": the last N bytes
@@ -735,8 +746,8 @@ class _Handler(BaseHTTPRequestHandler):
                                   {"Content-Range": f"bytes */{size}"})
             end = min(end, size - 1)
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-            return self._send(HTTPStatus.PARTIAL_CONTENT, data[start:end + 1], kind, headers)
-        return self._send(HTTPStatus.OK, data, kind, headers)
+            f.seek(start)
+            return self._send(HTTPStatus.PARTIAL_CONTENT, f.read(end + 1 - start), kind, headers)
 
     def _post(self, path: str) -> None:
         app = self.app
