@@ -194,8 +194,8 @@ class LynxWebApp:
         from ..pipeline import LynxPipeline
 
         started = time.time()
-        print(f"lynx serve: loading {self.config.base} + {self.config.adapter} ({self.variant}, {self.dtype}, "
-              f"{self.device})", file=sys.stderr, flush=True)
+        print(f"lynx serve: loading {self.config.base} + {self.config.adapter} ({self.variant}, "
+              f"{str(self.dtype).removeprefix('torch.')}, {self.device})", file=sys.stderr, flush=True)
         try:
             pipe = LynxPipeline.from_pretrained(self.config.base, adapter=self.config.adapter,
                                                 torch_dtype=self.dtype, device=self.device)
@@ -649,6 +649,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        if self.command == "POST":
+            # A refused POST may leave its body unread; a fresh connection keeps the next request clean.
+            self.close_connection = True
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
