@@ -157,7 +157,9 @@ class LynxWebApp:
         self.device, self.dtype = _device_and_dtype(config)
         if pipeline is not None:
             self.device, self.dtype = str(pipeline._execution_device), pipeline.transformer.dtype
-        self.on_step = self._log_step  # called after every denoising step with the job; tests replace it
+        # Called with the job after every denoising step (the terminal already has the pipeline's progress bar);
+        # a hook for embedding code, and where tests hold a job mid-run.
+        self.on_step = lambda job: None
         self._lock = threading.Lock()  # guards the job table and the busy slot
         # dlib's detectors are shared objects not made for concurrent calls; one face analysis at a time.
         self._face_lock = threading.Lock()
@@ -479,9 +481,6 @@ class LynxWebApp:
             except FileExistsError:
                 continue
         raise InputError(f"no free file name for {first} in {self.out_dir}")
-
-    def _log_step(self, job: Job) -> None:
-        pass  # the pipeline's own progress bar already shows the steps in the terminal
 
     def _run(self, job: Job) -> None:
         out = None
