@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 import shlex
 import sys
@@ -16,26 +15,8 @@ from .errors import InputError, LynxError, WeightsNotFoundError
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _versions() -> dict:
-    import diffusers
-    import torch
-    import transformers
-
-    from . import __version__
-
-    return {"lynx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _slug(text: str, limit: int = 40) -> str:
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe form of `text` (letters, digits, dashes), never empty."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit].strip("-")
     return slug or "video"
 
@@ -56,7 +37,7 @@ def output_path(args, variant_fps: int) -> Path:
     else:
         source = (args.image or [None])[0] or args.identity or getattr(args, "embedding", None)
         stem = Path(source).stem if source else "person"
-        name = f"{_slug(stem, 24)}-{_slug(args.prompt)}-s{args.seed}{args.format}"
+        name = f"{slug(stem, 24)}-{slug(args.prompt)}-s{args.seed}{args.format}"
         path = out_dir / name
         if not _inside(path, out_dir):
             raise InputError(f"refusing to write {path}: names made from inputs must stay inside {out_dir}")
@@ -178,25 +159,17 @@ def cmd_generate(args) -> int:
     if rank:  # every rank holds the same video; rank 0 writes it
         return 0
 
-    from .video import save_video, write_sidecar
+    from .video import generation_record, save_video, write_sidecar
 
     save_video(frames, out, fps)
-    d = defaults
-    record = {
-        "video": out.name, "prompt": args.prompt, "negative_prompt": args.negative_prompt or d.negative_prompt,
-        "seed": args.seed, "height": frames.shape[1], "width": frames.shape[2], "num_frames": frames.shape[0],
-        "fps": fps, "num_inference_steps": args.steps or d.num_inference_steps,
-        "guidance_scale": args.guidance if args.guidance is not None else d.guidance_scale,
-        "guidance_scale_i": (d.guidance_scale_i if g_i == "default" else g_i),
-        "ip_scale": args.ip_scale if args.ip_scale is not None else d.ip_scale,
-        "ref_scale": args.ref_scale if args.ref_scale is not None else d.ref_scale,
-        "variant": adapter_cfg.variant, "dtype": str(dtype).removeprefix("torch."), "device": device,
-        "base": str(base.resolve()), "adapter": str(adapter.resolve()),
-        "identity": {"images": [{"path": str(Path(p).resolve()), "sha256": _sha256(Path(p))} for p in args.image or []],
-                     "identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference},
-        "seconds": round(time.time() - started, 2), "versions": _versions(),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
-    }
+    knobs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                 num_inference_steps=args.steps, guidance_scale=args.guidance, guidance_scale_i=g_i,
+                 ip_scale=args.ip_scale, ref_scale=args.ref_scale)
+    record = generation_record(
+        out, frames, fps, knobs, defaults, variant=adapter_cfg.variant, dtype=dtype, device=device, base=base,
+        adapter=adapter, photos=args.image or [], seconds=time.time() - started,
+        command=" ".join(shlex.quote(a) for a in sys.argv),
+        identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference})
     write_sidecar(out, record)
     print(out)
     return 0
@@ -219,7 +192,7 @@ def _face_check_without_embedding(args, missing: Exception) -> int:
               f"{'; using the largest' if len(faces) > 1 and args.face_index is None else ''}\n"
               f"face box: x {x1:.0f}-{x2:.0f}, y {y1:.0f}-{y2:.0f}\ndetector: {det.name}, score {chosen.score:.2f}")
         if not args.no_save:
-            name = _slug(Path(photo).stem, 40)
+            name = slug(Path(photo).stem, 40)
             for kind, crop in (("arcface112", face.align_arcface(image, chosen.keypoints)),
                                ("reference256", face.align_reference(image, chosen.keypoints))):
                 path = out_dir / f"{name}-{kind}.png"
@@ -249,7 +222,7 @@ def cmd_face(args) -> int:
         return 0
     from PIL import Image
 
-    name = _slug(args.name or Path(args.photos[0]).stem, 40)
+    name = slug(args.name or Path(args.photos[0]).stem, 40)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"identity": out_dir / f"{name}.identity", "arcface": out_dir / f"{name}-arcface112.png",
              "reference": out_dir / f"{name}-reference256.png"}

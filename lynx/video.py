@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,47 @@ def write_sidecar(video_path, record: dict) -> Path:
     path = sidecar_path(video_path)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
     return path
+
+
+def package_versions() -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"lynx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def generation_record(video, frames, fps: int, knobs: dict, defaults, *, variant: str, dtype, device, base,
+                      adapter, photos=(), seconds: float, command: str, **extra) -> dict:
+    """The sidecar of a generated video: what is needed to make it again, whichever front end made it.
+
+    `knobs` holds the call's values by the pipeline's names (None: the variant's default, taken from
+    `defaults`); `guidance_scale_i` may also be "default".
+    """
+    value = lambda name: getattr(defaults, name) if knobs.get(name) is None else knobs[name]  # noqa: E731
+    g_i = knobs.get("guidance_scale_i", "default")
+    frames = np.asarray(frames)
+    return {
+        "video": Path(video).name, "prompt": knobs["prompt"], "negative_prompt": value("negative_prompt"),
+        "seed": knobs["seed"], "height": frames.shape[1], "width": frames.shape[2], "num_frames": frames.shape[0],
+        "fps": fps, "num_inference_steps": value("num_inference_steps"), "guidance_scale": value("guidance_scale"),
+        "guidance_scale_i": defaults.guidance_scale_i if g_i == "default" else g_i,
+        "ip_scale": value("ip_scale"), "ref_scale": value("ref_scale"),
+        "variant": variant, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
+        "base": str(Path(base).resolve()), "adapter": str(Path(adapter).resolve()),
+        "identity": {"images": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in photos],
+                     **extra.pop("identity", {})},
+        "seconds": round(seconds, 2), "versions": package_versions(), "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
+    }

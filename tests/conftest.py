@@ -37,6 +37,29 @@ def reference_crop():
     return img
 
 
+@pytest.fixture(scope="session")
+def face_models(tmp_path_factory):
+    """A face-model directory holding ArcFace IR-SE50 with random weights under the released file name."""
+    from lynx import face
+
+    d = tmp_path_factory.mktemp("face_models")
+    torch.manual_seed(0)
+    torch.save(face.ArcFaceIRSE50().eval().state_dict(), d / face.ARCFACE_FILE)
+    return d
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """Real photos that ship in scikit-image: one face (astronaut.jpg) and a cat (cat.jpg)."""
+    from PIL import Image
+    from skimage import data
+
+    d = tmp_path_factory.mktemp("photos")
+    Image.fromarray(data.astronaut()).save(d / "astronaut.jpg")
+    Image.fromarray(data.chelsea()).save(d / "cat.jpg")
+    return d
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors on a shared 2-core machine: a second thread only adds contention; spawned training

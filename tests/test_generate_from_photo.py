@@ -7,26 +7,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from skimage import data
 
 from lynx import LynxPipeline, face
 from lynx.errors import NoFaceError
-
-
-@pytest.fixture(scope="module")
-def face_models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("face_models")
-    torch.manual_seed(0)
-    torch.save(face.ArcFaceIRSE50().eval().state_dict(), d / face.ARCFACE_FILE)
-    return d
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
-    Image.fromarray(data.astronaut()).save(d / "astronaut.jpg")
-    Image.fromarray(data.chelsea()).save(d / "cat.jpg")
-    return d
 
 
 def test_image_argument_equals_precomputed_identity(tiny_base, adapter_dirs, face_models, photos):

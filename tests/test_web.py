@@ -25,11 +25,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from skimage import data
 
-from lynx import face
 from lynx.video import read_video
 from lynx.web import LynxWebApp, ServeConfig, make_server
 
@@ -38,22 +36,6 @@ TINY = {"height": 32, "width": 48, "frames": 5, "steps": 3}
 
 
 # ----- fixtures -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def face_models(tmp_path_factory):
-    d = tmp_path_factory.mktemp("face_models")
-    torch.manual_seed(0)
-    torch.save(face.ArcFaceIRSE50().eval().state_dict(), d / face.ARCFACE_FILE)
-    return d
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
-    Image.fromarray(data.astronaut()).save(d / "astronaut.jpg")
-    Image.fromarray(data.chelsea()).save(d / "cat.jpg")
-    return d
-
-
 @pytest.fixture(scope="module")
 def server(tiny_base, adapter_dirs, face_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("web_out")

@@ -41,7 +41,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from ..cli import DTYPES, _slug, _versions, output_path
+from ..cli import DTYPES, output_path, slug
 from ..config import SamplingConfig, sampling_defaults
 from ..errors import CheckpointError, InputError, LynxError, WeightsNotFoundError
 from ..video import VIDEO_FORMATS, sidecar_path
@@ -275,7 +275,7 @@ class LynxWebApp:
         if existing is not None:
             return photo_id, existing
         ext = {"jpeg": ".jpg", "mpo": ".jpg"}.get(fmt, "." + fmt)
-        path = self.photo_dir / f"{_slug(Path(shown).stem, 24)}-{photo_id}{ext}"
+        path = self.photo_dir / f"{slug(Path(shown).stem, 24)}-{photo_id}{ext}"
         self.photo_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
         return photo_id, path
@@ -509,8 +509,7 @@ class LynxWebApp:
                 self._busy = None
 
     def _make_video(self, job: Job, identity, out: Path) -> dict:
-        from ..cli import _sha256
-        from ..video import save_video, write_sidecar
+        from ..video import generation_record, save_video, write_sidecar
 
         s, d, pipe = job.settings, self.defaults, self.pipe
         g_i = "default" if s["guidance_i"] is None else (None if s["guidance_i"] < 0 else s["guidance_i"])
@@ -532,21 +531,14 @@ class LynxWebApp:
         job.phase = "writing the video"
         save_video(frames, out, s["fps"])
         # The same record as `lynx generate` writes, so eval/bench tools read web videos too.
-        record = {
-            "video": out.name, "prompt": s["prompt"], "negative_prompt": s["negative_prompt"] or d.negative_prompt,
-            "seed": s["seed"], "height": frames.shape[1], "width": frames.shape[2], "num_frames": frames.shape[0],
-            "fps": s["fps"], "num_inference_steps": s["steps"],
-            "guidance_scale": s["guidance"] if s["guidance"] is not None else d.guidance_scale,
-            "guidance_scale_i": d.guidance_scale_i if g_i == "default" else g_i,
-            "ip_scale": s["ip_scale"] if s["ip_scale"] is not None else d.ip_scale,
-            "ref_scale": s["ref_scale"] if s["ref_scale"] is not None else d.ref_scale,
-            "variant": self.variant, "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
-            "base": str(self.config.base.resolve()), "adapter": str(self.config.adapter.resolve()),
-            "identity": {"images": [{"path": str(p.resolve()), "sha256": _sha256(p)} for p in job.photos],
-                         "identity_file": None, "embedding_file": None, "reference": None},
-            "seconds": round(seconds, 2), "versions": _versions(),
-            "command": self._equivalent_command(job, out), "source": "lynx serve",
-        }
+        knobs = dict(prompt=s["prompt"], negative_prompt=s["negative_prompt"], seed=s["seed"],
+                     num_inference_steps=s["steps"], guidance_scale=s["guidance"], guidance_scale_i=g_i,
+                     ip_scale=s["ip_scale"], ref_scale=s["ref_scale"])
+        record = generation_record(
+            out, frames, s["fps"], knobs, d, variant=self.variant, dtype=self.dtype, device=self.device,
+            base=self.config.base, adapter=self.config.adapter, photos=job.photos, seconds=seconds,
+            command=self._equivalent_command(job, out), source="lynx serve",
+            identity={"identity_file": None, "embedding_file": None, "reference": None})
         write_sidecar(out, record)
         return record
 
