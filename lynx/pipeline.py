@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
-from PIL import Image
 
 from .adapters import Conditioning, LynxAdapters
 from .config import MAX_TEXT_TOKENS, REFERENCE_PROMPT, SamplingConfig, sampling_defaults
@@ -39,23 +38,15 @@ class Identity:
 
 
 def _as_uint8_rgb(image, name: str) -> np.ndarray:
-    if isinstance(image, (str, Path)):
-        try:
-            image = Image.open(image)
-        except (OSError, ValueError) as e:
-            raise InputError(f"{name}: cannot read image file {image} ({e})") from None
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+    """Any photo form (path, PIL, array, tensor) -> [H, W, 3] uint8 RGB, via the face module's robust reader."""
+    from .face import load_image
+
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise InputError(f"{name} must be an RGB image of shape [H, W, 3], got shape {tuple(image.shape)}")
-    if image.dtype != np.uint8:
-        if image.max() <= 1.0 and image.min() >= 0.0:
-            image = image * 255.0
-        image = np.clip(np.round(image), 0, 255).astype(np.uint8)
-    return image
+    try:
+        return load_image(image)
+    except InputError as e:
+        raise InputError(f"{name}: {e}") from None
 
 
 def check_video_size(height: int, width: int, num_frames: int, temporal: int = 4, spatial: int = 16) -> None:
