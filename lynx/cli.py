@@ -143,7 +143,12 @@ def cmd_generate(args) -> int:
     device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
-    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=device)
+    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype,
+                                        device=None if args.offload else device)
+    if args.offload:  # each model visits the device only while it runs
+        pipe.enable_model_cpu_offload(device=device)
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
     if args.attention_backend:
         pipe.transformer.set_attention_backend(args.attention_backend)
     g_i = "default"
@@ -322,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
     g.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
+    g.add_argument("--offload", action="store_true",
+                   help="less GPU memory: keep models on the CPU and move each to the GPU only while it runs")
+    g.add_argument("--vae-tiling", action="store_true", help="less memory when decoding: decode the video in tiles")
     g.add_argument("--guidance-parallel", action="store_true",
                    help="under torchrun: run the guidance branches on different GPUs (3 for full, 2 for lite)")
     g.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib, dlib-cnn")

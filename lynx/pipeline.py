@@ -163,7 +163,9 @@ class LynxPipeline(WanPipeline):
         if self.adapters is None:
             raise InputError("this pipeline has no Lynx adapters: pass adapter=DIR to from_pretrained "
                              "or call set_adapters(...)")
-        return self.adapters
+        # Under model CPU offload the transformer moves to the accelerator only for its own calls; the
+        # adapters, which diffusers' hooks do not know, follow it there (a no-op when already in place).
+        return self.adapters.to(device=self._execution_device)
 
     # ----- the inspectable steps -----------------------------------------------------------------------
     def prepare_identity(self, image=None, face_embedding=None, reference_image=None, identity=None,
@@ -422,6 +424,8 @@ class LynxPipeline(WanPipeline):
 
         video = latents if output_type == "latent" else self.decode(latents, output_type)
         self.maybe_free_model_hooks()
+        if getattr(self, "_offload_device", None) is not None:
+            adapters.to("cpu")  # offloaded like the models, until the next call
         return WanPipelineOutput(frames=video) if return_dict else (video,)
 
 

@@ -66,7 +66,8 @@ def test_generate_full_mp4_with_sidecar(tiny_base, adapter_dirs, identity_files,
 def test_generate_lite_webp_at_24_fps(tiny_base, adapter_dirs, identity_files, tmp_path):
     emb, _ = identity_files
     r = lynx("generate", "--embedding", emb, "--prompt", "a woman dancing in rain", "--base", tiny_base,
-             "--adapter", adapter_dirs["lite"], "--out-dir", tmp_path, "--format", ".webp", *TINY)
+             "--adapter", adapter_dirs["lite"], "--out-dir", tmp_path, "--format", ".webp", "--offload",
+             "--vae-tiling", *TINY)
     assert r.returncode == 0, r.stderr
     path = tmp_path / "emb-a-woman-dancing-in-rain-s42.webp"
     assert r.stdout.strip().endswith(path.name)
