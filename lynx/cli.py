@@ -15,6 +15,43 @@ from .errors import InputError, LynxError, WeightsNotFoundError
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Where the weights are and how to run them: the same flags for `generate` and `serve`."""
+    p.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers directory (default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
+    p.add_argument("--adapter", help="lynx_full or lynx_lite directory (default $LYNX_MODELS/lynx_<variant>)")
+    p.add_argument("--variant", choices=("full", "lite"), default="full", help="which default adapter dir to use")
+    p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
+    p.add_argument("--offload", action="store_true",
+                   help="less GPU memory: keep models on the CPU and move each to the GPU only while it runs")
+    p.add_argument("--vae-tiling", action="store_true", help="less memory when decoding: decode the video in tiles")
+    p.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib, dlib-cnn")
+    p.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
+
+
+def device_and_dtype(device: str | None, dtype: str | None):
+    """The device (default: the current CUDA device, else CPU) and torch dtype (default bf16 on CUDA, fp32 on CPU)."""
+    import torch
+
+    device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    return device, getattr(torch, DTYPES[dtype or ("bf16" if device.startswith("cuda") else "fp32")])
+
+
+def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False):
+    """A LynxPipeline placed and tuned as the model options ask."""
+    from .pipeline import LynxPipeline
+
+    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if offload else device)
+    if offload:  # each model visits the device only while it runs
+        pipe.enable_model_cpu_offload(device=device)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
+    if attention_backend:
+        pipe.transformer.set_attention_backend(attention_backend)
+    return pipe
+
+
 def slug(text: str, limit: int = 40) -> str:
     """A file-name-safe form of `text` (letters, digits, dashes), never empty."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit].strip("-")
@@ -80,8 +117,6 @@ def _init_distributed(args) -> int | None:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     from .loading import (default_adapter_dir, default_base_dir, read_adapter_config, require_base_dir,
                           transformer_shape)
 
@@ -118,7 +153,7 @@ def cmd_generate(args) -> int:
     fps = args.fps or defaults.fps
     out = output_path(args, fps)
 
-    from .pipeline import LynxPipeline, check_video_size
+    from .pipeline import check_video_size
 
     check_video_size(args.height or defaults.height, args.width or defaults.width,
                      args.frames or defaults.num_frames)
@@ -140,17 +175,10 @@ def cmd_generate(args) -> int:
             identity_kwargs["reference_image"] = args.reference
 
     rank = _init_distributed(args)
-    device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
+    device, dtype = device_and_dtype(args.device, args.dtype)
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
-    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype,
-                                        device=None if args.offload else device)
-    if args.offload:  # each model visits the device only while it runs
-        pipe.enable_model_cpu_offload(device=device)
-    if args.vae_tiling:
-        pipe.vae.enable_tiling()
-    if args.attention_backend:
-        pipe.transformer.set_attention_backend(args.attention_backend)
+    pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
+                         offload=args.offload, vae_tiling=args.vae_tiling)
     g_i = "default"
     if args.guidance_i is not None:
         g_i = None if args.guidance_i < 0 else args.guidance_i
@@ -307,9 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--reference", help="256x256 aligned face crop (full model, with --embedding)")
     g.add_argument("--prompt", required=True, help="text, or @FILE to read it from a file")
     g.add_argument("--negative-prompt", default=None, help="default: the authors' negative prompt")
-    g.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers directory (default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
-    g.add_argument("--adapter", help="lynx_full or lynx_lite directory (default $LYNX_MODELS/lynx_<variant>)")
-    g.add_argument("--variant", choices=("full", "lite"), default="full", help="which default adapter dir to use")
+    add_model_options(g)
     g.add_argument("--out", help="output file (.mp4, .webp or .gif); default: a name from the inputs in --out-dir")
     g.add_argument("--out-dir", default="outputs")
     g.add_argument("--format", choices=(".mp4", ".webp", ".gif"), default=".mp4", help="format of generated names")
@@ -324,16 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ip-scale", type=float)
     g.add_argument("--ref-scale", type=float)
     g.add_argument("--seed", type=int, help="default 42")
-    g.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
-    g.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
-    g.add_argument("--offload", action="store_true",
-                   help="less GPU memory: keep models on the CPU and move each to the GPU only while it runs")
-    g.add_argument("--vae-tiling", action="store_true", help="less memory when decoding: decode the video in tiles")
     g.add_argument("--guidance-parallel", action="store_true",
                    help="under torchrun: run the guidance branches on different GPUs (3 for full, 2 for lite)")
-    g.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib, dlib-cnn")
-    g.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
     g.set_defaults(func=cmd_generate)
 
     f = sub.add_parser("face", help="find the face in photo(s), write the crops and a reusable identity file")

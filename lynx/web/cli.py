@@ -15,7 +15,8 @@ def cmd_serve(args) -> int:
                          adapter=Path(args.adapter or default_adapter_dir(args.variant)),
                          out_dir=Path(args.out_dir), dtype=args.dtype, device=args.device,
                          face_models=Path(args.face_models) if args.face_models else None,
-                         detector=args.detector, attention_backend=args.attention_backend)
+                         detector=args.detector, attention_backend=args.attention_backend,
+                         offload=args.offload, vae_tiling=args.vae_tiling)
     app = LynxWebApp(config)
     server = make_server(app, args.host, args.port)  # bind first: a busy port fails before any loading
     app.start()
@@ -38,17 +39,10 @@ def cmd_serve(args) -> int:
 
 
 def register(subparsers) -> None:
-    from ..cli import DTYPES
+    from ..cli import add_model_options
 
     s = subparsers.add_parser("serve", help="a local web page: upload a photo, check the face, generate, watch")
-    s.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers directory (default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
-    s.add_argument("--adapter", help="lynx_full or lynx_lite directory (default $LYNX_MODELS/lynx_<variant>)")
-    s.add_argument("--variant", choices=("full", "lite"), default="full", help="which default adapter dir to use")
-    s.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
-    s.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
-    s.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
-    s.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
-    s.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib, dlib-cnn")
+    add_model_options(s)
     s.add_argument("--out-dir", default="outputs", help="videos, sidecars and uploaded photos (photos/) go here")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=7860, help="default 7860; 0 picks a free port")

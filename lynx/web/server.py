@@ -41,7 +41,7 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from ..cli import DTYPES, output_path, slug
+from ..cli import DTYPES, device_and_dtype, load_pipeline, output_path, slug
 from ..config import SamplingConfig, sampling_defaults
 from ..errors import CheckpointError, InputError, LynxError, WeightsNotFoundError
 from ..video import VIDEO_FORMATS, sidecar_path
@@ -75,6 +75,8 @@ class ServeConfig:
     face_models: Path | None = None
     detector: str = "auto"
     attention_backend: str | None = None
+    offload: bool = False
+    vae_tiling: bool = False
 
     def __post_init__(self):
         self.base, self.adapter, self.out_dir = Path(self.base), Path(self.adapter), Path(self.out_dir)
@@ -117,14 +119,6 @@ class Job:
         return self.phase
 
 
-def _device_and_dtype(config: ServeConfig):
-    import torch
-
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = config.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    return device, getattr(torch, DTYPES[name])
-
-
 def _png_data_url(rgb) -> str:
     from PIL import Image
 
@@ -154,7 +148,7 @@ class LynxWebApp:
         self.model_error: str | None = None  # the message shown while the model cannot generate
         self.variant = pipeline.variant if pipeline is not None else \
             ("lite" if config.adapter.name.endswith("lite") else "full")
-        self.device, self.dtype = _device_and_dtype(config)
+        self.device, self.dtype = device_and_dtype(config.device, config.dtype)
         if pipeline is not None:
             self.device, self.dtype = str(pipeline._execution_device), pipeline.transformer.dtype
         # Called with the job after every denoising step (the terminal already has the pipeline's progress bar);
@@ -193,16 +187,13 @@ class LynxWebApp:
         threading.Thread(target=self._load, name="lynx-load", daemon=True).start()
 
     def _load(self) -> None:
-        from ..pipeline import LynxPipeline
-
         started = time.time()
         print(f"lynx serve: loading {self.config.base} + {self.config.adapter} ({self.variant}, "
               f"{str(self.dtype).removeprefix('torch.')}, {self.device})", file=sys.stderr, flush=True)
         try:
-            pipe = LynxPipeline.from_pretrained(self.config.base, adapter=self.config.adapter,
-                                                torch_dtype=self.dtype, device=self.device)
-            if self.config.attention_backend:
-                pipe.transformer.set_attention_backend(self.config.attention_backend)
+            c = self.config
+            pipe = load_pipeline(c.base, c.adapter, device=self.device, dtype=self.dtype,
+                                 attention_backend=c.attention_backend, offload=c.offload, vae_tiling=c.vae_tiling)
             self.pipe, self.model_state = pipe, "ready"
             print(f"lynx serve: model ready in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
         except LynxError as e:
