@@ -2,6 +2,11 @@
 
     python benchmarks/step_time.py                      # tiny and small random models on CPU
     python benchmarks/step_time.py --sizes small --device cuda --dtype bf16
+    python benchmarks/step_time.py --sizes real --device cuda --dtype bf16 --steps 2 --repeats 1   # 14B size, random
+
+The "real" size is Wan2.1-14B's shape (40 blocks, 5120 wide) at 81x480x832 with random weights built on
+the device: the time and peak memory of a step need no download. Its pipelines share one transformer
+(three copies would not fit) and run one after the other instead of interleaved.
 
 All pipelines run identical weights (VAE and text encoder shared, each its own transformer copy), runs
 interleaved; only the per-step work differs:
@@ -20,14 +25,19 @@ import diffusers
 import torch
 
 from lynx import LynxPipeline
-from lynx.config import TinyModelConfig
+from lynx.config import ResamplerConfig, TinyModelConfig
 from lynx.testing import tiny_adapters, tiny_components
 
 SIZES = {
     "tiny": (TinyModelConfig(), dict(height=32, width=32, num_frames=5)),
     "small": (TinyModelConfig(num_layers=8, num_heads=8, head_dim=48, ffn_dim=1024, text_dim=64),
               dict(height=128, width=128, num_frames=9)),
+    "real": (TinyModelConfig(num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, text_dim=4096, freq_dim=256,
+                             resampler=ResamplerConfig(output_dim=2048)),
+             dict(height=480, width=832, num_frames=81)),
 }
+# Sizes whose pipelines share one transformer (installing and removing the adapters between runs).
+SHARED_TRANSFORMER = {"real"}
 
 
 def _sync(device):
@@ -57,30 +67,57 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int) 
     from diffusers import WanPipeline
 
     cfg, video = SIZES[size]
-    parts = tiny_components(cfg)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in place on the device, in the run's dtype: no fp32 copy of 14B
+    try:
+        with torch.device(device):
+            parts = tiny_components(cfg)
+            adapters = {v: tiny_adapters(v, cfg) for v in ("full", "lite")}
+    finally:
+        torch.set_default_dtype(default_dtype)
     emb = torch.nn.functional.normalize(torch.randn(512), dim=0)
     ref = (torch.rand(256, 256, 3) * 255).to(torch.uint8).numpy()
     common = dict(prompt="a person walks", negative_prompt="", **video)
-    # Identical weights; Lynx gets its own copy of the transformer so Wan keeps diffusers' processors.
-    runs = {"wan (2 passes)": (WanPipeline(**parts), dict(guidance_scale=5.0))}
+    shared = size in SHARED_TRANSFORMER
+    runs = {"wan (2 passes)": (WanPipeline(**parts), None, dict(guidance_scale=5.0))}
     for variant, passes in (("full", 3), ("lite", 2)):
-        lynx = LynxPipeline(**{**parts, "transformer": copy.deepcopy(parts["transformer"])},
-                            adapters=tiny_adapters(variant, cfg))
+        # Identical weights; unless shared, Lynx gets its own transformer copy so Wan keeps diffusers' processors.
+        transformer = parts["transformer"] if shared else copy.deepcopy(parts["transformer"])
+        lynx = LynxPipeline(**{**parts, "transformer": transformer})
         runs[f"lynx {variant} ({passes} passes)"] = (
-            lynx, dict(face_embedding=emb, reference_image=ref if variant == "full" else None))
-    for pipe, kw in runs.values():
+            lynx, adapters[variant], dict(face_embedding=emb, reference_image=ref if variant == "full" else None))
+
+    def run(name, n):
+        pipe, ad, kw = runs[name]
+        if ad is not None:
+            pipe.set_adapters(ad)
+        try:
+            return step_times(pipe, {**common, **kw}, n, device)
+        finally:
+            if ad is not None and shared:
+                pipe.set_adapters(None)  # the shared transformer gets diffusers' processors back
+
+    for name, (pipe, ad, _) in runs.items():
         pipe.to(device=device, dtype=dtype)
-        step_times(pipe, {**common, **kw}, 2, device)  # warm-up: allocator, thread pool, kernel selection
+        run(name, 2)  # warm-up: allocator, thread pool, kernel selection
     results = {name: [] for name in runs}
     for _ in range(repeats):  # interleaved, so a slow spell of the machine hits every pipeline alike
-        for name, (pipe, kw) in runs.items():
-            results[name].append(statistics.median(step_times(pipe, {**common, **kw}, steps, device)))
-    full = runs["lynx full (3 passes)"][0]
+        for name in runs:
+            if str(device).startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            results[name].append(statistics.median(run(name, steps)))
+            if str(device).startswith("cuda"):
+                peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+    full, ad, _ = runs["lynx full (3 passes)"]
+    full.set_adapters(ad)
     t0 = time.perf_counter()
     full.reference_features(ref, torch.Generator().manual_seed(1))
     _sync(device)
     results["lynx full reference pass (once per video)"] = [time.perf_counter() - t0]
     return {k: min(v) for k, v in results.items()}
+
+
+peaks: dict[str, float] = {}  # CUDA peak memory of each pipeline's timed run, GiB
 
 
 def main():
@@ -101,7 +138,8 @@ def main():
         base = r["wan (2 passes)"]
         print(f"\n{size}: {SIZES[size][1]}")
         for name, seconds in r.items():
-            print(f"  {name:45s} {seconds * 1e3:9.2f} ms   x{seconds / base:5.2f} of Wan's step")
+            peak = f"   peak {peaks[name]:.1f} GiB" if name in peaks else ""
+            print(f"  {name:45s} {seconds * 1e3:9.2f} ms   x{seconds / base:5.2f} of Wan's step{peak}")
         print(f"  per transformer pass: full x{r['lynx full (3 passes)'] / 3 / (base / 2):.2f}, "
               f"lite x{r['lynx lite (2 passes)'] / 2 / (base / 2):.2f} of a plain Wan pass")
 

@@ -163,9 +163,16 @@ class LynxPipeline(WanPipeline):
         if self.adapters is None:
             raise InputError("this pipeline has no Lynx adapters: pass adapter=DIR to from_pretrained "
                              "or call set_adapters(...)")
-        # Under model CPU offload the transformer moves to the accelerator only for its own calls; the
-        # adapters, which diffusers' hooks do not know, follow it there (a no-op when already in place).
-        return self.adapters.to(device=self._execution_device)
+        return self.adapters
+
+    def _place_adapters(self) -> LynxAdapters:
+        """Under model CPU offload the transformer visits the accelerator only for its own calls; the adapters,
+        which diffusers' hooks do not know, follow it there. Once per entry point, not per transformer call."""
+        adapters = self._require_adapters()
+        device = self._execution_device
+        if next(adapters.parameters()).device != torch.device(device):
+            adapters.to(device=device)
+        return adapters
 
     # ----- the inspectable steps -----------------------------------------------------------------------
     def prepare_identity(self, image=None, face_embedding=None, reference_image=None, identity=None,
@@ -203,7 +210,7 @@ class LynxPipeline(WanPipeline):
     def identity_tokens(self, face_embedding: torch.Tensor) -> torch.Tensor:
         """[512] or [B, 512] embedding -> [B, Q, ip_dim] identity tokens (zeros give the 'no identity' tokens)."""
         emb = torch.as_tensor(face_embedding)
-        return self._require_adapters().identity_tokens(emb.reshape(-1, 1, emb.shape[-1]))
+        return self._place_adapters().identity_tokens(emb.reshape(-1, 1, emb.shape[-1]))
 
     def encode_text(self, prompts: list[str], max_sequence_length: int = MAX_TEXT_TOKENS) -> torch.Tensor:
         """UMT5 embeddings padded to 512 tokens (zeros past each prompt's length); warns on truncation."""
@@ -224,7 +231,7 @@ class LynxPipeline(WanPipeline):
         `reference_image=None` gives the 'no reference' features (an all-zero image in [-1, 1] space).
         The VAE sample uses `generator` (the authors seed it with `seed + 1`).
         """
-        adapters = self._require_adapters()
+        adapters = self._place_adapters()
         device, vae = self._execution_device, self.vae
         if reference_image is None:
             pixels = torch.zeros(1, 3, 1, REFERENCE_SIZE, REFERENCE_SIZE)
@@ -337,7 +344,7 @@ class LynxPipeline(WanPipeline):
         `guidance_parallel`: True (the default process group) or a process group: the guidance branches run
         on different ranks (see `predict_branches`); every rank returns the same video.
         """
-        adapters = self._require_adapters()
+        adapters = self._place_adapters()
         d = self.defaults
         pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is a value, not unset)
         height, width, num_frames = pick(height, d.height), pick(width, d.width), pick(num_frames, d.num_frames)
