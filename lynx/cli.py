@@ -52,10 +52,9 @@ def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offlo
     return pipe
 
 
-def slug(text: str, limit: int = 40) -> str:
+def slug(text: str, limit: int = 40, fallback: str = "video") -> str:
     """A file-name-safe form of `text` (letters, digits, dashes), never empty."""
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:limit].strip("-")
-    return slug or "video"
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower()[:limit].strip("-") or fallback
 
 
 def _inside(path: Path, directory: Path) -> bool:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from ..cli import slug
 from ..errors import InputError
 
 log = logging.getLogger("lynx.evaluation")
@@ -39,11 +40,6 @@ PIPELINE_KEYS = ("negative_prompt", "height", "width", "num_frames", "num_infere
 RUNNER_KEYS = ("fps", "adapter", "format", "videos", "pattern", "description")
 VIDEO_SUFFIXES = (".mp4", ".webp", ".gif")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def slug(text: str, limit: int = 32) -> str:
-    s = re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower()[:limit].strip("-")
-    return s or "x"
 
 
 def _check_id(value, what: str) -> str:
@@ -205,7 +201,7 @@ def _prompts(items: Iterable, where: str) -> list[Prompt]:
             item = {"text": item}
         if not isinstance(item, dict) or not str(item.get("text", "")).strip():
             raise InputError(f"{where}: prompt {n} has no text")
-        pid = item.get("id") or f"p{n:02d}-{slug(item['text'], 24)}"
+        pid = item.get("id") or f"p{n:02d}-{slug(item['text'], 24, 'x')}"
         out.append(Prompt(_check_id(pid, "prompt"), str(item["text"]).strip()))
     return out
 
