@@ -230,13 +230,16 @@ def load_adapters(adapter_dir, num_blocks: int, hidden_dim: int, dtype: torch.dt
     from .adapters import LynxAdapters
 
     config, states = read_adapter_config(adapter_dir, num_blocks, hidden_dim)
-    adapters = LynxAdapters(config)
+    # Built on the meta device and given the file's tensors: no randomly initialised 4.2 B-parameter copy
+    # is ever allocated beside the loaded one.
+    with torch.device("meta"):
+        adapters = LynxAdapters(config)
     parts = [("resampler", RESAMPLER_FILE), ("ip_layers", IP_LAYERS_FILE)]
     if config.use_ref:
         parts.append(("ref_layers", REF_LAYERS_FILE))
     for attr, file_name in parts:
         try:
-            getattr(adapters, attr).load_state_dict(states[attr], strict=True)
+            getattr(adapters, attr).load_state_dict(states[attr], strict=True, assign=True)
         except RuntimeError as e:
             raise CheckpointError(f"{Path(adapter_dir) / file_name} does not match the {config.variant} adapter "
                                   f"layout: {' '.join(str(e).split())[:600]}") from None
