@@ -25,7 +25,7 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import IP_LAYERS_FILE, REF_LAYERS_FILE, RESAMPLER_FILE, AdapterConfig
+from .config import IP_LAYERS_FILE, REF_LAYERS_FILE, RESAMPLER_FILE, AdapterConfig, transformer_dims
 from .errors import InputError
 from .resampler import Resampler
 
@@ -230,12 +230,11 @@ class LynxAdapters(nn.Module):
     def install(self, transformer: nn.Module) -> None:
         """Give each block of `transformer` its Lynx processors (kept: any attention backend already set)."""
         blocks = transformer.blocks
-        if len(blocks) != self.config.num_blocks or transformer.config.num_attention_heads * \
-                transformer.config.attention_head_dim != self.config.hidden_dim:
+        num_blocks, width = transformer_dims(transformer.config)
+        if (num_blocks, width) != (self.config.num_blocks, self.config.hidden_dim):
             raise InputError(
                 f"these {self.variant} adapters were made for a transformer with {self.config.num_blocks} blocks "
-                f"of width {self.config.hidden_dim}; this one has {len(blocks)} blocks of width "
-                f"{transformer.config.num_attention_heads * transformer.config.attention_head_dim}")
+                f"of width {self.config.hidden_dim}; this one has {num_blocks} blocks of width {width}")
         if blocks[0].attn2.add_k_proj is not None:
             raise InputError("Lynx adapters expect the text-to-video Wan2.1 base; this transformer has image "
                              "conditioning (an I2V model). Use Wan2.1-T2V-14B in diffusers layout.")

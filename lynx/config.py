@@ -54,6 +54,12 @@ class ResamplerConfig:
     ff_mult: int = 4
 
 
+def transformer_dims(config) -> tuple[int, int]:
+    """(number of blocks, width) from a Wan transformer config (its JSON dict or `transformer.config`):
+    the two sizes the adapters must match."""
+    return config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Shape of one Lynx adapter set, as read from (or written to) an adapter directory."""

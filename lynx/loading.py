@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .config import (ADAPTER_REPO, BASE_MODEL_REPO, IP_LAYERS_FILE, REF_LAYERS_FILE, RESAMPLER_FILE,
-                     AdapterConfig, full_adapter_config, lite_adapter_config)
+                     AdapterConfig, full_adapter_config, lite_adapter_config, transformer_dims)
 from .errors import CheckpointError, WeightsNotFoundError
 from .resampler import resampler_config_from_state_dict
 
@@ -86,8 +86,7 @@ class BaseDirReport:
     @property
     def transformer_shape(self) -> tuple[int, int]:
         """(number of blocks, width) of the base transformer, which the adapters must match."""
-        c = self.transformer_config
-        return c["num_layers"], c["num_attention_heads"] * c["attention_head_dim"]
+        return transformer_dims(self.transformer_config)
 
 
 def _has_weights(folder: Path) -> bool:

@@ -19,7 +19,7 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 from .adapters import Conditioning, LynxAdapters
-from .config import MAX_TEXT_TOKENS, REFERENCE_PROMPT, SamplingConfig, sampling_defaults
+from .config import MAX_TEXT_TOKENS, REFERENCE_PROMPT, SamplingConfig, sampling_defaults, transformer_dims
 from .errors import CheckpointError, InputError
 from .loading import load_adapters, require_base_dir, transformer_shape
 
@@ -128,7 +128,7 @@ class LynxPipeline(WanPipeline):
         """Wrap the components of a `WanPipeline` already in memory (no copy of any weight)."""
         t = pipe.transformer
         if isinstance(adapter, (str, Path)):
-            adapter = load_adapters(adapter, len(t.blocks), t.config.num_attention_heads * t.config.attention_head_dim)
+            adapter = load_adapters(adapter, *transformer_dims(t.config))
         return cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.scheduler, t, adapter)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:

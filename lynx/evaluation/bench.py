@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..cli import slug
+from ..config import transformer_dims
 from ..errors import InputError
 
 log = logging.getLogger("lynx.evaluation")
@@ -453,9 +454,7 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
             if attention_backend:
                 pipe.transformer.set_attention_backend(attention_backend)
         elif want != loaded_adapter:
-            t = pipe.transformer
-            pipe.set_adapters(load_adapters(want, len(t.blocks), t.config.num_attention_heads *
-                                            t.config.attention_head_dim))
+            pipe.set_adapters(load_adapters(want, *transformer_dims(pipe.transformer.config)))
         loaded_adapter = want
         kwargs = {**manifest.generation, **s.params}
         seed = kwargs.pop("seed", None)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..adapters import LynxAdapters
-from ..config import ResamplerConfig, TrainingConfig, full_adapter_config, lite_adapter_config
+from ..config import ResamplerConfig, TrainingConfig, full_adapter_config, lite_adapter_config, transformer_dims
 from ..errors import InputError, LynxError
 from ..loading import atomic_write, load_adapters, require_base_dir
 from . import checkpoint as ckpt
@@ -331,9 +331,8 @@ def _train(config: TrainingConfig, resume, progress: bool, runtime: Runtime) -> 
               "are left out")
 
     # Model.
-    hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     init = source if source is not None else (None if t.init == "scratch" else Path(t.init))
-    adapters = build_adapters(config, len(transformer.blocks), hidden, init)
+    adapters = build_adapters(config, *transformer_dims(transformer.config), init)
     model = LynxTrainModel(transformer, adapters, t.attention, t.gradient_checkpointing)
     if runtime.distributed:
         shard_model(model, runtime, compute_dtype)
