@@ -198,6 +198,21 @@ def _note_unmeasured(ax, settings: list[str]) -> None:
                 fontsize="x-small", color="#a00", va="bottom")
 
 
+def _grouped_bars(ax, groups: list[str], series: dict[str, list], colors: dict, value_labels: bool = False) -> None:
+    """One bar per series in each group; missing values (None) leave a gap, and a series with none
+    measured is named in a note instead of drawn."""
+    shown = [name for name, values in series.items() if any(v is not None for v in values)]
+    width = 0.8 / max(len(shown), 1)
+    for k, name in enumerate(shown):
+        xs = [i + k * width for i, v in enumerate(series[name]) if v is not None]
+        ys = [v for v in series[name] if v is not None]
+        bars = ax.bar(xs, ys, width, label=name, color=colors[name])
+        if value_labels:
+            ax.bar_label(bars, fmt="%.3f", fontsize="x-small")
+    _note_unmeasured(ax, [name for name in series if name not in shown])
+    ax.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(groups))])
+
+
 def plot_per_subject(records: list[dict], agg: dict, path: Path) -> Path | None:
     """Grouped bars: mean similarity per subject, one bar per setting, one panel per recogniser."""
     names = agg["recognizers"]
@@ -212,14 +227,7 @@ def plot_per_subject(records: list[dict], agg: dict, path: Path) -> Path | None:
                                                       * len(names), 4), squeeze=False)
     colors = _colors(plt, agg["settings"])
     for ax, n in zip(axes[0], names):
-        shown = [s for s in agg["settings"] if any(data[(s, sub, n)] is not None for sub in subjects)]
-        width = 0.8 / max(len(shown), 1)
-        for k, s in enumerate(shown):
-            xs = [i + k * width for i, sub in enumerate(subjects) if data[(s, sub, n)] is not None]
-            ys = [data[(s, sub, n)] for sub in subjects if data[(s, sub, n)] is not None]
-            ax.bar(xs, ys, width, label=s, color=colors[s])
-        _note_unmeasured(ax, [s for s in agg["settings"] if s not in shown])
-        ax.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(subjects))])
+        _grouped_bars(ax, subjects, {s: [data[(s, sub, n)] for sub in subjects] for s in agg["settings"]}, colors)
         ax.set_xticklabels(subjects, rotation=30, ha="right")
         ax.set_title(f"{n}: mean similarity per subject")
         ax.set_ylabel("cosine similarity to reference")
@@ -282,15 +290,8 @@ def plot_settings(agg: dict, path: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(cols) * max(1, len(agg["rows"])) / 2 + 2), 4))
     colors = _colors(plt, agg["settings"])
-    shown = [row for row in agg["rows"] if any(row[c]["mean"] is not None for c in cols)]
-    width = 0.8 / len(shown)
-    for k, row in enumerate(shown):
-        xs = [i + k * width for i, c in enumerate(cols) if row[c]["mean"] is not None]
-        ys = [row[c]["mean"] for c in cols if row[c]["mean"] is not None]
-        bars = ax.bar(xs, ys, width, label=row["setting"], color=colors[row["setting"]])
-        ax.bar_label(bars, fmt="%.3f", fontsize="x-small")
-    _note_unmeasured(ax, [row["setting"] for row in agg["rows"] if row not in shown])
-    ax.set_xticks([i + width * (len(shown) - 1) / 2 for i in range(len(cols))])
+    _grouped_bars(ax, cols, {row["setting"]: [row[c]["mean"] for c in cols] for row in agg["rows"]}, colors,
+                  value_labels=True)
     ax.set_xticklabels(cols)
     ax.set_ylabel("score")
     ax.set_title("Settings compared (means over videos)")
