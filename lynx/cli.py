@@ -116,8 +116,7 @@ def _init_distributed(args) -> int | None:
 
 
 def cmd_generate(args) -> int:
-    from .loading import (default_adapter_dir, default_base_dir, read_adapter_config, require_base_dir,
-                          transformer_shape)
+    from .loading import check_model_dirs, default_adapter_dir, default_base_dir
 
     args.prompt = _read_prompt(args.prompt)
     if not args.prompt.strip():
@@ -131,17 +130,13 @@ def cmd_generate(args) -> int:
     # Every missing download is reported at once, before anything else is checked or loaded.
     missing = []
     try:
-        require_base_dir(base, adapter)
-        adapter_cfg, _ = read_adapter_config(adapter, *transformer_shape(base))
+        adapter_cfg = check_model_dirs(base, adapter)
     except WeightsNotFoundError as e:
         missing.append(str(e))
     if args.image:
-        from .face import ARCFACE_FILE, default_models_dir
-        from .face.arcface import missing_weights_error
+        from .face import arcface_missing
 
-        arcface = Path(args.face_models or default_models_dir()).expanduser() / ARCFACE_FILE
-        if not arcface.is_file():
-            missing.append(str(missing_weights_error(arcface)))
+        missing += [m for m in [arcface_missing(args.face_models)] if m]
     if missing:
         raise WeightsNotFoundError("\n\n".join(missing))
     for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x]:

@@ -130,6 +130,12 @@ def require_base_dir(path, adapter_dir=None) -> Path:
     return report.path
 
 
+def check_model_dirs(base_dir, adapter_dir) -> AdapterConfig:
+    """Both directories checked against each other without loading a weight; raises with what to download."""
+    require_base_dir(base_dir, adapter_dir)
+    return read_adapter_config(adapter_dir, *transformer_shape(base_dir))[0]
+
+
 def transformer_shape(base_dir) -> tuple[int, int]:
     """(blocks, width) of a checked base directory's transformer."""
     return inspect_base_dir(require_base_dir(base_dir)).transformer_shape

@@ -72,11 +72,10 @@ class FacexlibRecognizer(Recognizer):
 
     def __init__(self, weights: str | os.PathLike | None = None, models_dir: str | os.PathLike | None = None,
                  device: str = "cpu", model=None):
-        from ..face import ARCFACE_FILE, default_models_dir, load_arcface
+        from ..face import arcface_path, load_arcface
 
         if model is None:
-            path = Path(weights) if weights is not None else \
-                Path(models_dir or default_models_dir()).expanduser() / ARCFACE_FILE
+            path = Path(weights) if weights is not None else arcface_path(models_dir)
             model = load_arcface(path, device)
             self.source = str(path)
         else:

@@ -10,14 +10,14 @@ from .alignment import (ARCFACE_TEMPLATE, align_arcface, align_reference, arcfac
 from .arcface import ARCFACE_FILE, ARCFACE_URL, ArcFaceIRSE50, embed, load_arcface, preprocess
 from .detection import (MIN_FACE_SIZE, DetectedFace, DlibDetector, FaceDetector, ScrfdDetector,
                         create_detector, find_scrfd_model)
-from .identity import (FaceIdentity, IdentityMismatchWarning, analyze, combine, default_models_dir,
-                       describe)
+from .identity import (FaceIdentity, IdentityMismatchWarning, analyze, arcface_missing, arcface_path, combine,
+                       default_models_dir, describe)
 from .image import load_image
 
 __all__ = [
     "ARCFACE_FILE", "ARCFACE_TEMPLATE", "ARCFACE_URL", "MIN_FACE_SIZE", "ArcFaceIRSE50", "DetectedFace",
     "DlibDetector", "FaceDetector", "FaceIdentity", "IdentityMismatchWarning", "ScrfdDetector",
-    "align_arcface", "align_reference", "analyze", "arcface_template", "combine", "create_detector",
+    "align_arcface", "align_reference", "analyze", "arcface_missing", "arcface_path", "arcface_template", "combine", "create_detector",
     "default_models_dir", "describe", "embed", "find_scrfd_model", "load_arcface", "load_image",
     "preprocess", "reference_template",
 ]

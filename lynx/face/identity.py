@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CheckpointError, InputError
 from .alignment import ARCFACE_SIZE, REFERENCE_SIZE, align_arcface, align_reference
-from .arcface import ARCFACE_FILE, EMBEDDING_DIM, embed, load_arcface_cached
+from .arcface import ARCFACE_FILE, EMBEDDING_DIM, embed, load_arcface_cached, missing_weights_error
 from .detection import MIN_FACE_SIZE, FaceDetector, create_detector, select_face
 from .image import ImageLike, describe_source, load_image
 
@@ -43,6 +43,17 @@ def default_models_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "lynx" / "face"
+
+
+def arcface_path(models_dir: str | os.PathLike | None = None) -> Path:
+    """Where the ArcFace weight file is expected: <models_dir or default_models_dir()>/recognition_arcface_ir_se50.pth."""
+    return Path(models_dir or default_models_dir()).expanduser() / ARCFACE_FILE
+
+
+def arcface_missing(models_dir: str | os.PathLike | None = None) -> str | None:
+    """What to download and where when the ArcFace file is absent; None when it is there."""
+    path = arcface_path(models_dir)
+    return None if path.is_file() else str(missing_weights_error(path))
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -188,7 +199,7 @@ def _check_crop(crop, size: int, name: str):
 def _resolve_arcface(arcface_weights, models_dir: Path, device) -> torch.nn.Module:
     if isinstance(arcface_weights, torch.nn.Module):
         return arcface_weights
-    path = Path(arcface_weights) if arcface_weights is not None else models_dir / ARCFACE_FILE
+    path = Path(arcface_weights) if arcface_weights is not None else arcface_path(models_dir)
     return load_arcface_cached(path, device)
 
 

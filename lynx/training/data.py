@@ -203,7 +203,7 @@ def face_identity_fn(detector: str = "auto", models_dir=None, device: str = "cpu
     models = face.default_models_dir() if models_dir is None else Path(models_dir)
     # Both models are loaded now, so missing weights are reported before any encoder is loaded.
     det = face.create_detector(detector, models)
-    arcface = face.load_arcface(models / face.ARCFACE_FILE, device)
+    arcface = face.load_arcface(face.arcface_path(models), device)
 
     def identify(frame: np.ndarray):
         ident = face.analyze(frame, detector=det, arcface_weights=arcface, models_dir=models, device=device)

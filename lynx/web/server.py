@@ -169,11 +169,10 @@ class LynxWebApp:
         """Check the weights now; load the pipeline in a background thread when nothing is missing."""
         if self.pipe is not None:
             return
-        from ..loading import read_adapter_config, require_base_dir, transformer_shape
+        from ..loading import check_model_dirs
 
         try:
-            require_base_dir(self.config.base, self.config.adapter)
-            adapter_cfg, _ = read_adapter_config(self.config.adapter, *transformer_shape(self.config.base))
+            adapter_cfg = check_model_dirs(self.config.base, self.config.adapter)
         except WeightsNotFoundError as e:
             self.model_state, self.model_error = "missing", str(e)
             self._loaded.set()
@@ -213,11 +212,9 @@ class LynxWebApp:
         return sampling_defaults(self.variant)
 
     def _arcface_missing(self) -> str | None:
-        from ..face import ARCFACE_FILE, default_models_dir
-        from ..face.arcface import missing_weights_error
+        from ..face import arcface_missing
 
-        path = Path(self.config.face_models or default_models_dir()).expanduser() / ARCFACE_FILE
-        return None if path.is_file() else str(missing_weights_error(path))
+        return arcface_missing(self.config.face_models)
 
     def missing(self) -> str | None:
         """Every missing download at once, as `lynx generate` lists them; None when nothing is missing."""
