@@ -25,8 +25,8 @@ import diffusers
 import torch
 
 from lynx import LynxPipeline
-from lynx.config import ResamplerConfig, TinyModelConfig
-from lynx.testing import tiny_adapters, tiny_components
+from lynx.constants import ResamplerConfig
+from lynx.testing import TinyModelConfig, tiny_adapters, tiny_components
 
 SIZES = {
     "tiny": (TinyModelConfig(), dict(height=32, width=32, num_frames=5)),

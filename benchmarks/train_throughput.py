@@ -21,10 +21,17 @@ import time
 
 import torch
 
-from lynx.config import ResamplerConfig, TinyModelConfig, full_adapter_config
-from lynx.testing import tiny_components
-from lynx.training.memory import (GIB, WAN_14B, ActivationModel, describe, fsdp_memory_per_gpu, meta_model,
-                                  parameter_counts)
+from lynx.constants import ResamplerConfig, full_adapter_config
+from lynx.testing import TinyModelConfig, tiny_components
+from lynx.training.memory import (
+    GIB,
+    WAN_14B,
+    ActivationModel,
+    describe,
+    fsdp_memory_per_gpu,
+    meta_model,
+    parameter_counts,
+)
 from lynx.training.objective import LynxTrainModel, flow_matching_loss, token_count
 
 SIZES = {
@@ -43,9 +50,8 @@ def _sync(device):
 
 
 def build(cfg: TinyModelConfig, device, dtype):
-    from lynx.adapters import LynxAdapters
-
-    from lynx.pipeline import _cast_like_reference
+    from lynx.models.adapters import LynxAdapters
+    from lynx.pipelines.pipeline_lynx import _cast_like_reference
 
     transformer = tiny_components(cfg)["transformer"].to(device).requires_grad_(False)
     _cast_like_reference(transformer, dtype)  # as training loads the base
@@ -122,7 +128,7 @@ def memory_table(gpus=(1, 8, 128), gpu_gib: float = 80.0) -> list[dict]:
 
 def measure_gpu(blocks: int, tokens: int = 32760) -> dict:
     """A real step of a `blocks`-deep, full-width (5120) model on one GPU, against the estimate for it."""
-    from lynx.adapters import LynxAdapters
+    from lynx.models.adapters import LynxAdapters
 
     device = torch.device("cuda")
     kwargs = dict(WAN_14B, num_layers=blocks)

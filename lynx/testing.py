@@ -7,11 +7,12 @@ loading code paths (diffusers-layout base directory, official adapter file names
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from .config import ResamplerConfig, TinyModelConfig, full_adapter_config, lite_adapter_config
+from .constants import ResamplerConfig, full_adapter_config, lite_adapter_config
 
 # The released scheduler config of Wan2.1-T2V-14B-Diffusers (UniPC, flow prediction, shift 3).
 WAN_SCHEDULER_CONFIG = {
@@ -23,6 +24,31 @@ WAN_SCHEDULER_CONFIG = {
     "thresholding": False, "timestep_spacing": "linspace", "trained_betas": None, "use_beta_sigmas": False,
     "use_exponential_sigmas": False, "use_flow_sigmas": True, "use_karras_sigmas": False,
 }
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Sizes of the tiny random models that tests and benchmarks build in the real diffusers layout."""
+
+    num_layers: int = 4
+    num_heads: int = 2
+    head_dim: int = 12  # divisible by 6 for Wan's 3-axis RoPE split
+    ffn_dim: int = 32
+    text_dim: int = 16
+    freq_dim: int = 16
+    vae_base_dim: int = 8
+    vae_z_dim: int = 16
+    text_layers: int = 1
+    vocab_size: int = 64
+    resampler: ResamplerConfig = field(default_factory=lambda: ResamplerConfig(
+        dim=32, depth=2, heads=2, dim_head=64, num_queries=4, embedding_dim=512, output_dim=16, ff_mult=2))
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def with_(self, **kw) -> "TinyModelConfig":
+        return replace(self, **kw)
+
 
 _WORDS = ("a person walks on the beach at sunset smiling waves camera image of face man woman "
           "dancing in rain street city night close up portrait looking talking running park").split()
@@ -87,7 +113,7 @@ def save_tiny_base(directory, cfg: TinyModelConfig = TinyModelConfig(), seed: in
 def tiny_adapters(variant: str = "full", cfg: TinyModelConfig = TinyModelConfig(), num_registers: int = 0,
                   seed: int = 1, std: float = 0.2):
     """Random non-zero `LynxAdapters` sized for the tiny transformer of `cfg`."""
-    from .adapters import LynxAdapters
+    from .models.adapters import LynxAdapters
 
     hidden = cfg.hidden_dim
     if variant == "full":

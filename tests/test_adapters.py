@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lynx.adapters import Conditioning, LynxAdapters, LynxAttnProcessor
-from lynx.config import TinyModelConfig
 from lynx.errors import InputError
-from lynx.testing import tiny_adapters, tiny_components
+from lynx.models.adapters import Conditioning, LynxAdapters, LynxAttnProcessor
+from lynx.testing import TinyModelConfig, tiny_adapters, tiny_components
 
 CFG = TinyModelConfig()
 

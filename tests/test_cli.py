@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lynx.cli import output_path
+from lynx.apps.cli import output_path
 from lynx.errors import InputError
-from lynx.video import read_video
+from lynx.io.video import read_video
 
 TINY = ["--height", "32", "--width", "48", "--frames", "9", "--steps", "2"]
 
 
 def lynx(*args, cwd=None, env=None):
-    return subprocess.run([sys.executable, "-m", "lynx.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lynx", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
 
 

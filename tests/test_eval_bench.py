@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from eval_judge_server import JudgeServer
+from eval_media import insightface_images, moving_video
 from PIL import Image
 from skimage import data as skdata
 
@@ -26,10 +28,7 @@ from lynx.errors import InputError
 from lynx.evaluation import bench
 from lynx.evaluation.bench import load_manifest, parse_setting_arg, parse_shard, shard_cases
 from lynx.face import load_image
-from lynx.video import save_video
-
-from eval_judge_server import JudgeServer
-from eval_media import insightface_images, moving_video
+from lynx.io.video import save_video
 
 GENERATION = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}
 PROMPTS = [{"id": "beach", "text": "a person walks on the beach"}, "a man dancing in rain"]
@@ -73,7 +72,7 @@ def killed_and_resumed(tmp_path_factory, tiny_base, adapter_dirs):
     manifest = _manifest(root, tiny_base, adapter_dirs["full"],
                          [{"name": "lynx-tiny", "fps": 8}, {"name": "other-model", "videos": "other"}])
     out = root / "out"
-    cmd = [sys.executable, "-m", "lynx.cli", "bench", str(manifest), "--out", str(out), "--every", "2",
+    cmd = [sys.executable, "-m", "lynx", "bench", str(manifest), "--out", str(out), "--every", "2",
            "--detector", "dlib", "--recognizers", "dlib"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("LYNX_JUDGE", None)
@@ -189,7 +188,7 @@ def test_html_report_shows_every_case_in_a_headless_browser(killed_and_resumed):
 
 def test_shards_identity_source_and_judge_in_process(tmp_path, tiny_base, adapter_dirs, monkeypatch):
     from lynx.face import FaceIdentity
-    from lynx.pipeline import LynxPipeline
+    from lynx.pipelines.pipeline_lynx import LynxPipeline
 
     root = _subjects_dir(tmp_path / "m")
     manifest_path = _manifest(root, tiny_base, adapter_dirs["full"],

@@ -10,18 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_media import insightface_images, moving_video
 from PIL import Image
 from skimage import data as skdata
 
 from lynx.errors import WeightsNotFoundError
 from lynx.evaluation import FaceEvaluator, load_recognizers, summarize
 from lynx.evaluation.metrics import format_evaluation, sample_indices
-from lynx.video import read_video
 from lynx.evaluation.recognizers import FacexlibRecognizer, InsightfaceRecognizer
 from lynx.face import align_arcface, create_detector, load_image
-from lynx.video import save_video, write_sidecar
-
-from eval_media import insightface_images, moving_video
+from lynx.io.video import read_video, save_video, write_sidecar
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +115,7 @@ def test_summary_mean_min_and_drift():
 
 
 def test_video_files_every_kth_frame_and_cli(tmp_path, evaluator, astronaut, capsys):
-    from lynx.cli import main
+    from lynx.apps.cli import main
 
     frames = moving_video(astronaut, n=6)
     mp4 = save_video(frames, tmp_path / "a.mp4", fps=8)
@@ -157,7 +155,7 @@ def test_recognisers_without_weights_are_skipped_with_a_message(tmp_path, monkey
     with pytest.raises(WeightsNotFoundError, match="recognition_arcface_ir_se50.pth"):
         load_recognizers(["facexlib"], models_dir=empty)
 
-    from lynx.cli import main
+    from lynx.apps.cli import main
 
     photo = tmp_path / "p.png"
     Image.fromarray(skdata.astronaut()).save(photo)

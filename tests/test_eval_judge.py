@@ -8,11 +8,9 @@ import json
 
 import numpy as np
 import pytest
-
-from lynx.evaluation.judge import (METRICS, Judge, JudgeAnswerError, JudgeConfig, JudgeError, parse_answer,
-                                   render_rubric)
-
 from eval_judge_server import SCORES, JudgeServer
+
+from lynx.evaluation.judge import METRICS, Judge, JudgeAnswerError, JudgeConfig, JudgeError, parse_answer, render_rubric
 
 WANT = {"PF": 0.75, "AQ": 0.5, "MN": 0.25, "VQ": 1.0}
 
@@ -144,7 +142,7 @@ def test_no_endpoint_configured_is_a_clear_error(monkeypatch, tmp_path, capsys):
         Judge(JudgeConfig.from_spec("gemini:gemini-2.5-pro"))
     with pytest.raises(JudgeError, match="gemini:MODEL or openai:MODEL"):
         JudgeConfig.from_spec("claude")
-    from lynx.cli import main
+    from lynx.apps.cli import main
 
     (tmp_path / "m.yaml").write_text("subjects: [{id: a, embedding: e.npy}]\nprompts: [hello]\n")
     np.save(tmp_path / "e.npy", np.ones(512, np.float32))

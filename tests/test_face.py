@@ -23,6 +23,7 @@ import lynx.face as lf
 from lynx.errors import CheckpointError, InputError, NoFaceError, WeightsNotFoundError
 from lynx.face.alignment import estimate_transform, transform_points
 from lynx.face.detection import ScrfdDetector, five_points_from_68, select_face
+from lynx.runtime import face_models_dir
 
 # Hand-read from the astronaut photo (x, y): pupils, nose tip, mouth corners; image-left first.
 ASTRO_KPS = np.array([[204.0, 101.5], [246.0, 103.0], [224.0, 127.5], [203.0, 140.5], [244.5, 141.5]])
@@ -362,7 +363,7 @@ def test_auto_detector_uses_insightface_models_when_present(tmp_path, monkeypatc
 
 
 def test_real_scrfd_model_if_available(astro):
-    path = lf.find_scrfd_model(lf.default_models_dir())
+    path = lf.find_scrfd_model(face_models_dir())
     if path is None or importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("no insightface buffalo_l/det_10g.onnx in the face models dir")
     faces = ScrfdDetector(path).detect(astro)
@@ -638,7 +639,7 @@ def test_analyze_list_of_photos(tmp_path, astro, model, dlib_detector):
 
 def test_default_models_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("LYNX_FACE_MODELS", str(tmp_path / "faces"))
-    assert lf.default_models_dir() == tmp_path / "faces"
+    assert face_models_dir() == tmp_path / "faces"
     monkeypatch.delenv("LYNX_FACE_MODELS")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert lf.default_models_dir() == tmp_path / ".cache" / "lynx" / "face"
+    assert face_models_dir() == tmp_path / ".cache" / "lynx" / "face"

@@ -28,7 +28,7 @@ def test_image_argument_equals_precomputed_identity(tiny_base, adapter_dirs, fac
 
 def test_cli_generate_from_photo(tiny_base, adapter_dirs, face_models, photos, tmp_path):
     out = tmp_path / "astronaut.gif"
-    r = subprocess.run([sys.executable, "-m", "lynx.cli", "generate", "--image", str(photos / "astronaut.jpg"),
+    r = subprocess.run([sys.executable, "-m", "lynx", "generate", "--image", str(photos / "astronaut.jpg"),
                         "--prompt", "a woman smiling", "--base", str(tiny_base), "--adapter", str(adapter_dirs["full"]),
                         "--face-models", str(face_models), "--detector", "dlib", "--out", str(out),
                         "--height", "32", "--width", "32", "--frames", "5", "--steps", "2"],
@@ -39,7 +39,7 @@ def test_cli_generate_from_photo(tiny_base, adapter_dirs, face_models, photos, t
 
 
 def test_cli_face_with_and_without_arcface_weights(face_models, photos, tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "lynx.cli", "face", *map(str, a)],  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "lynx", "face", *map(str, a)],  # noqa: E731
                                     capture_output=True, text=True, timeout=300)
     r = run(photos / "astronaut.jpg", "--face-models", face_models, "--out-dir", tmp_path / "a", "--detector", "dlib")
     assert r.returncode == 0, r.stderr

@@ -58,14 +58,14 @@ def test_cli_under_torchrun(tiny_base, adapter_dirs, face_embedding, tmp_path):
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each worker: same arithmetic order
-    one = subprocess.run([sys.executable, "-m", "lynx.cli", *map(str, args), "--out", tmp_path / "one.gif"],
+    one = subprocess.run([sys.executable, "-m", "lynx", *map(str, args), "--out", tmp_path / "one.gif"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29517", "-m", "lynx.cli", *map(str, args), "--out", tmp_path / "two.gif",
+                          "29517", "-m", "lynx", *map(str, args), "--out", tmp_path / "two.gif",
                           "--guidance-parallel"], capture_output=True, text=True, timeout=300, env=env)
     assert two.returncode == 0, two.stderr
-    from lynx.video import read_video
+    from lynx.io.video import read_video
 
     a, b = read_video(tmp_path / "one.gif")[0], read_video(tmp_path / "two.gif")[0]
     assert a.shape == (5, 32, 32, 3) and np.array_equal(a, b)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lynx.errors import CheckpointError, WeightsNotFoundError
-from lynx.loading import inspect_base_dir, load_adapters, read_adapter_config, require_base_dir
+from lynx.models.loading import inspect_base_dir, load_adapters, read_adapter_config, require_base_dir
 from lynx.testing import tiny_adapters
 
 BLOCKS, WIDTH = 4, 24

@@ -10,7 +10,7 @@ from diffusers import WanPipeline
 
 from lynx import LynxPipeline
 from lynx.errors import InputError
-from lynx.pipeline import flow_sigmas
+from lynx.pipelines.pipeline_lynx import flow_sigmas
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from lynx.config import ResamplerConfig
+from lynx.constants import ResamplerConfig
 from lynx.errors import CheckpointError
-from lynx.resampler import Resampler, resampler_config_from_state_dict
+from lynx.models.resampler import Resampler, resampler_config_from_state_dict
 
 CFG = ResamplerConfig(dim=32, depth=2, heads=2, dim_head=16, num_queries=4, embedding_dim=512, output_dim=24,
                       ff_mult=3)

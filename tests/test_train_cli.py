@@ -2,7 +2,7 @@
 
 import pytest
 
-from lynx.cli import build_parser, main
+from lynx.apps.cli import build_parser, main
 
 
 def test_commands_are_registered():
@@ -40,7 +40,7 @@ def test_prepare_reports_missing_face_models_before_loading_anything(tmp_path, c
 def test_stage_configs_parse():
     from pathlib import Path
 
-    from lynx.config import load_training_config
+    from lynx.training.config import load_training_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     one, two = (load_training_config(root / f"train_stage{i}.toml") for i in (1, 2))

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from lynx.config import REFERENCE_PROMPT, training_config_from_dict
+from lynx.constants import REFERENCE_PROMPT
 from lynx.errors import InputError
 from lynx.training import data as D
+from lynx.training.config import training_config_from_dict
 from lynx.training.objective import pad_text
 from lynx.training.synthetic import make_dataset
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

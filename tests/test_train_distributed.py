@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lynx.config import load_training_config
-from lynx.loading import load_adapters
+from lynx.models.loading import load_adapters
+from lynx.training.config import load_training_config
 from lynx.training.data import prepare
 from lynx.training.synthetic import make_dataset
 from lynx.training.trainer import read_metrics, train
@@ -67,7 +67,7 @@ def config_file(tiny_base, tmp_path_factory):
 
 
 def lynx(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "lynx.cli", *args], env=ENV, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "lynx", *args], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -111,7 +111,7 @@ def test_killed_training_resumes_with_the_same_losses(config_file, tmp_path):
 def test_two_processes_make_the_same_steps_as_one(config_file, tmp_path):
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "lynx.cli", "train", "--config", str(config_file), "--no-progress",
+           "-m", "lynx", "train", "--config", str(config_file), "--no-progress",
            "--set", f'train.output_dir="{two}"']
     # A sample video at the end: under FSDP every rank samples (the gathers are collectives), rank 0 writes.
     for o in ("validation.every=3", "validation.height=32", "validation.width=32", "validation.num_frames=1",

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from lynx.config import training_config_from_dict
 from lynx.errors import InputError, LynxError
-from lynx.loading import load_adapters
+from lynx.models.loading import load_adapters
 from lynx.training import checkpoint as ckpt
+from lynx.training.config import training_config_from_dict
 from lynx.training.data import load_sample, load_shared, prepare, read_index
 from lynx.training.objective import LynxTrainModel, evaluation_loss
 from lynx.training.synthetic import make_dataset, pixel_encoders
@@ -91,7 +91,7 @@ def _fresh_adapters(config):
 
 
 def test_checkpoints_load_in_the_pipeline(identity_data, tiny_base, tmp_path, face_embedding, reference_crop):
-    from lynx.pipeline import LynxPipeline
+    from lynx.pipelines.pipeline_lynx import LynxPipeline
 
     config = make_config(identity_data, tiny_base, tmp_path / "run", steps=3, save_every=2, keep_last=5)
     result = train(config, progress=False)

@@ -2,9 +2,17 @@
 
 import pytest
 
-from lynx.config import TinyModelConfig
-from lynx.training.memory import (GIB, WAN_14B, ActivationModel, block_saved_bytes, fits, fsdp_memory_per_gpu,
-                                  meta_model, parameter_counts)
+from lynx.testing import TinyModelConfig
+from lynx.training.memory import (
+    GIB,
+    WAN_14B,
+    ActivationModel,
+    block_saved_bytes,
+    fits,
+    fsdp_memory_per_gpu,
+    meta_model,
+    parameter_counts,
+)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from lynx.adapters import Conditioning
-from lynx.config import TinyModelConfig
-from lynx.testing import WAN_SCHEDULER_CONFIG, tiny_adapters, tiny_components
-from lynx.training.objective import (LynxTrainModel, PackedAttention, default_shift, flow_matching_loss,
-                                     make_step_inputs, noisy_latents, pad_text, shifted_sigmas)
+from lynx.models.adapters import Conditioning
+from lynx.testing import WAN_SCHEDULER_CONFIG, TinyModelConfig, tiny_adapters, tiny_components
+from lynx.training.objective import (
+    LynxTrainModel,
+    PackedAttention,
+    default_shift,
+    flow_matching_loss,
+    make_step_inputs,
+    noisy_latents,
+    pad_text,
+    shifted_sigmas,
+)
 
 CFG = TinyModelConfig()
 # Mixed sizes and lengths in one pack: an image (1 frame, 8x12 latent), a 5-frame clip, a small image.
@@ -188,7 +195,7 @@ def test_only_the_adapters_train(base_transformer):
 
 
 def test_reference_features_are_the_pipelines(tiny_base, adapter_dirs, reference_crop):
-    from lynx.pipeline import LynxPipeline
+    from lynx.pipelines.pipeline_lynx import LynxPipeline
 
     pipe = LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["full"])
     ref_text = pipe.encode_text(["image of a face"])

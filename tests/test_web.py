@@ -28,8 +28,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from lynx.video import read_video
-from lynx.web import LynxWebApp, ServeConfig, make_server
+from lynx.apps.web import LynxWebApp, ServeConfig, make_server
+from lynx.io.video import read_video
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"height": 32, "width": 48, "frames": 5, "steps": 3}
@@ -246,7 +246,7 @@ def test_requests_that_are_refused(server):
 
 # ----- missing weights: `lynx serve` as a subprocess ------------------------------------------------------
 def start_serve(*args, cwd, env):
-    proc = subprocess.Popen([sys.executable, "-m", "lynx.cli", "serve", "--port", "0", *map(str, args)], cwd=cwd,
+    proc = subprocess.Popen([sys.executable, "-m", "lynx", "serve", "--port", "0", *map(str, args)], cwd=cwd,
                             env={**os.environ, "PYTHONPATH": str(REPO), **env}, stderr=subprocess.PIPE, text=True)
     lines, end = [], time.time() + 120
     while time.time() < end:

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..cli import slug
-from ..config import transformer_dims
+from ..apps.cli import slug
+from ..constants import transformer_dims
 from ..errors import InputError
 
 log = logging.getLogger("lynx.evaluation")
@@ -339,7 +339,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data) -> None:
-    from ..loading import atomic_write
+    from ..io.files import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=_json_default)))
@@ -355,7 +355,7 @@ def _json_default(o):
 
 def finished(layout: Layout, case: Case, generation: dict) -> bool:
     """A generated case is finished when its video and its sidecar (written last) exist for these settings."""
-    from ..video import sidecar_path
+    from ..io.video import sidecar_path
 
     video = layout.video(case)
     if video is None or not video.is_file():
@@ -405,7 +405,7 @@ def default_identity_source(detector: str = "auto", models_dir=None) -> Identity
 
 
 def _default_pipeline_factory(base, adapter, device, dtype):
-    from ..pipeline import LynxPipeline
+    from ..pipelines.pipeline_lynx import LynxPipeline
 
     return LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=device)
 
@@ -421,8 +421,9 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
     """
     import torch
 
-    from ..loading import default_adapter_dir, default_base_dir, load_adapters
-    from ..video import save_video, sidecar_path, write_sidecar
+    from ..io.video import save_video, sidecar_path, write_sidecar
+    from ..models.loading import load_adapters
+    from ..runtime import default_adapter_dir, default_base_dir
 
     layout = Layout(out_dir)
     cases = shard_cases(manifest.cases(), shard)
@@ -565,7 +566,7 @@ def _finished_videos(layout, manifest: Manifest, shard, counts: dict):
 
 def judge(manifest: Manifest, out_dir, judge_client, *, shard=(0, 1), echo: Callable[[str], None] = print) -> dict:
     """Judge metrics (PF, AQ, MN, VQ) of this shard's videos, cached per video by the judge client."""
-    from ..video import read_video
+    from ..io.video import read_video
 
     layout = Layout(out_dir)
     counts = {"judged": 0, "failed": 0, "missing": 0}
@@ -586,7 +587,7 @@ def judge(manifest: Manifest, out_dir, judge_client, *, shard=(0, 1), echo: Call
 
 def collect(manifest: Manifest, out_dir) -> list[dict]:
     """One record per case with whatever was measured for it (all shards), for the report."""
-    from ..video import sidecar_path
+    from ..io.video import sidecar_path
 
     layout = Layout(out_dir)
     records = []

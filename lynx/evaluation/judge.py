@@ -254,7 +254,7 @@ class Judge:
         With `cache_path`, metrics already answered for the same model, rubric, prompt and frames are read
         from it, and new answers are added to it; failures are not cached, so a re-run asks again.
         """
-        from ..video import to_uint8
+        from ..io.video import to_uint8
 
         frames = to_uint8(frames)
         c = self.config
@@ -293,7 +293,7 @@ class Judge:
 
     @staticmethod
     def _save(path: Path, scores: dict, errors: dict) -> None:
-        from ..loading import atomic_write
+        from ..io.files import atomic_write
 
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: tmp.write_text(json.dumps({"scores": scores, "errors": errors}, indent=2)))

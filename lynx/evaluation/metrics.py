@@ -88,7 +88,7 @@ class VideoEvaluation:
 
 
 def _as_frames(video) -> tuple[np.ndarray, float, str]:
-    from ..video import read_video, to_uint8
+    from ..io.video import read_video, to_uint8
 
     if isinstance(video, (str, os.PathLike)):
         frames, fps = read_video(video)

@@ -126,7 +126,7 @@ class InsightfaceRecognizer(Recognizer):
 
     def __init__(self, model_path: str | os.PathLike | None = None, models_dir: str | os.PathLike | None = None,
                  providers: Sequence[str] | None = None):
-        from ..face import default_models_dir
+        from ..runtime import face_models_dir as default_models_dir
 
         path = Path(model_path).expanduser() if model_path is not None else \
             find_insightface_model(models_dir if models_dir is not None else default_models_dir())

@@ -427,7 +427,7 @@ def html_report(records: list[dict], agg: dict, out_dir: Path, plots: dict[str, 
 
 def write_report(manifest, records: list[dict], out_dir, echo: Callable[[str], None] = print) -> dict[str, Path]:
     """results.md/.csv/.json, cases.csv, plots/*.png and report.html under out_dir; returns their paths."""
-    from ..loading import atomic_write
+    from ..io.files import atomic_write
 
     out_dir = Path(out_dir)
     agg = aggregate(records)

@@ -5,13 +5,27 @@
 ``default_models_dir()`` (``$LYNX_FACE_MODELS`` or ``~/.cache/lynx/face``). See docs/face.md.
 """
 
-from .alignment import (ARCFACE_TEMPLATE, align_arcface, align_reference, arcface_template,
-                        reference_template)
+from .alignment import ARCFACE_TEMPLATE, align_arcface, align_reference, arcface_template, reference_template
 from .arcface import ARCFACE_FILE, ARCFACE_URL, ArcFaceIRSE50, embed, load_arcface, preprocess
-from .detection import (MIN_FACE_SIZE, DetectedFace, DlibDetector, FaceDetector, ScrfdDetector,
-                        create_detector, find_scrfd_model)
-from .identity import (FaceIdentity, IdentityMismatchWarning, analyze, arcface_missing, arcface_path, combine,
-                       default_models_dir, describe)
+from .detection import (
+                        MIN_FACE_SIZE,
+                        DetectedFace,
+                        DlibDetector,
+                        FaceDetector,
+                        ScrfdDetector,
+                        create_detector,
+                        find_scrfd_model,
+)
+from .identity import (
+                        FaceIdentity,
+                        IdentityMismatchWarning,
+                        analyze,
+                        arcface_missing,
+                        arcface_path,
+                        combine,
+                        default_models_dir,
+                        describe,
+)
 from .image import load_image
 
 __all__ = [

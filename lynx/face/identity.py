@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InputError
+from ..runtime import face_models_dir
 from .alignment import ARCFACE_SIZE, REFERENCE_SIZE, align_arcface, align_reference
 from .arcface import ARCFACE_FILE, EMBEDDING_DIM, embed, load_arcface_cached, missing_weights_error
 from .detection import MIN_FACE_SIZE, FaceDetector, create_detector, select_face
@@ -26,7 +27,6 @@ from .image import ImageLike, describe_source, load_image
 
 log = logging.getLogger("lynx.face")
 
-MODELS_ENV = "LYNX_FACE_MODELS"
 FORMAT_VERSION = 1
 # Cosine similarity of ArcFace embeddings: the same person is typically above 0.4, different people
 # near 0; photos whose similarity to the others falls below this get a warning.
@@ -37,17 +37,9 @@ class IdentityMismatchWarning(UserWarning):
     """Photos combined into one identity look like different people."""
 
 
-def default_models_dir() -> Path:
-    """Where face models are looked for: $LYNX_FACE_MODELS, else ~/.cache/lynx/face."""
-    env = os.environ.get(MODELS_ENV)
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "lynx" / "face"
-
-
 def arcface_path(models_dir: str | os.PathLike | None = None) -> Path:
-    """Where the ArcFace weight file is expected: <models_dir or default_models_dir()>/recognition_arcface_ir_se50.pth."""
-    return Path(models_dir or default_models_dir()).expanduser() / ARCFACE_FILE
+    """Where the ArcFace weight file is expected: <models_dir or face_models_dir()>/recognition_arcface_ir_se50.pth."""
+    return Path(models_dir or face_models_dir()).expanduser() / ARCFACE_FILE
 
 
 def arcface_missing(models_dir: str | os.PathLike | None = None) -> str | None:
@@ -275,7 +267,7 @@ def analyze(images: ImageLike | Sequence[ImageLike], *, detector: str | FaceDete
     (default <models_dir>/recognition_arcface_ir_se50.pth) or a loaded ArcFaceIRSE50 module.
     face_index: which face when a photo has several (0 = largest, the default choice).
     """
-    models_dir = Path(models_dir).expanduser() if models_dir is not None else default_models_dir()
+    models_dir = Path(models_dir).expanduser() if models_dir is not None else face_models_dir()
     if isinstance(images, (list, tuple)):
         items = list(images)
         if not items:

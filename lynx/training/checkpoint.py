@@ -21,9 +21,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..adapters import LynxAdapters
 from ..errors import CheckpointError, InputError
-from ..loading import ADAPTER_CONFIG_FILE, atomic_write
+from ..io.files import atomic_write
+from ..models.adapters import LynxAdapters
+from ..models.loading import ADAPTER_CONFIG_FILE
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"

@@ -30,9 +30,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import MAX_TEXT_TOKENS, REFERENCE_PROMPT, DataConfig, TrainingConfig, ValidationConfig
+from ..constants import MAX_TEXT_TOKENS, REFERENCE_PROMPT
 from ..errors import CheckpointError, InputError, LynxError, NoFaceError
-from ..loading import atomic_write, read_safetensors
+from ..io.files import atomic_write
+from ..models.loading import read_safetensors
+from ..runtime import face_models_dir
+from .config import DataConfig, TrainingConfig, ValidationConfig
 
 log = logging.getLogger("lynx.training")
 
@@ -137,7 +140,7 @@ def load_frames(path: Path, fps: float) -> np.ndarray:
     if suffix not in VIDEO_SUFFIXES:
         raise SkipSample("unreadable", f"{path}: unknown file type {suffix!r} (images: {', '.join(IMAGE_SUFFIXES)}; "
                                        f"videos: {', '.join(VIDEO_SUFFIXES)})")
-    from ..video import read_video
+    from ..io.video import read_video
 
     try:
         frames, source_fps = read_video(path)
@@ -200,7 +203,7 @@ def face_identity_fn(detector: str = "auto", models_dir=None, device: str = "cpu
     """The project's face analysis as prepare's identity step: frame -> (ArcFace embedding, 256x256 crop)."""
     from .. import face
 
-    models = face.default_models_dir() if models_dir is None else Path(models_dir)
+    models = face_models_dir() if models_dir is None else Path(models_dir)
     # Both models are loaded now, so missing weights are reported before any encoder is loaded.
     det = face.create_detector(detector, models)
     arcface = face.load_arcface(face.arcface_path(models), device)
@@ -231,8 +234,8 @@ class Encoders:
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        from ..loading import require_base_dir
-        from ..pipeline import LynxPipeline
+        from ..models.loading import require_base_dir
+        from ..pipelines.pipeline_lynx import LynxPipeline
 
         base = require_base_dir(base)  # names what is missing and what to download
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import Conditioning, LynxAdapters
-from ..config import AdapterConfig, full_adapter_config
+from ..constants import AdapterConfig, full_adapter_config
+from ..models.adapters import Conditioning, LynxAdapters
 
 GIB = 1024 ** 3
 WAN_14B = dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096,

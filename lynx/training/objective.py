@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..adapters import Conditioning, LynxAdapters
 from ..errors import InputError
+from ..models.adapters import Conditioning, LynxAdapters
 
 ATTENTION_MODES = ("auto", "varlen", "split", "mask")
 
@@ -99,7 +99,7 @@ def make_step_inputs(samples: list[dict], shared: dict, pack_index: int, seed: i
 
 def pad_text(text: torch.Tensor, length: int | None = None) -> torch.Tensor:
     """Cached captions keep only their real tokens; the encoder's output past them is exactly zero."""
-    from ..config import MAX_TEXT_TOKENS
+    from ..constants import MAX_TEXT_TOKENS
 
     length = length or MAX_TEXT_TOKENS
     return torch.cat([text, text.new_zeros(length - text.shape[0], text.shape[1])]) if text.shape[0] < length else text

@@ -68,7 +68,7 @@ def make_dataset(root, identities: int = 4, images_per_identity: int = 4, videos
     """Write images (and mp4 videos) plus a JSONL manifest under `root`."""
     from PIL import Image
 
-    from ..video import save_video
+    from ..io.video import save_video
 
     root = Path(root)
     (root / "media").mkdir(parents=True, exist_ok=True)

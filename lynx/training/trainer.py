@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..adapters import LynxAdapters
-from ..config import ResamplerConfig, TrainingConfig, full_adapter_config, lite_adapter_config, transformer_dims
+from ..constants import ResamplerConfig, full_adapter_config, lite_adapter_config, transformer_dims
 from ..errors import InputError, LynxError
-from ..loading import atomic_write, load_adapters, require_base_dir
+from ..io.files import atomic_write
+from ..models.adapters import LynxAdapters
+from ..models.loading import load_adapters, require_base_dir
 from . import checkpoint as ckpt
+from .config import TrainingConfig
 from .data import PackDataset, PackStream, load_sample, load_shared, read_index
-from .objective import (ATTENTION_MODES, LynxTrainModel, default_shift, flow_matching_loss, make_step_inputs,
-                        token_count)
+from .objective import ATTENTION_MODES, LynxTrainModel, default_shift, flow_matching_loss, make_step_inputs, token_count
 
 METRICS_FILE = "metrics.csv"
 METRICS_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens", "samples", "tokens_per_s", "seconds")
@@ -73,7 +74,7 @@ def load_transformer(base: Path, dtype: torch.dtype):
     """The frozen base transformer, cast as the inference pipeline casts it (RoPE tables stay fp32)."""
     from diffusers import WanTransformer3DModel
 
-    from ..pipeline import _cast_like_reference
+    from ..pipelines.pipeline_lynx import _cast_like_reference
 
     transformer = WanTransformer3DModel.from_pretrained(base / "transformer", torch_dtype=dtype)
     _cast_like_reference(transformer, dtype)
@@ -174,7 +175,7 @@ def read_metrics(output_dir) -> list[dict]:
 
 # ----- sample videos ----------------------------------------------------------------------------------------------
 def _cached_text_pipeline_class():
-    from ..pipeline import LynxPipeline
+    from ..pipelines.pipeline_lynx import LynxPipeline
     from .objective import pad_text
 
     class CachedTextPipeline(LynxPipeline):
@@ -197,14 +198,14 @@ class SampleMaker:
                  runtime: Runtime, compute_dtype: torch.dtype, autocast):
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 
-        from ..pipeline import check_video_size
+        from ..pipelines.pipeline_lynx import check_video_size
 
         v = config.validation
         check_video_size(v.height, v.width, v.num_frames)
         if v.format not in (".mp4", ".webp", ".gif"):
             raise InputError(f"validation.format must be .mp4, .webp or .gif, not {v.format!r}")
         self.config, self.model, self.runtime, self.autocast = config, model, runtime, autocast
-        from ..config import REFERENCE_PROMPT
+        from ..constants import REFERENCE_PROMPT
 
         missing = [p for p in (*v.prompts, v.negative_prompt, REFERENCE_PROMPT) if p not in shared["prompt_lookup"]]
         if missing:  # found now, not when the first sample video is due hours later
@@ -237,7 +238,7 @@ class SampleMaker:
                                        num_frames=v.num_frames, num_inference_steps=v.num_inference_steps,
                                        seed=v.seed, output_type="np").frames[0]
                 if self.runtime.rank == 0:
-                    from ..video import save_video
+                    from ..io.video import save_video
 
                     paths.append(save_video(frames, output_dir / SAMPLES_DIR / f"step-{step:08d}-{i}{v.format}", v.fps))
         finally:

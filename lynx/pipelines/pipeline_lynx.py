@@ -18,10 +18,10 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
-from .adapters import Conditioning, LynxAdapters
-from .config import MAX_TEXT_TOKENS, REFERENCE_PROMPT, SamplingConfig, sampling_defaults, transformer_dims
-from .errors import CheckpointError, InputError
-from .loading import load_adapters, require_base_dir, transformer_shape
+from ..constants import MAX_TEXT_TOKENS, REFERENCE_PROMPT, SamplingConfig, sampling_defaults, transformer_dims
+from ..errors import CheckpointError, InputError
+from ..models.adapters import Conditioning, LynxAdapters
+from ..models.loading import load_adapters, require_base_dir, transformer_shape
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Identity:
 
 def _as_uint8_rgb(image, name: str) -> np.ndarray:
     """Any photo form (path, PIL, array, tensor) -> [H, W, 3] uint8 RGB, via the face module's robust reader."""
-    from .face import load_image
+    from ..face import load_image
 
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
@@ -183,7 +183,7 @@ class LynxPipeline(WanPipeline):
             raise InputError("give the person exactly one way: image=PHOTO(S), identity=FaceIdentity, or "
                              "face_embedding=[512] (+ reference_image=256x256 crop for the full model)")
         if image is not None:
-            from . import face
+            from .. import face
 
             identity = face.analyze(image, **face_kwargs)
         if identity is not None:

@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import sampling_defaults
-from .errors import InputError, LynxError, WeightsNotFoundError
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+from ...constants import sampling_defaults
+from ...errors import InputError, LynxError, WeightsNotFoundError
+from ...runtime import DTYPES, device_and_dtype
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -30,17 +29,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
 
 
-def device_and_dtype(device: str | None, dtype: str | None):
-    """The device (default: the current CUDA device, else CPU) and torch dtype (default bf16 on CUDA, fp32 on CPU)."""
-    import torch
-
-    device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    return device, getattr(torch, DTYPES[dtype or ("bf16" if device.startswith("cuda") else "fp32")])
-
-
 def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False):
     """A LynxPipeline placed and tuned as the model options ask."""
-    from .pipeline import LynxPipeline
+    from ...pipelines.pipeline_lynx import LynxPipeline
 
     pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if offload else device)
     if offload:  # each model visits the device only while it runs
@@ -106,7 +97,7 @@ def _init_distributed(args) -> int | None:
                              "the work (or run one process)")
         return None
     if world < 2:
-        raise InputError("--guidance-parallel needs several processes: torchrun --nproc-per-node 3 -m lynx.cli generate ...")
+        raise InputError("--guidance-parallel needs several processes: torchrun --nproc-per-node 3 -m lynx generate ...")
     import torch.distributed as dist
 
     if torch.cuda.is_available():
@@ -116,7 +107,8 @@ def _init_distributed(args) -> int | None:
 
 
 def cmd_generate(args) -> int:
-    from .loading import check_model_dirs, default_adapter_dir, default_base_dir
+    from ...models.loading import check_model_dirs
+    from ...runtime import default_adapter_dir, default_base_dir
 
     args.prompt = _read_prompt(args.prompt)
     if not args.prompt.strip():
@@ -134,7 +126,7 @@ def cmd_generate(args) -> int:
     except WeightsNotFoundError as e:
         missing.append(str(e))
     if args.image:
-        from .face import arcface_missing
+        from ...face import arcface_missing
 
         missing += [m for m in [arcface_missing(args.face_models)] if m]
     if missing:
@@ -147,18 +139,18 @@ def cmd_generate(args) -> int:
     fps = args.fps or defaults.fps
     out = output_path(args, fps)
 
-    from .pipeline import check_video_size
+    from ...pipelines.pipeline_lynx import check_video_size
 
     check_video_size(args.height or defaults.height, args.width or defaults.width,
                      args.frames or defaults.num_frames)
     identity_kwargs = {}
     if args.image:
-        from . import face
+        from ... import face
 
         identity_kwargs["identity"] = face.analyze(args.image if len(args.image) > 1 else args.image[0],
                                                    detector=args.detector, models_dir=args.face_models)
     elif args.identity:
-        from .face import FaceIdentity
+        from ...face import FaceIdentity
 
         identity_kwargs["identity"] = FaceIdentity.load(args.identity)
     else:
@@ -186,7 +178,7 @@ def cmd_generate(args) -> int:
     if rank:  # every rank holds the same video; rank 0 writes it
         return 0
 
-    from .video import generation_record, save_video, write_sidecar
+    from ...io.video import generation_record, save_video, write_sidecar
 
     save_video(frames, out, fps)
     knobs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
@@ -206,7 +198,7 @@ def _face_check_without_embedding(args, missing: Exception) -> int:
     """Detection and crops need no download: show them, and say what the embedding still needs."""
     from PIL import Image
 
-    from . import face
+    from ... import face
 
     det = face.create_detector(args.detector, args.face_models)
     out_dir = Path(args.out_dir)
@@ -233,8 +225,8 @@ def _face_check_without_embedding(args, missing: Exception) -> int:
 
 
 def cmd_face(args) -> int:
-    from . import face
-    from .errors import WeightsNotFoundError
+    from ... import face
+    from ...errors import WeightsNotFoundError
 
     out_dir = Path(args.out_dir)
     try:
@@ -271,8 +263,8 @@ def _count(n: int) -> str:
 
 
 def cmd_info(args) -> int:
-    from .loading import default_adapter_dir, default_base_dir, download_instructions, inspect_base_dir, \
-        read_adapter_config
+    from ...models.loading import download_instructions, inspect_base_dir, read_adapter_config
+    from ...runtime import default_adapter_dir, default_base_dir
 
     base = Path(args.base or default_base_dir())
     report = inspect_base_dir(base)
@@ -314,7 +306,7 @@ def cmd_info(args) -> int:
 
 
 # Modules that add their own subcommands through a `register(subparsers)` function.
-COMMAND_MODULES: tuple[str, ...] = ("lynx.evaluation.cli", "lynx.training.cli", "lynx.web.cli")
+COMMAND_MODULES: tuple[str, ...] = ("lynx.apps.cli.evaluate", "lynx.apps.cli.train", "lynx.apps.web.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,37 +7,30 @@ the file name, what was expected and what to download; nothing fails later insid
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open
 
-from .config import (ADAPTER_REPO, BASE_MODEL_REPO, IP_LAYERS_FILE, REF_LAYERS_FILE, RESAMPLER_FILE,
-                     AdapterConfig, full_adapter_config, lite_adapter_config, transformer_dims)
-from .errors import CheckpointError, WeightsNotFoundError
+from ..constants import (
+    ADAPTER_REPO,
+    BASE_MODEL_REPO,
+    IP_LAYERS_FILE,
+    REF_LAYERS_FILE,
+    RESAMPLER_FILE,
+    AdapterConfig,
+    full_adapter_config,
+    lite_adapter_config,
+    transformer_dims,
+)
+from ..errors import CheckpointError, WeightsNotFoundError
+from ..runtime import default_adapter_dir, default_base_dir
 from .resampler import resampler_config_from_state_dict
 
 BASE_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
-BASE_DIR_NAME = "Wan2.1-T2V-14B-Diffusers"
 # Optional file our own training writes beside the official ones; the released dirs do not have it.
 ADAPTER_CONFIG_FILE = "lynx_config.json"
-
-
-def models_root() -> Path:
-    """Where weights are looked for by default: $LYNX_MODELS, else ./models (the authors' layout)."""
-    return Path(os.environ.get("LYNX_MODELS", "models"))
-
-
-def default_base_dir() -> Path:
-    return models_root() / BASE_DIR_NAME
-
-
-def default_adapter_dir(variant: str = "full") -> Path:
-    return models_root() / f"lynx_{variant}"
 
 
 def download_instructions(base_dir: Path | None = None, adapter_dir: Path | None = None) -> str:
@@ -52,23 +45,6 @@ def download_instructions(base_dir: Path | None = None, adapter_dir: Path | None
         f"{RESAMPLER_FILE}, {IP_LAYERS_FILE}" + (f" and {REF_LAYERS_FILE}." if variant != "lynx_lite" else ".") +
         "\nOr point --base/--adapter (or $LYNX_MODELS) at where they already are."
     )
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write via a temporary file in the same directory, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    # The suffix is kept so writers that pick a format from the name (ffmpeg) still work.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs should get the usual permissions
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----- base model -------------------------------------------------------------------------------------

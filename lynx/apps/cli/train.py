@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import sys
 
-from ..errors import InputError
+from ...errors import InputError
 
 
 def _config(args):
-    from ..config import load_training_config
+    from ...training.config import load_training_config
 
     overrides = list(args.set or [])
     if getattr(args, "base", None):
@@ -22,7 +22,7 @@ def _toml_string(value: str) -> str:
 
 
 def cmd_prepare(args) -> int:
-    from .data import face_identity_fn, prepare
+    from ...training.data import face_identity_fn, prepare
 
     config = _config(args)
     shard = (0, 1)
@@ -43,7 +43,7 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .trainer import train
+    from ...training.trainer import train
 
     config = _config(args)
     result = train(config, resume=args.resume, progress=not args.no_progress)

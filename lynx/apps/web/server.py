@@ -41,10 +41,11 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from ..cli import DTYPES, device_and_dtype, load_pipeline, output_path, slug
-from ..config import SamplingConfig, sampling_defaults
-from ..errors import CheckpointError, InputError, LynxError, WeightsNotFoundError
-from ..video import VIDEO_FORMATS, sidecar_path
+from ...constants import SamplingConfig, sampling_defaults
+from ...errors import CheckpointError, InputError, LynxError, WeightsNotFoundError
+from ...io.video import VIDEO_FORMATS, sidecar_path
+from ...runtime import DTYPES, device_and_dtype
+from ..cli import load_pipeline, output_path, slug
 
 # Photos are a few MB; the cap keeps a runaway upload from filling memory.
 MAX_REQUEST_BYTES = 64 << 20
@@ -169,7 +170,7 @@ class LynxWebApp:
         """Check the weights now; load the pipeline in a background thread when nothing is missing."""
         if self.pipe is not None:
             return
-        from ..loading import check_model_dirs
+        from ...models.loading import check_model_dirs
 
         try:
             adapter_cfg = check_model_dirs(self.config.base, self.config.adapter)
@@ -212,7 +213,7 @@ class LynxWebApp:
         return sampling_defaults(self.variant)
 
     def _arcface_missing(self) -> str | None:
-        from ..face import arcface_missing
+        from ...face import arcface_missing
 
         return arcface_missing(self.config.face_models)
 
@@ -246,7 +247,7 @@ class LynxWebApp:
         """Keep an uploaded photo in <out-dir>/photos, named by its contents (so sidecars can point at it)."""
         from PIL import Image, UnidentifiedImageError
 
-        from ..loading import atomic_write
+        from ...io.files import atomic_write
 
         shown = Path(filename or "photo").name
         if not data:
@@ -310,7 +311,7 @@ class LynxWebApp:
         if arcface_missing:
             body["note"] = ("The face check works, but a video also needs the face embedding:\n" + arcface_missing)
         if len(identities) > 1:
-            from .. import face
+            from ... import face
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -324,8 +325,8 @@ class LynxWebApp:
         return 200, body
 
     def _analyze(self, photo_id: str, path: Path, with_embedding: bool):
-        from .. import face
-        from ..face.detection import select_face
+        from ... import face
+        from ...face.detection import select_face
 
         cfg = self.config
         if with_embedding:
@@ -398,7 +399,7 @@ class LynxWebApp:
         s["steps"] = d.num_inference_steps if s["steps"] is None else s["steps"]
         s["seed"] = d.seed if s["seed"] is None else s["seed"]
         s["fps"] = d.fps if s["fps"] is None else s["fps"]
-        from ..pipeline import check_video_size
+        from ...pipelines.pipeline_lynx import check_video_size
 
         check_video_size(s["height"], s["width"], s["frames"])
         if s["steps"] < 1:
@@ -434,7 +435,7 @@ class LynxWebApp:
             return self._jobs.get(job_id)
 
     def _identity(self, job: Job):
-        from .. import face
+        from ... import face
 
         ids = job.settings["photos"]
         with self._face_lock:
@@ -497,7 +498,7 @@ class LynxWebApp:
                 self._busy = None
 
     def _make_video(self, job: Job, identity, out: Path) -> dict:
-        from ..video import generation_record, save_video, write_sidecar
+        from ...io.video import generation_record, save_video, write_sidecar
 
         s, d, pipe = job.settings, self.defaults, self.pipe
         g_i = "default" if s["guidance_i"] is None else (None if s["guidance_i"] < 0 else s["guidance_i"])

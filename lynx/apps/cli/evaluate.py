@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import InputError
+from ...errors import InputError
 
 STAGES = ("generate", "evaluate", "judge", "report")
 
@@ -40,7 +40,7 @@ def _add_judge_args(p) -> None:
 def _judge_client(args, required: bool):
     import os
 
-    from .judge import Judge, JudgeConfig
+    from ...evaluation.judge import Judge, JudgeConfig
 
     if not (args.judge or os.environ.get("LYNX_JUDGE")) and not required:
         return None
@@ -53,7 +53,7 @@ def _evaluator_kwargs(args) -> dict:
 
 
 def _sidecar_photos(video: str) -> list[str]:
-    from ..video import sidecar_path
+    from ...io.video import sidecar_path
 
     side = sidecar_path(video)
     try:
@@ -66,7 +66,7 @@ def _sidecar_photos(video: str) -> list[str]:
 
 
 def cmd_eval(args) -> int:
-    from .metrics import FaceEvaluator, format_evaluation
+    from ...evaluation.metrics import FaceEvaluator, format_evaluation
 
     for v in args.videos:
         if not Path(v).is_file():
@@ -88,7 +88,7 @@ def cmd_eval(args) -> int:
         print(format_evaluation(result))
         record = result.to_dict()
         if judge is not None:
-            from ..video import read_video
+            from ...io.video import read_video
 
             frames, fps = read_video(video)
             record["judge"] = judge.score(frames, args.prompt, fps=fps)
@@ -113,7 +113,7 @@ def cmd_eval(args) -> int:
 def cmd_bench(args) -> int:
     import torch
 
-    from .bench import default_identity_source, load_manifest, parse_setting_arg, parse_shard, run
+    from ...evaluation.bench import default_identity_source, load_manifest, parse_setting_arg, parse_shard, run
 
     stages = list(STAGES) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]

@@ -25,8 +25,8 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import IP_LAYERS_FILE, REF_LAYERS_FILE, RESAMPLER_FILE, AdapterConfig, transformer_dims
-from .errors import InputError
+from ..constants import IP_LAYERS_FILE, REF_LAYERS_FILE, RESAMPLER_FILE, AdapterConfig, transformer_dims
+from ..errors import InputError
 from .resampler import Resampler
 
 
@@ -215,7 +215,7 @@ class LynxAdapters(nn.Module):
         """Write the three official files (two for lite); loadable by the authors' code and ours."""
         from pathlib import Path
 
-        from .loading import atomic_write
+        from ..io.files import atomic_write
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import ResamplerConfig
-from .errors import CheckpointError
+from ..constants import ResamplerConfig
+from ..errors import CheckpointError
 
 
 class PerceiverAttention(nn.Module):

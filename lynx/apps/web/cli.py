@@ -8,7 +8,7 @@ import sys
 def cmd_serve(args) -> int:
     from pathlib import Path
 
-    from ..loading import default_adapter_dir, default_base_dir
+    from ...runtime import default_adapter_dir, default_base_dir
     from .server import LynxWebApp, ServeConfig, make_server
 
     config = ServeConfig(base=Path(args.base or default_base_dir()),

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .loading import atomic_write
+from ..errors import InputError
+from .files import atomic_write
 
 VIDEO_FORMATS = (".mp4", ".webp", ".gif")
 
@@ -112,7 +112,7 @@ def package_versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"lynx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__}

@@ -1,0 +1,134 @@
+"""Every size and default of Lynx in one place: adapter presets (full, lite, tiny) and sampling defaults.
+
+The numbers come from the spec of the released checkpoints (shared/spec/LYNX_SPEC.md).
+Nothing else in the package should hard-code a width, a depth, a guidance scale or a frame rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# ArcFace 112x112 template for (left eye, right eye, nose tip, left mouth corner, right mouth corner).
+ARCFACE_TEMPLATE = (
+    (38.2946, 51.6963),
+    (73.5318, 51.5014),
+    (56.0252, 71.7366),
+    (41.5493, 92.3655),
+    (70.7299, 92.2041),
+)
+
+REFERENCE_PROMPT = "image of a face"
+
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, blurred background, static, subtitles, style, works, paintings, "
+    "images, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, "
+    "extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, "
+    "fused fingers, still picture, messy background, three legs, many people in the background, "
+    "walking backwards"
+)
+
+# Text is always encoded to this many tokens; longer prompts are truncated with a warning.
+MAX_TEXT_TOKENS = 512
+
+# File names of an adapter directory (spec section 2).
+RESAMPLER_FILE = "resampler.safetensors"
+IP_LAYERS_FILE = "ip_layers.safetensors"
+REF_LAYERS_FILE = "ref_layers.safetensors"
+
+# Where the released weights are published, for "what to download" messages.
+BASE_MODEL_REPO = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+ADAPTER_REPO = "ByteDance/lynx"
+
+
+@dataclass(frozen=True)
+class ResamplerConfig:
+    """Perceiver Resampler sizes: 512-d face embedding -> `num_queries` identity tokens."""
+
+    dim: int = 1280
+    depth: int = 4
+    heads: int = 20
+    dim_head: int = 64
+    num_queries: int = 16
+    embedding_dim: int = 512
+    output_dim: int = 5120
+    ff_mult: int = 4
+
+
+def transformer_dims(config) -> tuple[int, int]:
+    """(number of blocks, width) from a Wan transformer config (its JSON dict or `transformer.config`):
+    the two sizes the adapters must match."""
+    return config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"]
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Shape of one Lynx adapter set, as read from (or written to) an adapter directory."""
+
+    variant: str  # "full" or "lite"
+    resampler: ResamplerConfig
+    num_blocks: int  # transformer depth the adapter was made for
+    hidden_dim: int  # transformer width
+    ip_blocks: tuple[int, ...]  # which transformer blocks carry an ID branch
+    ip_bias: bool
+    ip_key_norm: str  # "block" (the block's own norm_k) or "rms" (separate weightless RMSNorm)
+    ip_key_norm_eps: float = 1e-5
+    num_registers: int = 0
+    use_ref: bool = True
+
+    @property
+    def ip_input_dim(self) -> int:
+        return self.resampler.output_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def full_adapter_config(num_blocks: int = 40, hidden_dim: int = 5120, num_registers: int = 0,
+                        resampler: ResamplerConfig | None = None) -> AdapterConfig:
+    """The `lynx_full` layout: ID branch in every block (with bias), Ref branch in every block."""
+    resampler = resampler or ResamplerConfig(output_dim=hidden_dim)
+    return AdapterConfig(
+        variant="full", resampler=resampler, num_blocks=num_blocks, hidden_dim=hidden_dim,
+        ip_blocks=tuple(range(num_blocks)), ip_bias=True, ip_key_norm="block",
+        num_registers=num_registers, use_ref=True,
+    )
+
+
+def lite_adapter_config(num_blocks: int = 40, hidden_dim: int = 5120, ip_dim: int = 2048,
+                        resampler: ResamplerConfig | None = None) -> AdapterConfig:
+    """The `lynx_lite` layout: ID branch on every second block, no bias, own RMSNorm on keys, no Ref."""
+    resampler = resampler or ResamplerConfig(output_dim=ip_dim)
+    return AdapterConfig(
+        variant="lite", resampler=resampler, num_blocks=num_blocks, hidden_dim=hidden_dim,
+        ip_blocks=tuple(range(0, num_blocks, 2)), ip_bias=False, ip_key_norm="rms",
+        num_registers=0, use_ref=False,
+    )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Defaults of one generation call; `full` and `lite` differ only in frames, fps and guidance mode."""
+
+    num_frames: int = 81
+    fps: int = 16
+    height: int = 480
+    width: int = 832
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+    guidance_scale_i: float | None = 2.0  # None: two-way guidance (lite)
+    ip_scale: float = 1.0
+    ref_scale: float = 1.0
+    seed: int = 42
+    negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
+    # The authors' diffusers 0.33.1 UniPC grid, before the flow shift: linspace(start, 0, n + 1)[:-1].
+    sigma_start: float = 0.999
+
+
+SAMPLING_PRESETS: dict[str, SamplingConfig] = {
+    "full": SamplingConfig(),
+    "lite": SamplingConfig(num_frames=121, fps=24, guidance_scale_i=None),
+}
+
+
+def sampling_defaults(variant: str) -> SamplingConfig:
+    return SAMPLING_PRESETS[variant]
