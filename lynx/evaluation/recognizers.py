@@ -126,13 +126,13 @@ class InsightfaceRecognizer(Recognizer):
 
     def __init__(self, model_path: str | os.PathLike | None = None, models_dir: str | os.PathLike | None = None,
                  providers: Sequence[str] | None = None):
-        from ..runtime import face_models_dir as default_models_dir
+        from ..runtime import face_models_dir
 
         path = Path(model_path).expanduser() if model_path is not None else \
-            find_insightface_model(models_dir if models_dir is not None else default_models_dir())
+            find_insightface_model(models_dir if models_dir is not None else face_models_dir())
         if path is None or not path.is_file():
             where = str(path) if path is not None else \
-                f"{Path(models_dir or default_models_dir()).expanduser()} or ~/.insightface/models"
+                f"{Path(models_dir or face_models_dir()).expanduser()} or ~/.insightface/models"
             raise WeightsNotFoundError(
                 f"insightface recognition model not found in {where}. Download {INSIGHTFACE_PACK_URL} and unpack "
                 f"it there (giving buffalo_l/w600k_r50.onnx), or pass --insightface-model FILE.onnx.")

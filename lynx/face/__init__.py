@@ -2,7 +2,7 @@
 
 ``analyze(photo)`` returns a ``FaceIdentity`` holding the 512-d embedding for the ID-adapter and the
 256x256 reference crop for the Ref-adapter. Nothing is downloaded: model files are read from
-``default_models_dir()`` (``$LYNX_FACE_MODELS`` or ``~/.cache/lynx/face``). See docs/face.md.
+``lynx.runtime.face_models_dir()`` (``$LYNX_FACE_MODELS`` or ``~/.cache/lynx/face``). See docs/face.md.
 """
 
 from .alignment import ARCFACE_TEMPLATE, align_arcface, align_reference, arcface_template, reference_template
@@ -23,7 +23,6 @@ from .identity import (
                         arcface_missing,
                         arcface_path,
                         combine,
-                        default_models_dir,
                         describe,
 )
 from .image import load_image
@@ -32,6 +31,6 @@ __all__ = [
     "ARCFACE_FILE", "ARCFACE_TEMPLATE", "ARCFACE_URL", "MIN_FACE_SIZE", "ArcFaceIRSE50", "DetectedFace",
     "DlibDetector", "FaceDetector", "FaceIdentity", "IdentityMismatchWarning", "ScrfdDetector",
     "align_arcface", "align_reference", "analyze", "arcface_missing", "arcface_path", "arcface_template", "combine", "create_detector",
-    "default_models_dir", "describe", "embed", "find_scrfd_model", "load_arcface", "load_image",
+    "describe", "embed", "find_scrfd_model", "load_arcface", "load_image",
     "preprocess", "reference_template",
 ]
