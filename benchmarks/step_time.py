@@ -26,7 +26,8 @@ import torch
 
 from lynx import LynxPipeline
 from lynx.constants import ResamplerConfig
-from lynx.testing import TinyModelConfig, tiny_adapters, tiny_components
+from lynx.models.adapters import processors
+from lynx.testing import TinyModelConfig, add_tiny_adapters, tiny_components
 
 SIZES = {
     "tiny": (TinyModelConfig(), dict(height=32, width=32, num_frames=5)),
@@ -72,7 +73,6 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int) 
     try:
         with torch.device(device):
             parts = tiny_components(cfg)
-            adapters = {v: tiny_adapters(v, cfg) for v in ("full", "lite")}
     finally:
         torch.set_default_dtype(default_dtype)
     emb = torch.nn.functional.normalize(torch.randn(512), dim=0)
@@ -85,17 +85,25 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int) 
         transformer = parts["transformer"] if shared else copy.deepcopy(parts["transformer"])
         lynx = LynxPipeline(**{**parts, "transformer": transformer})
         runs[f"lynx {variant} ({passes} passes)"] = (
-            lynx, adapters[variant], dict(face_embedding=emb, reference_image=ref if variant == "full" else None))
+            lynx, variant, dict(face_embedding=emb, reference_image=ref if variant == "full" else None))
+
+    def install(pipe, variant):
+        # Seeded: the same random adapter weights at every install.
+        with torch.device(device):
+            resampler = add_tiny_adapters(pipe.transformer, variant, cfg)
+        pipe.register_modules(resampler=resampler.to(dtype))
+        for proc in processors(pipe.transformer):
+            proc.to(dtype)
 
     def run(name, n):
-        pipe, ad, kw = runs[name]
-        if ad is not None:
-            pipe.set_adapters(ad)
+        pipe, variant, kw = runs[name]
+        if variant is not None and (shared or pipe.resampler is None):
+            install(pipe, variant)
         try:
             return step_times(pipe, {**common, **kw}, n, device)
         finally:
-            if ad is not None and shared:
-                pipe.set_adapters(None)  # the shared transformer gets diffusers' processors back
+            if variant is not None and shared:
+                pipe.unload_lynx_adapters()  # the shared transformer gets diffusers' processors back
 
     for name, (pipe, ad, _) in runs.items():
         pipe.to(device=device, dtype=dtype)
@@ -108,8 +116,9 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int) 
             results[name].append(statistics.median(run(name, steps)))
             if str(device).startswith("cuda"):
                 peaks[name] = torch.cuda.max_memory_allocated() / 2**30
-    full, ad, _ = runs["lynx full (3 passes)"]
-    full.set_adapters(ad)
+    full, _, _ = runs["lynx full (3 passes)"]
+    if full.resampler is None:
+        install(full, "full")
     t0 = time.perf_counter()
     full.reference_features(ref, torch.Generator().manual_seed(1))
     _sync(device)

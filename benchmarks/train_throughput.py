@@ -22,6 +22,8 @@ import time
 import torch
 
 from lynx.constants import ResamplerConfig, full_adapter_config
+from lynx.models.adapters import adapter_parameters, install_adapters
+from lynx.models.resampler import Resampler
 from lynx.testing import TinyModelConfig, tiny_components
 from lynx.training.memory import (
     GIB,
@@ -32,7 +34,7 @@ from lynx.training.memory import (
     meta_model,
     parameter_counts,
 )
-from lynx.training.objective import LynxTrainModel, flow_matching_loss, token_count
+from lynx.training.objective import LynxTrainModel, PackedLynxAttnProcessor, flow_matching_loss, token_count
 
 SIZES = {
     # name: (model, latent shapes [C, F, H, W] of one pack)
@@ -50,14 +52,23 @@ def _sync(device):
 
 
 def build(cfg: TinyModelConfig, device, dtype):
-    from lynx.models.adapters import LynxAdapters
     from lynx.pipelines.pipeline_lynx import _cast_like_reference
 
     transformer = tiny_components(cfg)["transformer"].to(device).requires_grad_(False)
     _cast_like_reference(transformer, dtype)  # as training loads the base
     res = ResamplerConfig(dim=64, depth=2, heads=2, dim_head=32, num_queries=16, output_dim=cfg.hidden_dim)
-    adapters = LynxAdapters(full_adapter_config(cfg.num_layers, cfg.hidden_dim, resampler=res)).to(device)
-    return LynxTrainModel(transformer, adapters.train().requires_grad_(True), "auto", True)
+    return _trainable(transformer, full_adapter_config(cfg.num_layers, cfg.hidden_dim, resampler=res), device)
+
+
+def _trainable(transformer, config, device):
+    """`transformer` with new fp32 trainable adapters (training's processors) and resampler, as one model."""
+    with torch.device(device):
+        install_adapters(transformer, config, PackedLynxAttnProcessor)
+        resampler = Resampler(config.resampler)
+    for q in adapter_parameters(transformer):
+        q.data = q.data.float()
+        q.requires_grad_(True)
+    return LynxTrainModel(transformer, resampler.train().requires_grad_(True), "auto", True)
 
 
 def step_inputs(shapes, text_dim, device, dtype, seed=0):
@@ -109,9 +120,9 @@ def throughput(name, device, dtype, steps, warmup) -> dict:
 
 
 def memory_table(gpus=(1, 8, 128), gpu_gib: float = 80.0) -> list[dict]:
-    transformer, adapters = meta_model(WAN_14B)
-    counts = parameter_counts(transformer, adapters)
-    activations = ActivationModel.measure(transformer, adapters)
+    transformer, resampler = meta_model(WAN_14B)
+    counts = parameter_counts(transformer, resampler)
+    activations = ActivationModel.measure(transformer)
     hidden = WAN_14B["num_attention_heads"] * WAN_14B["attention_head_dim"]
     rows = []
     for stage, shapes in STAGES.items():
@@ -128,15 +139,12 @@ def memory_table(gpus=(1, 8, 128), gpu_gib: float = 80.0) -> list[dict]:
 
 def measure_gpu(blocks: int, tokens: int = 32760) -> dict:
     """A real step of a `blocks`-deep, full-width (5120) model on one GPU, against the estimate for it."""
-    from lynx.models.adapters import LynxAdapters
-
     device = torch.device("cuda")
     kwargs = dict(WAN_14B, num_layers=blocks)
     from diffusers import WanTransformer3DModel
 
     transformer = WanTransformer3DModel(**kwargs).to(device, torch.bfloat16).requires_grad_(False)
-    adapters = LynxAdapters(full_adapter_config(blocks, 5120)).to(device).train().requires_grad_(True)
-    model = LynxTrainModel(transformer, adapters, "auto", True)
+    model = _trainable(transformer, full_adapter_config(blocks, 5120), device)
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
     shapes = [(16, 21, 60, 104)]
     p = step_inputs(shapes, 4096, device, torch.bfloat16)

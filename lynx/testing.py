@@ -12,7 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .constants import ResamplerConfig, full_adapter_config, lite_adapter_config
+from .constants import AdapterConfig, ResamplerConfig, full_adapter_config, lite_adapter_config
+from .models.adapters import LynxAttnProcessor, install_adapters, processors
+from .models.loading import save_adapters
+from .models.resampler import Resampler
 
 # The released scheduler config of Wan2.1-T2V-14B-Diffusers (UniPC, flow prediction, shift 3).
 WAN_SCHEDULER_CONFIG = {
@@ -110,29 +113,64 @@ def save_tiny_base(directory, cfg: TinyModelConfig = TinyModelConfig(), seed: in
     return directory
 
 
-def tiny_adapters(variant: str = "full", cfg: TinyModelConfig = TinyModelConfig(), num_registers: int = 0,
-                  seed: int = 1, std: float = 0.2):
-    """Random non-zero `LynxAdapters` sized for the tiny transformer of `cfg`."""
-    from .models.adapters import LynxAdapters
-
+def tiny_adapter_config(variant: str = "full", cfg: TinyModelConfig = TinyModelConfig(),
+                        num_registers: int = 0) -> AdapterConfig:
+    """The released full/lite layout at the tiny transformer's size."""
     hidden = cfg.hidden_dim
     if variant == "full":
-        config = full_adapter_config(cfg.num_layers, hidden, num_registers,
-                                     ResamplerConfig(**{**vars(cfg.resampler), "output_dim": hidden}))
-    elif variant == "lite":
-        config = lite_adapter_config(cfg.num_layers, hidden, cfg.resampler.output_dim, cfg.resampler)
-    else:
-        raise ValueError(f"variant must be 'full' or 'lite', not {variant!r}")
+        return full_adapter_config(cfg.num_layers, hidden, num_registers,
+                                   ResamplerConfig(**{**vars(cfg.resampler), "output_dim": hidden}))
+    if variant == "lite":
+        return lite_adapter_config(cfg.num_layers, hidden, cfg.resampler.output_dim, cfg.resampler)
+    raise ValueError(f"variant must be 'full' or 'lite', not {variant!r}")
+
+
+def add_tiny_adapters(transformer, variant: str = "full", cfg: TinyModelConfig = TinyModelConfig(),
+                      num_registers: int = 0, seed: int = 1, std: float = 0.2,
+                      processor_class: type[LynxAttnProcessor] = LynxAttnProcessor) -> Resampler:
+    """Install random non-zero Lynx adapters into the tiny `transformer`; returns a random resampler for them."""
+    config = tiny_adapter_config(variant, cfg, num_registers)
     torch.manual_seed(seed)
-    adapters = LynxAdapters(config)
+    resampler = Resampler(config.resampler)
+    install_adapters(transformer, config, processor_class)
     with torch.no_grad():
-        for name, p in adapters.named_parameters():
-            if "ip_layers" in name or "ref_layers" in name:
+        for proc in processors(transformer):
+            for p in proc.parameters():
                 p.normal_(0, std)
-    return adapters.eval()
+    return resampler.eval()
+
+
+def tiny_transformer(cfg: TinyModelConfig = TinyModelConfig(), seed: int = 0):
+    """The tiny Wan transformer alone (as `tiny_components` makes it)."""
+    return tiny_components(cfg, seed)["transformer"]
 
 
 def save_tiny_adapters(directory, variant: str = "full", cfg: TinyModelConfig = TinyModelConfig(),
                        num_registers: int = 0, seed: int = 1) -> Path:
-    tiny_adapters(variant, cfg, num_registers, seed).save_pretrained(directory)
+    """Random tiny adapters written as the released files (`resampler`, `ip_layers`, `ref_layers`)."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):  # only its shape is needed to lay the adapters out
+        transformer = WanTransformer3DModel(num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+                                            in_channels=cfg.vae_z_dim, out_channels=cfg.vae_z_dim,
+                                            text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim,
+                                            num_layers=cfg.num_layers)
+    resampler = add_tiny_adapters(transformer, variant, cfg, num_registers, seed)
+    save_adapters(directory, transformer, resampler)
     return Path(directory)
+
+
+def load_tiny_adapters(directory, cfg: TinyModelConfig = TinyModelConfig()):
+    """A tiny transformer with the adapters of `directory` installed (the real loader), and their resampler."""
+    from .models.loading import load_adapters
+
+    transformer = tiny_transformer(cfg)
+    return transformer, load_adapters(transformer, directory)
+
+
+def adapter_files(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of an adapter directory's released files, keyed `file.safetensors/key` (no model involved)."""
+    from safetensors.torch import load_file
+
+    return {f"{path.name}/{key}": value for path in sorted(Path(directory).glob("*.safetensors"))
+            for key, value in load_file(path).items()}

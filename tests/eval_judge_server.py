@@ -45,7 +45,8 @@ class JudgeServer:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 (http.server's naming)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                server.requests.append({"path": self.path, "headers": headers, "body": body})
                 if "generateContent" in self.path:
                     text = body["contents"][0]["parts"][0]["text"]
                     wrap = gemini_reply

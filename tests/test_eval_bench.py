@@ -249,7 +249,8 @@ def test_manifest_formats_and_errors(tmp_path):
     root = tmp_path
     for n in ("a", "b"):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / f"{n}.png")
-    (root / "m.json").write_text(json.dumps({"subjects": [{"id": "a", "photo": "a.png"}, {"id": "b", "photos": ["b.png"]}],
+    subjects = [{"id": "a", "photo": "a.png"}, {"id": "b", "photos": ["b.png"]}]
+    (root / "m.json").write_text(json.dumps({"subjects": subjects,
                                              "prompts": ["walks", {"id": "run", "text": "runs in a park"}]}))
     (root / "m.csv").write_text("subject,photo,prompt_id,prompt\na,a.png,,walks\nb,b.png,run,runs in a park\n")
     j, c = load_manifest(root / "m.json"), load_manifest(root / "m.csv")

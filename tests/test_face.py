@@ -377,7 +377,8 @@ def test_real_scrfd_model_if_available(astro):
 def test_templates():
     np.testing.assert_allclose(lf.arcface_template(), lf.ARCFACE_TEMPLATE)
     ref = lf.reference_template()
-    # Hand-computed for the image-left eye: ((38.2946 - 56) * 0.8 + 56) * 256/112, ((51.6963 + 10 - 56) * 0.8 + 56) * 256/112
+    # Hand-computed for the image-left eye:
+    # ((38.2946 - 56) * 0.8 + 56) * 256/112, ((51.6963 + 10 - 56) * 0.8 + 56) * 256/112
     np.testing.assert_allclose(ref[0], [95.62441, 138.41609], atol=1e-3)
     np.testing.assert_allclose(ref[4], [((70.7299 - 56) * 0.8 + 56) * 256 / 112,
                                         ((92.2041 + 10 - 56) * 0.8 + 56) * 256 / 112], atol=1e-3)

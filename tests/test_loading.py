@@ -7,20 +7,33 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lynx.errors import CheckpointError, WeightsNotFoundError
-from lynx.models.loading import inspect_base_dir, load_adapters, read_adapter_config, require_base_dir
-from lynx.testing import tiny_adapters
+from lynx.models.adapters import adapter_config
+from lynx.models.loading import inspect_base_dir, load_adapters, read_adapter_config, require_base_dir, save_adapters
+from lynx.testing import add_tiny_adapters, tiny_transformer
 
 BLOCKS, WIDTH = 4, 24
+
+
+def loaded(adapter_dir):
+    """A tiny transformer with the adapters of `adapter_dir` installed, and the resampler."""
+    transformer = tiny_transformer()
+    return transformer, load_adapters(transformer, adapter_dir)
+
+
+def adapter_state(transformer, resampler):
+    return {**{f"resampler.{k}": v for k, v in resampler.state_dict().items()},
+            **{k: v for k, v in transformer.state_dict().items() if ".processor." in k}}
 
 
 @pytest.mark.parametrize("kind,variant,registers,ip_blocks", [
     ("full", "full", 0, (0, 1, 2, 3)), ("registers", "full", 3, (0, 1, 2, 3)), ("lite", "lite", 0, (0, 2))])
 def test_variants_detected_from_files(adapter_dirs, kind, variant, registers, ip_blocks):
-    adapters = load_adapters(adapter_dirs[kind], BLOCKS, WIDTH)
-    cfg = adapters.config
+    transformer, resampler = loaded(adapter_dirs[kind])
+    cfg = adapter_config(transformer)
     assert (cfg.variant, cfg.num_registers, cfg.ip_blocks) == (variant, registers, ip_blocks)
     assert cfg.use_ref == (variant == "full") and cfg.ip_bias == (variant == "full")
-    assert not any(p.requires_grad for p in adapters.parameters())
+    assert not any(p.requires_grad for p in adapter_state(transformer, resampler).values())
+    assert not any(p.device.type == "meta" for p in transformer.parameters())
 
 
 def test_official_key_layout(adapter_dirs):
@@ -28,7 +41,8 @@ def test_official_key_layout(adapter_dirs):
     assert {"0.to_k_ip.weight", "0.to_k_ip.bias", "0.to_v_ip.weight", "0.to_v_ip.bias", "0.registers"} <= set(ip)
     assert ip["0.registers"].shape == (1, 3, WIDTH)
     ref = load_file(adapter_dirs["full"] / "ref_layers.safetensors")
-    assert set(ref) == {f"{i}.{n}.{p}" for i in range(BLOCKS) for n in ("to_k_ref", "to_v_ref") for p in ("weight", "bias")}
+    assert set(ref) == {f"{i}.{n}.{p}" for i in range(BLOCKS) for n in ("to_k_ref", "to_v_ref")
+                        for p in ("weight", "bias")}
     lite = load_file(adapter_dirs["lite"] / "ip_layers.safetensors")
     assert set(lite) == {f"{i}.{n}.weight" for i in range(2) for n in ("to_k_ip", "to_v_ip")}
     assert lite["0.to_k_ip.weight"].shape == (WIDTH, 16)
@@ -37,10 +51,10 @@ def test_official_key_layout(adapter_dirs):
 
 @pytest.mark.parametrize("variant,registers", [("full", 0), ("full", 2), ("lite", 0)])
 def test_save_load_round_trip(tmp_path, variant, registers):
-    original = tiny_adapters(variant, num_registers=registers, seed=11)
-    original.save_pretrained(tmp_path)
-    loaded = load_adapters(tmp_path, BLOCKS, WIDTH)
-    a, b = original.state_dict(), loaded.state_dict()
+    original = tiny_transformer()
+    resampler = add_tiny_adapters(original, variant, num_registers=registers, seed=11)
+    save_adapters(tmp_path, original, resampler)
+    a, b = adapter_state(original, resampler), adapter_state(*loaded(tmp_path))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -95,8 +109,25 @@ def test_wrong_shape_inside_file(adapter_dirs, tmp_path):
     res = load_file(d / "resampler.safetensors")
     res["layers.1.0.to_out.weight"] = torch.zeros(3, 3)
     save_file(res, d / "resampler.safetensors")
+    transformer = tiny_transformer()
+    before = {k: v.clone() for k, v in transformer.state_dict().items()}
     with pytest.raises(CheckpointError, match="resampler.safetensors does not match.*to_out"):
-        load_adapters(d, BLOCKS, WIDTH)
+        load_adapters(transformer, d)
+    after = transformer.state_dict()
+    assert adapter_config(transformer) is None and before.keys() == after.keys()  # a bad file changes nothing
+
+
+def test_bad_ref_file_leaves_the_transformer_as_it_was(adapter_dirs, tmp_path):
+    d = shutil.copytree(adapter_dirs["full"], tmp_path / "a")
+    ref = load_file(d / "ref_layers.safetensors")
+    ref["2.to_v_ref.bias"] = torch.zeros(5)
+    save_file(ref, d / "ref_layers.safetensors")
+    transformer = tiny_transformer()
+    keys = set(transformer.state_dict())
+    with pytest.raises(CheckpointError, match="ref_layers.safetensors does not match.*to_v_ref.bias"):
+        load_adapters(transformer, d)
+    assert set(transformer.state_dict()) == keys and adapter_config(transformer) is None
+
 
 
 def test_foreign_keys(adapter_dirs, tmp_path):

@@ -10,6 +10,7 @@ from diffusers import WanPipeline
 
 from lynx import LynxPipeline
 from lynx.errors import InputError
+from lynx.models.adapters import uninstall_adapters
 from lynx.pipelines.pipeline_lynx import flow_sigmas
 
 
@@ -84,7 +85,7 @@ def test_full_without_reference_runs_with_ref_scale_zero(full, face_embedding, r
 def test_no_identity_tokens_are_resampler_of_zeros_not_zeros(full):
     tokens = full.identity_tokens(torch.zeros(512))
     assert tokens.shape == (1, 4, 24) and tokens.abs().max() > 0.1
-    assert torch.equal(tokens, full.adapters.resampler(torch.zeros(1, 1, 512)))
+    assert torch.equal(tokens, full.resampler(torch.zeros(1, 1, 512)))
 
 
 def test_reference_features_are_the_frozen_pass_over_the_vae_sample(full, reference_crop):
@@ -93,7 +94,7 @@ def test_reference_features_are_the_frozen_pass_over_the_vae_sample(full, refere
     assert len(feats) == 4 and feats[0].shape == (1, 256, 24)
     # Independent recomputation on a plain copy of the transformer (diffusers' own processors).
     plain = copy.deepcopy(full.transformer)
-    type(full.adapters).uninstall(plain)
+    uninstall_adapters(plain)
     pixels = torch.tensor(reference_crop).float().permute(2, 0, 1)[None, :, None] / 127.5 - 1
     z = full.vae.encode(pixels).latent_dist.sample(generator=gen())
     cfg = full.vae.config
@@ -154,7 +155,8 @@ def test_output_types_and_callback(full, face_embedding, reference_crop):
 
 def test_bf16_runs(tiny_base, adapter_dirs, face_embedding, reference_crop):
     pipe = LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["registers"], torch_dtype=torch.bfloat16)
-    assert pipe.adapters.resampler.latents.dtype == torch.bfloat16
+    assert pipe.resampler.latents.dtype == torch.bfloat16
+    assert pipe.transformer.blocks[0].attn1.processor.to_k_ref.weight.dtype == torch.bfloat16
     assert pipe.transformer.rope.freqs_cos.dtype == torch.float32  # RoPE tables stay fp32, as in the reference
     out = pipe("a man walks", **person(face_embedding, reference_crop), **SMALL).frames
     assert np.isfinite(out).all() and out.shape == (1, 5, 32, 32, 3)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+from safetensors.torch import load_file
 
 from lynx import LynxPipeline
 
@@ -33,23 +34,37 @@ def plain_copy(transformer):
     return t
 
 
-def reference_video_latents(pipe, prompt, negative, emb, crop, g, g_i, ip_scale=1.0, ref_scale=1.0):
-    ad = pipe.adapters
-    cfg = ad.config
+class FileLayer:
+    """One block's adapter weights read straight from a released file (`{i}.to_k_ip.weight` ...)."""
+
+    def __init__(self, state, index):
+        self.w = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == str(index)}
+        self.registers = self.w.get("registers")
+
+    def __getattr__(self, name):  # to_k_ip(x) etc.: x W^T + b
+        w = self.__dict__["w"]
+        return lambda x: F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+
+
+def reference_video_latents(pipe, adapter_dir, prompt, negative, emb, crop, g, g_i, ip_scale=1.0, ref_scale=1.0):
+    cfg = pipe.adapter_config
+    ip_file = load_file(adapter_dir / "ip_layers.safetensors")
+    ref_file = load_file(adapter_dir / "ref_layers.safetensors") if cfg.use_ref else None
     t = plain_copy(pipe.transformer)
     text = lambda p: pipe._get_t5_prompt_embeds([p], max_sequence_length=512)  # noqa: E731
     state = {}
 
     # Identity tokens: resampler(embedding) and resampler(zeros).
     with torch.no_grad():
-        tokens = ad.resampler(torch.as_tensor(emb)[None, None])
-        no_tokens = ad.resampler(torch.zeros(1, 1, 512))
+        tokens = pipe.resampler(torch.as_tensor(emb)[None, None])
+        no_tokens = pipe.resampler(torch.zeros(1, 1, 512))
 
     # Reference features: the input of every attn1 during one pass at t=0 with "image of a face".
     def features(pixels):
         z = pipe.vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(SEED + 1))
         c = pipe.vae.config
-        z = (z - torch.tensor(c.latents_mean).view(1, -1, 1, 1, 1)) * (1 / torch.tensor(c.latents_std).view(1, -1, 1, 1, 1))
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1) for v in (c.latents_mean, c.latents_std))
+        z = (z - mean) * (1 / std)
         seen = []
         hooks = [b.attn1.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in t.blocks]
         with torch.no_grad():
@@ -84,10 +99,10 @@ def reference_video_latents(pipe, prompt, negative, emb, crop, g, g_i, ip_scale=
         return hook
 
     for i, b in enumerate(cfg.ip_blocks):
-        t.blocks[b].attn2.register_forward_hook(ip_hook(b, ad.ip_layers[str(i)]))
+        t.blocks[b].attn2.register_forward_hook(ip_hook(b, FileLayer(ip_file, i)))
     if cfg.use_ref:
         for i, block in enumerate(t.blocks):
-            block.attn1.register_forward_hook(ref_hook(i, ad.ref_layers[str(i)]))
+            block.attn1.register_forward_hook(ref_hook(i, FileLayer(ref_file, i)))
 
     def predict(latents, step_t, txt, with_identity):
         state["tokens"] = tokens if with_identity else no_tokens
@@ -120,7 +135,8 @@ def test_pipeline_matches_independent_reference(tiny_base, adapter_dirs, face_em
                 negative_prompt="static", guidance_scale=4.0, guidance_scale_i=g_i, height=H, width=W,
                 num_frames=FRAMES, num_inference_steps=STEPS, seed=SEED, ip_scale=0.8, ref_scale=1.2,
                 output_type="latent").frames
-    expected = reference_video_latents(pipe, "a woman dancing in rain", "static", face_embedding, crop, 4.0, g_i,
+    expected = reference_video_latents(pipe, adapter_dirs[kind], "a woman dancing in rain", "static", face_embedding,
+                                       crop, 4.0, g_i,
                                        ip_scale=0.8, ref_scale=1.2)
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
     # Sanity: the adapters matter at these weights, so agreement is not trivial.

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from lynx.errors import InputError, LynxError
+from lynx.models.adapters import adapter_config
 from lynx.models.loading import load_adapters
+from lynx.testing import adapter_files, load_tiny_adapters
 from lynx.training import checkpoint as ckpt
 from lynx.training.config import training_config_from_dict
 from lynx.training.data import load_sample, load_shared, prepare, read_index
-from lynx.training.objective import LynxTrainModel, evaluation_loss
+from lynx.training.objective import LynxTrainModel, PackedLynxAttnProcessor, evaluation_loss
 from lynx.training.synthetic import make_dataset, pixel_encoders
 from lynx.training.trainer import load_transformer, read_metrics, train
 
@@ -49,7 +51,8 @@ def identity_measure(config, adapter_dir, base):
     index = read_index(config.data.cache_dir)
     samples = [load_sample(config.data.cache_dir, k) for k in index.keys]
     shared = load_shared(config.data.cache_dir, config)
-    model = LynxTrainModel(load_transformer(Path(base), torch.float32), load_adapters(adapter_dir, 4, 24),
+    transformer = load_transformer(Path(base), torch.float32)
+    model = LynxTrainModel(transformer, load_adapters(transformer, adapter_dir, PackedLynxAttnProcessor),
                            gradient_checkpointing=False)
     kw = dict(seed=1234, shift=3.0, repeats=4)
     emb = torch.stack([s["embedding"] for s in samples])
@@ -74,7 +77,7 @@ def test_tiny_model_learns_to_follow_identity(identity_data, tiny_base, tmp_path
     assert [p.name for p in result.samples] == ["step-00000150-0.gif"] and result.samples[0].stat().st_size > 0
 
     # Before training the ID branch is exactly off (zero-initialised values); after, it carries the person.
-    ckpt.write_adapters(tmp_path / "init", *_fresh_adapters(config))
+    ckpt.write_adapters(tmp_path / "init", *_fresh_adapters(config, tiny_base))
     before = identity_measure(config, tmp_path / "init", tiny_base)
     assert before["on"] == before["off"] == before["wrong"]
     after = identity_measure(config, result.final_dir, tiny_base)
@@ -83,11 +86,12 @@ def test_tiny_model_learns_to_follow_identity(identity_data, tiny_base, tmp_path
     assert after["on"] < 0.9 * after["wrong"]  # it is this person's identity that helps, not any identity
 
 
-def _fresh_adapters(config):
+def _fresh_adapters(config, base):
     from lynx.training.trainer import build_adapters
 
-    adapters = build_adapters(config, 4, 24, None)
-    return adapters, adapters.state_dict()
+    transformer = load_transformer(Path(base), torch.float32)
+    model = LynxTrainModel(transformer, build_adapters(config, transformer, None))
+    return model, ckpt.full_adapter_state(model)
 
 
 def test_checkpoints_load_in_the_pipeline(identity_data, tiny_base, tmp_path, face_embedding, reference_crop):
@@ -107,23 +111,23 @@ def test_checkpoints_load_in_the_pipeline(identity_data, tiny_base, tmp_path, fa
         video = pipe("a person", face_embedding=face_embedding, reference_image=reference_crop, height=32,
                      width=32, num_frames=1, num_inference_steps=2).frames[0]
         assert video.shape == (1, 32, 32, 3) and np.isfinite(video).all()
-    trained = load_adapters(result.final_dir, 4, 24).state_dict()
+    trained = adapter_files(result.final_dir)
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "to_v_ip" in k)  # moved off zero
 
 
 @pytest.mark.parametrize("variant", ["full", "lite"])
 def test_fine_tuning_starts_from_the_released_adapters(identity_data, tiny_base, adapter_dirs, tmp_path, variant):
-    released = load_adapters(adapter_dirs[variant], 4, 24).state_dict()
+    released = adapter_files(adapter_dirs[variant])
     unchanged = train(make_config(identity_data, tiny_base, tmp_path / "lr0", steps=1, learning_rate=0.0,
                                   init=str(adapter_dirs[variant])), progress=False)
-    got = load_adapters(unchanged.final_dir, 4, 24).state_dict()
+    got = adapter_files(unchanged.final_dir)
     assert got.keys() == released.keys() and all(torch.equal(got[k], released[k]) for k in got)
     tuned = train(make_config(identity_data, tiny_base, tmp_path / "tuned", steps=2, learning_rate=1e-3,
                               init=str(adapter_dirs[variant])), progress=False)
-    got = load_adapters(tuned.final_dir, 4, 24)
-    assert got.variant == variant
+    transformer, _ = load_tiny_adapters(tuned.final_dir)
+    assert adapter_config(transformer).variant == variant
     assert (tuned.final_dir / "ref_layers.safetensors").exists() == (variant == "full")
-    assert any(not torch.equal(v, released[k]) for k, v in got.state_dict().items())
+    assert any(not torch.equal(v, released[k]) for k, v in adapter_files(tuned.final_dir).items())
 
 
 def test_a_failed_save_keeps_the_last_checkpoint_and_resume_is_exact(identity_data, tiny_base, tmp_path,
@@ -148,12 +152,12 @@ def test_a_failed_save_keeps_the_last_checkpoint_and_resume_is_exact(identity_da
     root = out / "checkpoints"
     assert (root / "latest").read_text().strip() == "step-00000002"
     assert (root / ".step-00000004.tmp").is_dir() and not (root / "step-00000004").exists()
-    load_adapters(root / "step-00000002", 4, 24)  # the last good checkpoint is intact
+    load_tiny_adapters(root / "step-00000002")  # the last good checkpoint is intact
     resumed = train(config, resume=True, progress=False)
     assert resumed.losses == reference.losses[2:]  # bit for bit
     assert [r["loss"] for r in read_metrics(out)] == reference.losses
     assert not (root / ".step-00000004.tmp").exists()
-    a, b = (load_adapters(d, 4, 24).state_dict() for d in (reference.final_dir, resumed.final_dir))
+    a, b = (adapter_files(d) for d in (reference.final_dir, resumed.final_dir))
     assert all(torch.equal(a[k], b[k]) for k in a)
     state = json.loads((root / "step-00000006" / "trainer_state.json").read_text())
     assert state["step"] == 6 and state["packs_consumed"] == 6

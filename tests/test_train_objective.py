@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from lynx.models.adapters import Conditioning
-from lynx.testing import WAN_SCHEDULER_CONFIG, TinyModelConfig, tiny_adapters, tiny_components
+from lynx.models.adapters import Conditioning, adapter_parameters, conditioning, zero_init_
+from lynx.testing import WAN_SCHEDULER_CONFIG, TinyModelConfig, add_tiny_adapters, tiny_components
 from lynx.training.objective import (
     LynxTrainModel,
     PackedAttention,
+    PackedLynxAttnProcessor,
     default_shift,
     flow_matching_loss,
     make_step_inputs,
@@ -33,10 +34,18 @@ def base_transformer():
 
 
 def train_model(base_transformer, variant="full", zero=False, registers=0, attention="split", checkpointing=True):
-    adapters = tiny_adapters(variant, CFG, num_registers=registers).train().requires_grad_(True)
+    transformer = copy.deepcopy(base_transformer)
+    resampler = add_tiny_adapters(transformer, variant, CFG, num_registers=registers,
+                                  processor_class=PackedLynxAttnProcessor)
     if zero:
-        adapters.zero_init_()
-    return LynxTrainModel(copy.deepcopy(base_transformer), adapters, attention, checkpointing)
+        zero_init_(transformer)
+    for q in adapter_parameters(transformer):
+        q.requires_grad_(True)
+    return LynxTrainModel(transformer, resampler.train().requires_grad_(True), attention, checkpointing)
+
+
+def adapter_grads(model):
+    return {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}
 
 
 def pack(seed=0, shapes=SHAPES):
@@ -53,30 +62,30 @@ def pack(seed=0, shapes=SHAPES):
 
 
 def packed_loss_and_grads(model, p, normaliser):
-    model.adapters.zero_grad()
+    model.zero_grad()
     preds = model(p["noisy"], p["timesteps"], p["text"], p["embeddings"], p["reference"], p["reference_text"])
     loss = flow_matching_loss(preds, p["targets"], normaliser)
     loss.backward()
-    return preds, loss.detach(), {n: q.grad.clone() for n, q in model.adapters.named_parameters()}
+    return preds, loss.detach(), adapter_grads(model)
 
 
 def one_by_one(model, p, normaliser):
     """The same samples through diffusers' own forward, one at a time, as the pipeline runs the model."""
-    adapters, transformer = model.adapters, model.transformer
-    adapters.zero_grad()
+    transformer = model.transformer
+    model.zero_grad()
     preds, total = [], 0.0
     for i in range(len(p["noisy"])):
         features = model.reference_features(p["reference"][i:i + 1], p["reference_text"]) \
-            if adapters.config.use_ref else None
-        tokens = adapters.resampler(p["embeddings"][i:i + 1, None])
-        with adapters.conditioning(Conditioning(tokens, features, cache_kv=False)):
+            if model.adapter_config.use_ref else None
+        tokens = model.resampler(p["embeddings"][i:i + 1, None])
+        with conditioning(transformer, Conditioning(tokens, features, cache_kv=False)):
             pred = transformer(hidden_states=p["noisy"][i][None], timestep=p["timesteps"][i:i + 1],
                                encoder_hidden_states=p["text"][i:i + 1], return_dict=False)[0][0]
         loss = flow_matching_loss([pred], [p["targets"][i]], normaliser)
         loss.backward()
         preds.append(pred.detach())
         total += float(loss.detach())
-    return preds, total, {n: q.grad.clone() for n, q in adapters.named_parameters()}
+    return preds, total, adapter_grads(model)
 
 
 def assert_grads_close(a, b, rtol=2e-4):
@@ -187,7 +196,7 @@ def test_checkpointing_changes_memory_not_gradients(base_transformer):
 def test_only_the_adapters_train(base_transformer):
     model = train_model(base_transformer)
     trainable = {id(q) for q in model.trainable_parameters()}
-    assert trainable == {id(q) for q in model.adapters.parameters()}
+    assert trainable == {id(q) for q in [*model.resampler.parameters(), *adapter_parameters(model.transformer)]}
     assert not any(q.requires_grad for q in model.transformer.parameters() if id(q) not in trainable)
     p = pack()
     packed_loss_and_grads(model, p, 1.0)
@@ -206,7 +215,7 @@ def test_reference_features_are_the_pipelines(tiny_base, adapter_dirs, reference
         pixels = torch.tensor(img, dtype=torch.float32).permute(2, 0, 1)[None, :, None] / 127.5 - 1
         dist = pipe.vae.encode(pixels).latent_dist
         latents.append(pipe._normalize_latents(dist.sample(generator=torch.Generator().manual_seed(43))))
-    model = LynxTrainModel(pipe.transformer, pipe.adapters)
+    model = LynxTrainModel(pipe.transformer, pipe.resampler)
     got = model.reference_features(torch.cat(latents), ref_text)
     for block, feats in enumerate(got):
         for i in range(2):

@@ -30,7 +30,6 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from ..apps.cli import slug
-from ..constants import transformer_dims
 from ..errors import InputError
 
 log = logging.getLogger("lynx.evaluation")
@@ -422,7 +421,6 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
     import torch
 
     from ..io.video import save_video, sidecar_path, write_sidecar
-    from ..models.loading import load_adapters
     from ..runtime import default_adapter_dir, default_base_dir
 
     layout = Layout(out_dir)
@@ -455,7 +453,7 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
             if attention_backend:
                 pipe.transformer.set_attention_backend(attention_backend)
         elif want != loaded_adapter:
-            pipe.set_adapters(load_adapters(want, *transformer_dims(pipe.transformer.config)))
+            pipe.load_lynx_adapters(want)
         loaded_adapter = want
         kwargs = {**manifest.generation, **s.params}
         seed = kwargs.pop("seed", None)

@@ -30,7 +30,8 @@ from .image import load_image
 __all__ = [
     "ARCFACE_FILE", "ARCFACE_TEMPLATE", "ARCFACE_URL", "MIN_FACE_SIZE", "ArcFaceIRSE50", "DetectedFace",
     "DlibDetector", "FaceDetector", "FaceIdentity", "IdentityMismatchWarning", "ScrfdDetector",
-    "align_arcface", "align_reference", "analyze", "arcface_missing", "arcface_path", "arcface_template", "combine", "create_detector",
+    "align_arcface", "align_reference", "analyze", "arcface_missing", "arcface_path", "arcface_template", "combine",
+    "create_detector",
     "describe", "embed", "find_scrfd_model", "load_arcface", "load_image",
     "preprocess", "reference_template",
 ]

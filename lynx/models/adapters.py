@@ -1,66 +1,51 @@
-"""The two Lynx adapters as attention processors on diffusers' own `WanTransformer3DModel`.
+"""The two Lynx adapters as attention processors that own their weights, inside diffusers' Wan transformer.
 
 ID-adapter: in a block's cross-attention (`attn2`), a second attention from the block's query to the
 identity tokens (+ optional learned registers); its output times `ip_scale` joins the text-attention
 output before `to_out`. Ref-adapter: in a block's self-attention (`attn1`), a second attention from the
 query (before RoPE) to that block's reference features; output times `ref_scale` joins before `to_out`.
 
-diffusers calls `attn1(x, None, None, rope)` and `attn2(x, text, None, None)` with no room for extra
-inputs, so per-call inputs travel through a `Conditioning` that the caller makes current with
-`adapters.conditioning(...)` around a transformer call. The same processors, with no conditioning
-active and a recorder set, capture the tensor that enters each self-attention: the reference features.
-The adapter weights live in `LynxAdapters`, outside the transformer, so the base model's state dict
-stays exactly diffusers' own.
+As with diffusers' IP-Adapter processors, each processor is an `nn.Module` set with `attn.set_processor`,
+so its weights are parameters of the transformer (`blocks.{b}.attn2.processor.to_k_ip.weight`, ...):
+`.to()`, every diffusers offloading mode, layerwise casting and FSDP see them with no Lynx-specific code.
+The released files load and save unchanged through a key map (`{i}.to_k_ip.weight` <-> block `ip_blocks[i]`).
+
+diffusers' blocks call `attn1(x, None, None, rope)` and `attn2(x, text, None, None)` with no room for
+extra inputs, so per-call inputs reach the processors as attributes that `conditioning(transformer, cond)`
+sets around a transformer call. A processor's forward reads nothing per block (no index, no dict), so one
+compiled block serves all blocks and all steps. The adapters' keys and values, which do not change between
+denoising steps, are computed inside the first call (where offloading hooks have put the weights on the
+device) and kept in the `Conditioning` for the calls after it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
+import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Iterator
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
-from safetensors.torch import save_file
 from torch import nn
 
-from ..constants import IP_LAYERS_FILE, REF_LAYERS_FILE, RESAMPLER_FILE, AdapterConfig, transformer_dims
+from ..constants import IP_LAYERS_FILE, REF_LAYERS_FILE, AdapterConfig, transformer_dims
 from ..errors import InputError
-from .resampler import Resampler
-
-
-class IPLayer(nn.Module):
-    """Key/value projections of the identity tokens for one block (keys `to_k_ip`, `to_v_ip`, `registers`)."""
-
-    def __init__(self, in_dim: int, dim: int, bias: bool, num_registers: int = 0):
-        super().__init__()
-        self.to_k_ip = nn.Linear(in_dim, dim, bias=bias)
-        self.to_v_ip = nn.Linear(in_dim, dim, bias=bias)
-        self.registers = nn.Parameter(torch.randn(1, num_registers, in_dim) / dim ** 0.5) if num_registers else None
-
-
-class RefLayer(nn.Module):
-    """Key/value projections of one block's reference features (keys `to_k_ref`, `to_v_ref`)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.to_k_ref = nn.Linear(dim, dim, bias=True)
-        self.to_v_ref = nn.Linear(dim, dim, bias=True)
 
 
 @dataclass
 class Conditioning:
     """What one transformer call sees through the adapters. A tensor left as None switches its branch off.
 
-    `ip_tokens`: [B or 1, N, ip_dim] identity tokens (resampler output).
-    `ref_features`: one [B or 1, S, hidden] tensor per transformer block.
-    With `cache_kv` the adapters' keys and values, which do not change between denoising steps, are
-    computed once and kept here; use one Conditioning per distinct input and drop it after sampling.
-    `attention` (packed training, lynx.training): several samples share one sequence, so every attention
-    of the call (`kind` "self", "text", "ip" or "ref") goes through `attention(query, key, value, kind,
-    attend)`, which keeps each sample's queries on its own keys; `attend` is the processor's dispatcher call.
-    Cross-attention keys then come per sample ([n, ...]) and are not broadcast. None: plain attention.
+    Args:
+        ip_tokens: [B or 1, N, ip_dim] identity tokens (the resampler's output).
+        ref_features: one [B or 1, S, hidden] tensor per transformer block (`reference_features`).
+        ip_scale, ref_scale: weights of the two branches' outputs; 0 switches a branch off.
+        cache_kv: keep the adapters' keys and values after the first call (inference); off in training,
+            where they depend on weights that change. Use one Conditioning per distinct input.
+        packing: training only: how several samples share one sequence (see `lynx.training.objective`).
     """
 
     ip_tokens: torch.Tensor | None = None
@@ -68,23 +53,8 @@ class Conditioning:
     ip_scale: float = 1.0
     ref_scale: float = 1.0
     cache_kv: bool = True
-    attention: Callable | None = None
+    packing: object | None = None
     _kv: dict = field(default_factory=dict, repr=False)
-
-    def kv(self, key, make):
-        if not self.cache_kv:
-            return make()
-        if key not in self._kv:
-            self._kv[key] = make()
-        return self._kv[key]
-
-
-class AdapterState:
-    """The per-call channel between the caller and the processors of one transformer."""
-
-    def __init__(self):
-        self.active: Conditioning | None = None
-        self.recorded: list[torch.Tensor] | None = None
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -102,190 +72,270 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return out.type_as(x)
 
 
-def _batched(t: torch.Tensor, batch: int) -> torch.Tensor:
-    return t.expand(batch, *t.shape[1:]) if t.shape[0] == 1 and batch > 1 else t
+class LynxAttnProcessor(nn.Module):
+    """Wan attention plus this attention's Lynx branch, owning the branch's weights.
 
+    In a self-attention (`branch="ref"`): `to_k_ref`, `to_v_ref` (Linear hidden->hidden, bias).
+    In a cross-attention (`branch="ip"`): `to_k_ip`, `to_v_ip` (Linear ip_dim->hidden) and, when the
+    release has them, `registers` [1, n, ip_dim] appended to the identity tokens; keys normalised by the
+    block's `norm_k` (`key_norm="block"`, full) or a weightless RMSNorm over the width (`"rms"`, lite).
+    `branch=None`: no weights; exactly diffusers' `WanAttnProcessor` (lite's odd blocks and self-attentions).
 
-class LynxAttnProcessor:
-    """Wan attention plus the Lynx branch of this block (ID branch in attn2, Ref branch in attn1).
-
-    Without an active Conditioning it computes exactly what diffusers' `WanAttnProcessor` computes.
+    Per-call inputs, set by `conditioning` / `recording` (never by hand): `source` (the branch's tokens or
+    this block's features), `kv` (their keys and values once computed), `scale`, `record` / `recorded`.
     """
 
     _attention_backend = None
     _parallel_config = None
+    # The attributes one call's inputs live in (saved and restored around nested `conditioning` blocks).
+    call_attributes: tuple[str, ...] = ("source", "kv", "scale")
 
-    def __init__(self, state: AdapterState, block: int, ip_layer: IPLayer | None = None,
-                 ref_layer: RefLayer | None = None, ip_key_norm: str = "block", ip_key_norm_eps: float = 1e-5):
-        self.state, self.block = state, block
-        self.ip_layer, self.ref_layer = ip_layer, ref_layer
-        self.ip_key_norm, self.ip_key_norm_eps = ip_key_norm, ip_key_norm_eps
+    def __init__(self, block: int, branch: str | None = None, hidden_dim: int = 0, in_dim: int | None = None,
+                 bias: bool = True, num_registers: int = 0, key_norm: str = "block", key_norm_eps: float = 1e-5):
+        super().__init__()
+        if branch not in (None, "ip", "ref"):
+            raise ValueError(f"branch must be None, 'ip' or 'ref', not {branch!r}")
+        self.block, self.branch = block, branch
+        self.key_norm, self.key_norm_eps = key_norm, key_norm_eps
+        if branch is not None:
+            in_dim = in_dim or hidden_dim
+            setattr(self, f"to_k_{branch}", nn.Linear(in_dim, hidden_dim, bias=bias))
+            setattr(self, f"to_v_{branch}", nn.Linear(in_dim, hidden_dim, bias=bias))
+        self.registers = (nn.Parameter(torch.randn(1, num_registers, in_dim) / hidden_dim ** 0.5)
+                          if branch == "ip" and num_registers else None)
+        self.unbind()
+        self.record, self.recorded = False, None
 
-    def _attend(self, q, k, v, mask=None, parallel=None):
-        out = dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
-                                    backend=self._attention_backend, parallel_config=parallel)
-        return out.flatten(2, 3).type_as(q)
+    # ----- per-call state ------------------------------------------------------------------------------
+    def bind(self, cond: Conditioning) -> None:
+        """Take this processor's inputs from `cond` (cached keys/values included)."""
+        self.unbind()
+        if self.branch == "ip" and cond.ip_tokens is not None and cond.ip_scale != 0:
+            self.source, self.scale = cond.ip_tokens, float(cond.ip_scale)
+        elif self.branch == "ref" and cond.ref_features is not None and cond.ref_scale != 0:
+            self.source, self.scale = cond.ref_features[self.block], float(cond.ref_scale)
+        if self.source is not None and cond.cache_kv:
+            self.kv = cond._kv.get((self.block, self.branch))
 
-    def _ip_kv(self, attn, tokens: torch.Tensor):
-        layer = self.ip_layer
-        if layer.registers is not None:
-            tokens = torch.cat([tokens, layer.registers.to(tokens.dtype).expand(tokens.shape[0], -1, -1)], dim=1)
-        k, v = layer.to_k_ip(tokens), layer.to_v_ip(tokens)
-        k = attn.norm_k(k) if self.ip_key_norm == "block" else _rms(k, self.ip_key_norm_eps)
+    def unbind(self, cond: Conditioning | None = None) -> None:
+        """Hand computed keys/values back to `cond` (when it caches them) and forget the call's inputs."""
+        if cond is not None and cond.cache_kv and getattr(self, "kv", None) is not None:
+            cond._kv[(self.block, self.branch)] = self.kv
+        self.source, self.kv, self.scale = None, None, 1.0
+
+    # ----- maths ---------------------------------------------------------------------------------------
+    def attend(self, query, key, value, mask=None, kind: str = "self") -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v through diffusers' dispatcher; `kind` is "self", "text", "ip" or "ref".
+
+        Keys of batch 1 serve every query of the batch (the same identity for each guidance branch).
+        """
+        batch = query.shape[0]
+        if key.shape[0] == 1 and batch > 1:
+            key, value = key.expand(batch, *key.shape[1:]), value.expand(batch, *value.shape[1:])
+        out = dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                    backend=self._attention_backend,
+                                    parallel_config=self._parallel_config if kind == "self" else None)
+        return out.flatten(2, 3).type_as(query)
+
+    def branch_kv(self, attn, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the branch's tokens, [B, N, heads, head_dim] each."""
+        if self.branch == "ref":
+            k, v = attn.norm_k(self.to_k_ref(source)), self.to_v_ref(source)
+        else:
+            if self.registers is not None:
+                registers = self.registers.to(source.dtype).expand(source.shape[0], -1, -1)
+                source = torch.cat([source, registers], dim=1)
+            k, v = self.to_k_ip(source), self.to_v_ip(source)
+            k = attn.norm_k(k) if self.key_norm == "block" else _rms(k, self.key_norm_eps)
         return k.unflatten(2, (attn.heads, -1)), v.unflatten(2, (attn.heads, -1))
 
-    def _ref_kv(self, attn, features: torch.Tensor):
-        layer = self.ref_layer
-        k = attn.norm_k(layer.to_k_ref(features))
-        return k.unflatten(2, (attn.heads, -1)), layer.to_v_ref(features).unflatten(2, (attn.heads, -1))
-
-    def _branch(self, cond: Conditioning, query, k, v, kind: str) -> torch.Tensor:
-        if cond.attention is not None:  # packed samples: each query only sees its own sample's keys
-            return cond.attention(query, k, v, kind, self._attend)
-        batch = query.shape[0]
-        return self._attend(query, _batched(k, batch), _batched(v, batch))
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        is_self = encoder_hidden_states is None
-        state = self.state
-        if is_self and state.recorded is not None:
-            state.recorded.append(hidden_states)
-
+    def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if self.record:  # the reference pass keeps what enters self-attention
+            self.recorded = hidden_states
         query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        query_no_rope = query
+        plain_query = query  # the adapter branches attend without RoPE
         if rotary_emb is not None:
             query = _apply_rope(query, *rotary_emb)
             key = _apply_rope(key, *rotary_emb)
-
-        cond = state.active
-        if cond is not None and cond.attention is not None:
-            out = cond.attention(query, key, value, "self" if is_self else "text", self._attend)
-        else:
-            out = self._attend(query, key, value, attention_mask, self._parallel_config if is_self else None)
-
-        if cond is not None:
-            if is_self and self.ref_layer is not None and cond.ref_features is not None and cond.ref_scale != 0:
-                feats = cond.ref_features[self.block]
-                k, v = cond.kv(("ref", self.block), lambda: self._ref_kv(attn, feats.to(query.dtype)))
-                out = out + cond.ref_scale * self._branch(cond, query_no_rope, k, v, "ref")
-            if not is_self and self.ip_layer is not None and cond.ip_tokens is not None and cond.ip_scale != 0:
-                k, v = cond.kv(("ip", self.block), lambda: self._ip_kv(attn, cond.ip_tokens.to(query.dtype)))
-                out = out + cond.ip_scale * self._branch(cond, query, k, v, "ip")
-
+        out = self.attend(query, key, value, attention_mask, "self" if encoder_hidden_states is None else "text")
+        if self.source is not None:
+            if self.kv is None:
+                self.kv = self.branch_kv(attn, self.source.to(query.dtype))
+            k, v = self.kv
+            out = out + self.scale * self.attend(plain_query, k, v, None, self.branch)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
 
-class LynxAdapters(nn.Module):
-    """Resampler + ID layers (+ Ref layers for `full`), with the official file names and key layout."""
+# ----- installing into a transformer ---------------------------------------------------------------------
+def install_adapters(transformer: nn.Module, config: AdapterConfig,
+                     processor_class: type[LynxAttnProcessor] = LynxAttnProcessor) -> None:
+    """Give every attention of `transformer` a Lynx processor shaped by `config` (weights as the current
+    default device makes them: use `torch.device("meta")` before loading files). The attention backend and
+    parallel settings of the processors they replace are kept."""
+    num_blocks, width = transformer_dims(transformer.config)
+    if (num_blocks, width) != (config.num_blocks, config.hidden_dim):
+        raise InputError(
+            f"these {config.variant} adapters were made for a transformer with {config.num_blocks} blocks "
+            f"of width {config.hidden_dim}; this one has {num_blocks} blocks of width {width}")
+    if transformer.blocks[0].attn2.add_k_proj is not None:
+        raise InputError("Lynx adapters expect the text-to-video Wan2.1 base; this transformer has image "
+                         "conditioning (an I2V model). Use Wan2.1-T2V-14B in diffusers layout.")
+    for index, block in enumerate(transformer.blocks):
+        ref = processor_class(index, "ref", width) if config.use_ref else processor_class(index)
+        ip = (processor_class(index, "ip", width, config.ip_input_dim, config.ip_bias, config.num_registers,
+                              config.ip_key_norm, config.ip_key_norm_eps)
+              if index in config.ip_blocks else processor_class(index))
+        _set_processor(block.attn1, ref)
+        _set_processor(block.attn2, ip)
+    transformer.lynx_config = config
 
-    def __init__(self, config: AdapterConfig):
-        super().__init__()
-        self.config = config
-        self.resampler = Resampler(config.resampler)
-        self.ip_layers = nn.ModuleDict({
-            str(i): IPLayer(config.ip_input_dim, config.hidden_dim, config.ip_bias, config.num_registers)
-            for i in range(len(config.ip_blocks))
-        })
-        self.ref_layers = nn.ModuleDict(
-            {str(i): RefLayer(config.hidden_dim) for i in range(config.num_blocks)} if config.use_ref else {})
-        self.state = AdapterState()
-        self.installed = False  # a flag, not the module: a module attribute would adopt the transformer
 
-    @property
-    def variant(self) -> str:
-        return self.config.variant
+def uninstall_adapters(transformer: nn.Module) -> None:
+    """Give every attention back diffusers' own processor; the adapter weights leave the model."""
+    for block in transformer.blocks:
+        for attn in (block.attn1, block.attn2):
+            if isinstance(attn.processor, LynxAttnProcessor):
+                _set_processor(attn, WanAttnProcessor())
+    transformer.lynx_config = None
 
-    # ----- weights ---------------------------------------------------------------------------------
-    def zero_init_(self) -> "LynxAdapters":
-        """Zero the ID/Ref value projections so the adapted model starts as the base model (spec, training)."""
-        with torch.no_grad():
-            for layer in self.ip_layers.values():
-                for p in layer.to_v_ip.parameters():
+
+def _set_processor(attn, processor) -> None:
+    old = attn.processor
+    for name in ("_attention_backend", "_parallel_config"):
+        if name in vars(old):
+            setattr(processor, name, getattr(old, name))
+    attn.set_processor(processor)
+
+
+def adapter_config(transformer: nn.Module) -> AdapterConfig | None:
+    """The `AdapterConfig` of the adapters installed in `transformer`, or None."""
+    return getattr(transformer, "lynx_config", None)
+
+
+def processors(module: nn.Module) -> Iterator[LynxAttnProcessor]:
+    """Every Lynx processor inside `module` (a transformer or a block), block by block, self-attention first."""
+    return (m for m in module.modules() if isinstance(m, LynxAttnProcessor))
+
+
+def zero_init_(transformer: nn.Module) -> None:
+    """Zero the ID/Ref value projections so the adapted model starts as the base model (spec, training)."""
+    with torch.no_grad():
+        for proc in processors(transformer):
+            if proc.branch is not None:
+                for p in getattr(proc, f"to_v_{proc.branch}").parameters():
                     p.zero_()
-            for layer in self.ref_layers.values():
-                for p in layer.to_v_ref.parameters():
-                    p.zero_()
-        return self
 
-    def save_pretrained(self, directory) -> None:
-        """Write the three official files (two for lite); loadable by the authors' code and ours."""
-        from pathlib import Path
 
-        from ..io.files import atomic_write
+@contextlib.contextmanager
+def plain_state_dict(transformer: nn.Module):
+    """Within the block, `transformer` has diffusers' processors, so its state dict (and `save_pretrained`)
+    is exactly the base model's; the Lynx processors come back afterwards."""
+    saved = [(attn, attn.processor) for block in transformer.blocks for attn in (block.attn1, block.attn2)
+             if isinstance(attn.processor, LynxAttnProcessor)]
+    config = adapter_config(transformer)
+    for attn, _ in saved:
+        _set_processor(attn, WanAttnProcessor())
+    try:
+        yield transformer
+    finally:
+        for attn, proc in saved:
+            _set_processor(attn, proc)
+        transformer.lynx_config = config
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        files = {RESAMPLER_FILE: self.resampler.state_dict(), IP_LAYERS_FILE: self.ip_layers.state_dict()}
-        if self.config.use_ref:
-            files[REF_LAYERS_FILE] = self.ref_layers.state_dict()
-        for name, sd in files.items():
-            sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-            atomic_write(directory / name, lambda p, sd=sd: save_file(sd, str(p), metadata={"format": "pt"}))
 
-    # ----- wiring into a transformer -----------------------------------------------------------------
-    def install(self, transformer: nn.Module) -> None:
-        """Give each block of `transformer` its Lynx processors (kept: any attention backend already set)."""
-        blocks = transformer.blocks
-        num_blocks, width = transformer_dims(transformer.config)
-        if (num_blocks, width) != (self.config.num_blocks, self.config.hidden_dim):
-            raise InputError(
-                f"these {self.variant} adapters were made for a transformer with {self.config.num_blocks} blocks "
-                f"of width {self.config.hidden_dim}; this one has {num_blocks} blocks of width {width}")
-        if blocks[0].attn2.add_k_proj is not None:
-            raise InputError("Lynx adapters expect the text-to-video Wan2.1 base; this transformer has image "
-                             "conditioning (an I2V model). Use Wan2.1-T2V-14B in diffusers layout.")
-        ip_of_block = {b: self.ip_layers[str(i)] for i, b in enumerate(self.config.ip_blocks)}
-        for index, block in enumerate(blocks):
-            ref_layer = self.ref_layers[str(index)] if self.config.use_ref else None
-            self._set(block.attn1, LynxAttnProcessor(self.state, index, ref_layer=ref_layer))
-            self._set(block.attn2, LynxAttnProcessor(self.state, index, ip_layer=ip_of_block.get(index),
-                                                     ip_key_norm=self.config.ip_key_norm,
-                                                     ip_key_norm_eps=self.config.ip_key_norm_eps))
-        self.installed = True
+# ----- per-call inputs -------------------------------------------------------------------------------------
+# Transformer calls with adapter inputs are serialised: two threads may share one pipeline, and each call
+# sees only its own conditioning. (A ContextVar would be the lock-free way, but torch.compile cannot trace it.)
+_CALL_LOCK = threading.RLock()
 
-    @staticmethod
-    def _set(attn, processor) -> None:
-        old = attn.processor
-        for name in ("_attention_backend", "_parallel_config"):
-            if name in vars(old):
-                setattr(processor, name, getattr(old, name))
-        attn.set_processor(processor)
 
-    @staticmethod
-    def uninstall(transformer: nn.Module) -> None:
-        """Give every attention back diffusers' own processor."""
-        for block in transformer.blocks:
-            for attn in (block.attn1, block.attn2):
-                if isinstance(attn.processor, LynxAttnProcessor):
-                    LynxAdapters._set(attn, WanAttnProcessor())
-
-    # ----- per-call inputs -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def conditioning(self, cond: Conditioning | None):
-        """Make `cond` what the processors read during the transformer calls inside the block."""
-        previous, self.state.active = self.state.active, cond
+@contextlib.contextmanager
+def conditioning(module: nn.Module, cond: Conditioning | None):
+    """Make `cond` what the Lynx processors inside `module` (the transformer, or one block) read during the
+    calls inside the `with` block; None switches every branch off."""
+    procs = list(processors(module))
+    with _CALL_LOCK:
+        saved = [(p, {a: getattr(p, a) for a in p.call_attributes}) for p in procs]
+        for p in procs:
+            if cond is None:
+                p.unbind()
+            else:
+                p.bind(cond)
         try:
             yield cond
         finally:
-            self.state.active = previous
+            for p, previous in saved:
+                p.unbind(cond)
+                for name, value in previous.items():
+                    setattr(p, name, value)
 
-    @contextlib.contextmanager
-    def recording(self):
-        """Collect, per block, the tensor entering self-attention; all adapter branches are off meanwhile."""
-        if not self.installed or not self.config.use_ref:
-            raise InputError("reference features need installed full (Ref-adapter) adapters")
-        previous = (self.state.active, self.state.recorded)
-        self.state.active, self.state.recorded = None, []
+
+@contextlib.contextmanager
+def recording(transformer: nn.Module):
+    """Collect, per block, the tensor entering self-attention; every adapter branch is off meanwhile.
+
+    The list given by the `with` statement is filled when the block ends, in block order."""
+    config = adapter_config(transformer)
+    if config is None or not config.use_ref:
+        raise InputError("reference features need installed full (Ref-adapter) adapters")
+    selfs = [block.attn1.processor for block in transformer.blocks]
+    recorded: list[torch.Tensor] = []
+    with conditioning(transformer, None):
+        for p in selfs:
+            p.record, p.recorded = True, None
         try:
-            yield self.state.recorded
+            yield recorded
         finally:
-            self.state.active, self.state.recorded = previous
+            recorded.extend(p.recorded for p in selfs if p.recorded is not None)
+            for p in selfs:
+                p.record, p.recorded = False, None
 
-    def identity_tokens(self, embedding: torch.Tensor) -> torch.Tensor:
-        """[B, 512] or [B, 1, 512] face embedding -> [B, Q, ip_dim] identity tokens."""
-        p = next(self.resampler.parameters())
-        return self.resampler(embedding.to(device=p.device, dtype=p.dtype))
+
+# ----- the released key layout -----------------------------------------------------------------------------
+_MODEL_KEY = re.compile(r"^blocks\.(\d+)\.attn([12])\.processor\.(.+)$")
+
+
+def official_state_dicts(transformer: nn.Module, state: dict[str, torch.Tensor] | None = None
+                         ) -> dict[str, dict[str, torch.Tensor]]:
+    """The per-block adapter weights of `transformer` (or of its full `state` dict, e.g. gathered from FSDP
+    shards) under the released file names and keys: `ip_layers` `{i}.to_k_ip.weight`, `ref_layers` ..."""
+    config = adapter_config(transformer)
+    if config is None:
+        raise InputError("this transformer has no Lynx adapters installed")
+    ip_index = {b: i for i, b in enumerate(config.ip_blocks)}
+    files: dict[str, dict[str, torch.Tensor]] = {IP_LAYERS_FILE: {}}
+    if config.use_ref:
+        files[REF_LAYERS_FILE] = {}
+    for key, value in (transformer.state_dict() if state is None else state).items():
+        m = _MODEL_KEY.match(key)
+        if m is None:
+            continue
+        block, attn, name = int(m.group(1)), m.group(2), m.group(3)
+        if attn == "1":
+            files[REF_LAYERS_FILE][f"{block}.{name}"] = value
+        else:
+            files[IP_LAYERS_FILE][f"{ip_index[block]}.{name}"] = value
+    return files
+
+
+def model_keys(config: AdapterConfig, file_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A released file's keys (`{i}.to_k_ip.weight`) as the transformer names them
+    (`blocks.{ip_blocks[i]}.attn2.processor.to_k_ip.weight`)."""
+    out = {}
+    for key, value in state.items():
+        index, _, name = key.partition(".")
+        if file_name == IP_LAYERS_FILE:
+            out[f"blocks.{config.ip_blocks[int(index)]}.attn2.processor.{name}"] = value
+        else:
+            out[f"blocks.{int(index)}.attn1.processor.{name}"] = value
+    return out
+
+
+def adapter_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
+    """The adapter parameters inside `module` (what training optimises besides the resampler)."""
+    for proc in processors(module):
+        yield from proc.parameters()

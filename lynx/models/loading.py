@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..constants import (
     ADAPTER_REPO,
@@ -25,8 +26,10 @@ from ..constants import (
     transformer_dims,
 )
 from ..errors import CheckpointError, WeightsNotFoundError
+from ..io.files import atomic_write
 from ..runtime import default_adapter_dir, default_base_dir
-from .resampler import resampler_config_from_state_dict
+from .adapters import install_adapters, model_keys, official_state_dicts, processors
+from .resampler import Resampler, resampler_config_from_state_dict
 
 BASE_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
 # Optional file our own training writes beside the official ones; the released dirs do not have it.
@@ -66,7 +69,7 @@ class BaseDirReport:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.safetensors.index.json"))
+    return any(any(folder.glob(p)) for p in ("*.safetensors", "*.bin", "*.safetensors.index.json"))
 
 
 def inspect_base_dir(path) -> BaseDirReport:
@@ -206,24 +209,67 @@ def read_adapter_config(adapter_dir, num_blocks: int, hidden_dim: int) -> tuple[
     return config, {"resampler": res_state, "ip_layers": ip_state, "ref_layers": ref_state}
 
 
-def load_adapters(adapter_dir, num_blocks: int, hidden_dim: int, dtype: torch.dtype | None = None):
-    """Build `LynxAdapters` from an adapter directory, every tensor loaded strictly."""
-    from .adapters import LynxAdapters
-
-    config, states = read_adapter_config(adapter_dir, num_blocks, hidden_dim)
+def load_adapters(transformer, adapter_dir, processor_class=None, dtype: torch.dtype | None = None,
+                  read: tuple[AdapterConfig, dict] | None = None) -> Resampler:
+    """Install the adapters of `adapter_dir` into `transformer` (every tensor loaded strictly) and return the
+    resampler. The processors take the transformer's device and dtype (or `dtype`); nothing is changed when
+    a file does not fit. `read`: what `read_adapter_config` already returned for this directory."""
+    config, states = read or read_adapter_config(adapter_dir, *transformer_dims(transformer.config))
+    adapter_dir = Path(adapter_dir)
     # Built on the meta device and given the file's tensors: no randomly initialised 4.2 B-parameter copy
     # is ever allocated beside the loaded one.
     with torch.device("meta"):
-        adapters = LynxAdapters(config)
-    parts = [("resampler", RESAMPLER_FILE), ("ip_layers", IP_LAYERS_FILE)]
+        resampler = Resampler(config.resampler)
+    _load_strict(resampler, states["resampler"], adapter_dir / RESAMPLER_FILE, config.variant)
+    files = {IP_LAYERS_FILE: states["ip_layers"]}
     if config.use_ref:
-        parts.append(("ref_layers", REF_LAYERS_FILE))
-    for attr, file_name in parts:
-        try:
-            getattr(adapters, attr).load_state_dict(states[attr], strict=True, assign=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{Path(adapter_dir) / file_name} does not match the {config.variant} adapter "
-                                  f"layout: {' '.join(str(e).split())[:600]}") from None
-    if dtype is not None:
-        adapters.to(dtype)
-    return adapters.eval().requires_grad_(False)
+        files[REF_LAYERS_FILE] = states["ref_layers"]
+    saved = {id(b): (b.attn1.processor, b.attn2.processor) for b in transformer.blocks}
+    with torch.device("meta"):
+        install_adapters(transformer, config, *([processor_class] if processor_class else []))
+    try:
+        for name, state in files.items():
+            keyed = model_keys(config, name, state)
+            procs = {}
+            for key, value in keyed.items():
+                prefix, _, param = key.partition(".processor.")
+                procs.setdefault(prefix, {})[param] = value
+            expected = {f"blocks.{p.block}.attn{1 if p.branch == 'ref' else 2}" for p in processors(transformer)
+                        if p.branch == ("ref" if name == REF_LAYERS_FILE else "ip")}
+            if set(procs) != expected:
+                raise CheckpointError(f"{adapter_dir / name} does not match the {config.variant} adapter layout: "
+                                      f"it has weights for {len(procs)} blocks, the layout {len(expected)}")
+            for prefix, sd in procs.items():
+                _load_strict(transformer.get_submodule(prefix).processor, sd, adapter_dir / name, config.variant)
+    except BaseException:
+        for block in transformer.blocks:
+            block.attn1.set_processor(saved[id(block)][0])
+            block.attn2.set_processor(saved[id(block)][1])
+        transformer.lynx_config = None
+        raise
+    p = next(transformer.parameters())
+    for proc in processors(transformer):
+        proc.to(device=p.device, dtype=dtype or p.dtype).eval().requires_grad_(False)
+    return resampler.to(device=p.device, dtype=dtype or p.dtype).eval().requires_grad_(False)
+
+
+def _load_strict(module, state, path: Path, variant: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match the {variant} adapter layout: "
+                              f"{' '.join(str(e).split())[:600]}") from None
+
+
+def save_adapters(directory, transformer, resampler: Resampler | dict[str, torch.Tensor],
+                  state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> None:
+    """Write the released files (`resampler`, `ip_layers`, `ref_layers` for full) from the adapters inside
+    `transformer` (or from its state dict `state`, e.g. gathered from FSDP shards) and the `resampler` (or its
+    state dict), loadable by the authors' code and ours."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    res_state = resampler if isinstance(resampler, dict) else resampler.state_dict()
+    files = {RESAMPLER_FILE: res_state, **official_state_dicts(transformer, state)}
+    for name, sd in files.items():
+        sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in sd.items()}
+        atomic_write(directory / name, lambda p, sd=sd: save_file(sd, str(p), metadata={"format": "pt"}))

@@ -48,6 +48,8 @@ def _feed_forward(dim: int, mult: int) -> nn.Sequential:
 
 
 class Resampler(nn.Module):
+    """Perceiver Resampler (IP-Adapter layout): a 512-d face embedding -> `num_queries` identity tokens."""
+
     def __init__(self, config: ResamplerConfig = ResamplerConfig()):
         super().__init__()
         self.config = config
@@ -60,6 +62,15 @@ class Resampler(nn.Module):
         )
         self.proj_out = nn.Linear(c.dim, c.output_dim)
         self.norm_out = nn.LayerNorm(c.output_dim)
+
+    # diffusers' pipelines read these of every component (`pipe.device`, `pipe.dtype`).
+    @property
+    def device(self) -> torch.device:
+        return self.latents.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.latents.dtype
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         """[B, 1, 512] (or [B, 512]) face embedding -> [B, num_queries, output_dim] tokens."""

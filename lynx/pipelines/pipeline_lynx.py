@@ -18,10 +18,18 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
-from ..constants import MAX_TEXT_TOKENS, REFERENCE_PROMPT, SamplingConfig, sampling_defaults, transformer_dims
+from ..constants import MAX_TEXT_TOKENS, REFERENCE_PROMPT, AdapterConfig, SamplingConfig, sampling_defaults
 from ..errors import CheckpointError, InputError
-from ..models.adapters import Conditioning, LynxAdapters
-from ..models.loading import load_adapters, require_base_dir, transformer_shape
+from ..models.adapters import (
+    Conditioning,
+    adapter_config,
+    conditioning,
+    plain_state_dict,
+    recording,
+    uninstall_adapters,
+)
+from ..models.loading import load_adapters, read_adapter_config, require_base_dir, save_adapters, transformer_shape
+from ..models.resampler import Resampler
 
 logger = logging.getLogger(__name__)
 
@@ -69,19 +77,27 @@ def flow_sigmas(num_inference_steps: int, start: float) -> np.ndarray:
 
 
 class LynxPipeline(WanPipeline):
-    """Personalized text-to-video with Lynx adapters on diffusers' Wan components."""
+    """Personalized text-to-video with Lynx adapters on diffusers' Wan components.
+
+    The per-block adapter weights are parameters of `transformer` (its attention processors own them);
+    the small `resampler` (face embedding -> identity tokens) is a pipeline component of its own.
+    """
+
+    model_cpu_offload_seq = "text_encoder->resampler->transformer->vae"
+    _optional_components = ["transformer", "transformer_2", "resampler"]
 
     def __init__(self, tokenizer, text_encoder, vae: AutoencoderKLWan, scheduler, transformer: WanTransformer3DModel,
-                 adapters: LynxAdapters | None = None, transformer_2=None, boundary_ratio=None,
+                 resampler: Resampler | None = None, transformer_2=None, boundary_ratio=None,
                  expand_timesteps: bool = False):
         # The last three exist only because diffusers checks a pipeline's config against its signature.
         if transformer_2 is not None or boundary_ratio is not None or expand_timesteps:
             raise InputError("Lynx runs on the single-transformer Wan2.1-T2V base, not on Wan2.2 two-stage models")
         super().__init__(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
                          transformer=transformer)
-        self.adapters: LynxAdapters | None = None
-        if adapters is not None:
-            self.set_adapters(adapters)
+        if resampler is not None and adapter_config(transformer) is None:
+            raise InputError("a resampler was given but the transformer has no Lynx adapters installed; "
+                             "use LynxPipeline.load_lynx_adapters(DIR)")
+        self.register_modules(resampler=resampler)
 
     # ----- construction ------------------------------------------------------------------------------
     @classmethod
@@ -89,16 +105,15 @@ class LynxPipeline(WanPipeline):
                         device: str | torch.device | None = None) -> "LynxPipeline":
         """Load a diffusers-layout Wan2.1-T2V base and a released `lynx_full`/`lynx_lite` adapter directory.
 
-        `adapter` may be a directory or a `LynxAdapters`; full vs lite is read from the files.
+        Full vs lite is read from the files; the adapter files are checked before the base loads, so a wrong
+        file fails in seconds, not minutes.
         """
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        base = require_base_dir(base_dir, adapter if isinstance(adapter, (str, Path)) else None)
+        base = require_base_dir(base_dir, adapter)
         if adapter is None and (base / SAVED_ADAPTER_DIR).is_dir():
             adapter = base / SAVED_ADAPTER_DIR  # written by LynxPipeline.save_pretrained
-        if isinstance(adapter, (str, Path)):
-            # Checked before the base is loaded: a wrong adapter file fails in seconds, not minutes.
-            adapter = load_adapters(adapter, *transformer_shape(base))
+        read = read_adapter_config(adapter, *transformer_shape(base)) if adapter is not None else None
 
         def load(sub, loader, **kw):
             try:
@@ -116,63 +131,66 @@ class LynxPipeline(WanPipeline):
             raise CheckpointError(f"{base / 'scheduler'} is not Wan's flow-matching UniPC config "
                                   "(use_flow_sigmas is off); use the scheduler folder of Wan2.1-T2V-14B-Diffusers")
         _cast_like_reference(transformer, torch_dtype)
-        pipe = cls(tokenizer, text_encoder.eval(), vae.eval(), scheduler, transformer.eval(), adapter)
         for m in (text_encoder, vae, transformer):
-            m.requires_grad_(False)
+            m.eval().requires_grad_(False)
+        resampler = load_adapters(transformer, adapter, read=read) if adapter is not None else None
+        pipe = cls(tokenizer, text_encoder, vae, scheduler, transformer, resampler)
         if device is not None:
             pipe.to(device)
         return pipe
 
     @classmethod
-    def from_wan(cls, pipe: WanPipeline, adapter=None) -> "LynxPipeline":
-        """Wrap the components of a `WanPipeline` already in memory (no copy of any weight)."""
-        t = pipe.transformer
-        if isinstance(adapter, (str, Path)):
-            adapter = load_adapters(adapter, *transformer_dims(t.config))
-        return cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.scheduler, t, adapter)
+    def from_wan(cls, pipe: WanPipeline, adapter=None, resampler: Resampler | None = None) -> "LynxPipeline":
+        """Wrap the components of a `WanPipeline` already in memory (no copy of any weight).
+
+        `adapter`: a released adapter directory, installed into `pipe.transformer`; or leave it None and pass
+        the `resampler` of adapters already installed there (`lynx.models.adapters.install_adapters`).
+        """
+        lynx = cls(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.scheduler, pipe.transformer, resampler)
+        if adapter is not None:
+            lynx.load_lynx_adapters(adapter)
+        return lynx
+
+    def load_lynx_adapters(self, adapter_dir) -> None:
+        """Install a released `lynx_full`/`lynx_lite` directory into the transformer (replacing any Lynx adapters)."""
+        if adapter_config(self.transformer) is not None:
+            self.unload_lynx_adapters()
+        self.register_modules(resampler=load_adapters(self.transformer, adapter_dir))
+
+    def unload_lynx_adapters(self) -> None:
+        """Back to plain Wan: diffusers' processors in every block, no resampler."""
+        uninstall_adapters(self.transformer)
+        self.register_modules(resampler=None)
 
     def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Save the base in diffusers layout plus the adapters (official files) in `lynx_adapter/`."""
-        super().save_pretrained(save_directory, **kwargs)
-        if self.adapters is not None:
-            self.adapters.save_pretrained(Path(save_directory) / SAVED_ADAPTER_DIR)
+        """Save the base exactly as diffusers' `WanPipeline` (loadable by it) plus the adapters, as the released
+        files, in `lynx_adapter/`."""
+        plain = WanPipeline(tokenizer=self.tokenizer, text_encoder=self.text_encoder, vae=self.vae,
+                            scheduler=self.scheduler, transformer=self.transformer)
+        with plain_state_dict(self.transformer):
+            plain.save_pretrained(save_directory, **kwargs)
+        if self.resampler is not None:
+            save_adapters(Path(save_directory) / SAVED_ADAPTER_DIR, self.transformer, self.resampler)
 
-    def set_adapters(self, adapters: LynxAdapters | None) -> None:
-        if self.adapters is not None:
-            LynxAdapters.uninstall(self.transformer)
-        self.adapters = adapters
-        if adapters is not None:
-            adapters.install(self.transformer)
-            adapters.to(device=self.transformer.device, dtype=self.transformer.dtype)
-
-    def to(self, *args, **kwargs):
-        out = super().to(*args, **kwargs)
-        if self.adapters is not None:
-            self.adapters.to(device=self.transformer.device, dtype=self.transformer.dtype)
-        return out
+    @property
+    def adapter_config(self) -> AdapterConfig | None:
+        return adapter_config(self.transformer)
 
     @property
     def variant(self) -> str:
-        return self.adapters.variant if self.adapters is not None else "none"
+        config = self.adapter_config
+        return config.variant if config is not None else "none"
 
     @property
     def defaults(self) -> SamplingConfig:
         return sampling_defaults("lite" if self.variant == "lite" else "full")
 
-    def _require_adapters(self) -> LynxAdapters:
-        if self.adapters is None:
+    def _require_adapters(self) -> AdapterConfig:
+        config = self.adapter_config
+        if config is None or self.resampler is None:
             raise InputError("this pipeline has no Lynx adapters: pass adapter=DIR to from_pretrained "
-                             "or call set_adapters(...)")
-        return self.adapters
-
-    def _place_adapters(self) -> LynxAdapters:
-        """Under model CPU offload the transformer visits the accelerator only for its own calls; the adapters,
-        which diffusers' hooks do not know, follow it there. Once per entry point, not per transformer call."""
-        adapters = self._require_adapters()
-        device = self._execution_device
-        if next(adapters.parameters()).device != torch.device(device):
-            adapters.to(device=device)
-        return adapters
+                             "or call load_lynx_adapters(DIR)")
+        return config
 
     # ----- the inspectable steps -----------------------------------------------------------------------
     def prepare_identity(self, image=None, face_embedding=None, reference_image=None, identity=None,
@@ -200,7 +218,8 @@ class LynxPipeline(WanPipeline):
             if ref.shape[:2] != (REFERENCE_SIZE, REFERENCE_SIZE):
                 raise InputError(f"reference_image must be the {REFERENCE_SIZE}x{REFERENCE_SIZE} aligned face crop "
                                  f"(`lynx face PHOTO` writes one), got {ref.shape[1]}x{ref.shape[0]}")
-        if need_reference and self.adapters is not None and self.adapters.config.use_ref and ref is None:
+        config = self.adapter_config
+        if need_reference and config is not None and config.use_ref and ref is None:
             raise InputError("the full Lynx model also needs reference_image (the 256x256 aligned crop; or "
                              "ref_scale=0 to run without the Ref-adapter); "
                              "pass image=PHOTO to compute both, or identity=FaceIdentity")
@@ -210,7 +229,9 @@ class LynxPipeline(WanPipeline):
     def identity_tokens(self, face_embedding: torch.Tensor) -> torch.Tensor:
         """[512] or [B, 512] embedding -> [B, Q, ip_dim] identity tokens (zeros give the 'no identity' tokens)."""
         emb = torch.as_tensor(face_embedding)
-        return self._place_adapters().identity_tokens(emb.reshape(-1, 1, emb.shape[-1]))
+        self._require_adapters()
+        emb = emb.reshape(-1, 1, emb.shape[-1]).to(device=self._execution_device, dtype=self.resampler.dtype)
+        return self.resampler(emb)
 
     def encode_text(self, prompts: list[str], max_sequence_length: int = MAX_TEXT_TOKENS) -> torch.Tensor:
         """UMT5 embeddings padded to 512 tokens (zeros past each prompt's length); warns on truncation."""
@@ -231,7 +252,7 @@ class LynxPipeline(WanPipeline):
         `reference_image=None` gives the 'no reference' features (an all-zero image in [-1, 1] space).
         The VAE sample uses `generator` (the authors seed it with `seed + 1`).
         """
-        adapters = self._place_adapters()
+        self._require_adapters()
         device, vae = self._execution_device, self.vae
         if reference_image is None:
             pixels = torch.zeros(1, 3, 1, REFERENCE_SIZE, REFERENCE_SIZE)
@@ -245,7 +266,7 @@ class LynxPipeline(WanPipeline):
         # A context of its own, used once: a step cache (FirstBlockCache, ...) has nothing to reuse in it,
         # so every block runs and is recorded.
         self._reference_passes = getattr(self, "_reference_passes", 0) + 1
-        with adapters.recording() as recorded, \
+        with recording(self.transformer) as recorded, \
                 self.transformer.cache_context(f"reference-{self._reference_passes}"):
             self.transformer(hidden_states=latents.to(self.transformer.dtype),
                              timestep=torch.zeros(1, dtype=torch.long, device=device),
@@ -278,8 +299,8 @@ class LynxPipeline(WanPipeline):
         `branch` names the guidance branch for diffusers' step caches (FirstBlockCache, TaylorSeer, ...),
         which keep one state per named context.
         """
-        adapters = self._require_adapters()
-        with adapters.conditioning(cond), self.transformer.cache_context(branch):
+        self._require_adapters()
+        with conditioning(self.transformer, cond), self.transformer.cache_context(branch):
             return self.transformer(hidden_states=latents.to(self.transformer.dtype),
                                     timestep=t.expand(latents.shape[0]), encoder_hidden_states=text,
                                     return_dict=False)[0]
@@ -344,7 +365,7 @@ class LynxPipeline(WanPipeline):
         `guidance_parallel`: True (the default process group) or a process group: the guidance branches run
         on different ranks (see `predict_branches`); every rank returns the same video.
         """
-        adapters = self._place_adapters()
+        config = self._require_adapters()
         d = self.defaults
         pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is a value, not unset)
         height, width, num_frames = pick(height, d.height), pick(width, d.width), pick(num_frames, d.num_frames)
@@ -370,7 +391,7 @@ class LynxPipeline(WanPipeline):
             generator = torch.Generator().manual_seed(d.seed if seed is None else seed)
         ref_seed = generator.initial_seed() + 1
 
-        use_ref = adapters.config.use_ref and ref_scale != 0
+        use_ref = config.use_ref and ref_scale != 0
         person = self.prepare_identity(image, face_embedding, reference_image, identity, need_reference=use_ref,
                                        **(face_options or {}))
         device, dtype = self._execution_device, self.transformer.dtype
@@ -431,8 +452,6 @@ class LynxPipeline(WanPipeline):
 
         video = latents if output_type == "latent" else self.decode(latents, output_type)
         self.maybe_free_model_hooks()
-        if getattr(self, "_offload_device", None) is not None:
-            adapters.to("cpu")  # offloaded like the models, until the next call
         return WanPipelineOutput(frames=video) if return_dict else (video,)
 
 

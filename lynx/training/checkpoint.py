@@ -23,8 +23,7 @@ import torch.distributed as dist
 
 from ..errors import CheckpointError, InputError
 from ..io.files import atomic_write
-from ..models.adapters import LynxAdapters
-from ..models.loading import ADAPTER_CONFIG_FILE
+from ..models.loading import ADAPTER_CONFIG_FILE, save_adapters
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -47,8 +46,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def full_adapter_state(adapters: LynxAdapters, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
-    """The adapters' whole state dict on CPU, gathered from FSDP shards tensor by tensor; None except on rank 0.
+def full_adapter_state(model, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+    """The adapters' whole state (resampler `resampler.*` and the transformer's `*.processor.*` weights) on CPU,
+    gathered from FSDP shards tensor by tensor; None except on rank 0.
 
     Every rank must call this (each gather is a collective); tensors are gathered one at a time so no rank
     ever holds more than one full tensor on its accelerator.
@@ -56,7 +56,9 @@ def full_adapter_state(adapters: LynxAdapters, dtype: torch.dtype | None = None)
     from torch.distributed.tensor import DTensor
 
     out = {}
-    for name, value in adapters.state_dict().items():
+    for name, value in model.state_dict().items():
+        if not (name.startswith("resampler.") or ".processor." in name):
+            continue
         if isinstance(value, DTensor):
             value = value.full_tensor()
         if _rank() == 0:
@@ -64,14 +66,13 @@ def full_adapter_state(adapters: LynxAdapters, dtype: torch.dtype | None = None)
     return out if _rank() == 0 else None
 
 
-def write_adapters(directory: Path, adapters: LynxAdapters, state: dict[str, torch.Tensor]) -> None:
-    """Write `state` with the official writer (`LynxAdapters.save_pretrained`), plus our small config file."""
-    with torch.device("meta"):
-        holder = LynxAdapters(adapters.config)
-    holder.load_state_dict(state, assign=True, strict=True)
-    holder.save_pretrained(directory)
-    extra = {"resampler_heads": adapters.config.resampler.heads, "variant": adapters.config.variant,
-             "trained_with": "lynx train"}
+def write_adapters(directory: Path, model, state: dict[str, torch.Tensor]) -> None:
+    """Write `state` (from `full_adapter_state`) as the released files, plus our small config file."""
+    resampler = {k.removeprefix("resampler."): v for k, v in state.items() if k.startswith("resampler.")}
+    layers = {k.removeprefix("transformer."): v for k, v in state.items() if not k.startswith("resampler.")}
+    save_adapters(directory, model.transformer, resampler, layers)
+    config = model.adapter_config
+    extra = {"resampler_heads": config.resampler.heads, "variant": config.variant, "trained_with": "lynx train"}
     atomic_write(Path(directory) / ADAPTER_CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(extra, indent=2)))
 
 
@@ -90,7 +91,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir, step: int, adapters: LynxAdapters, model, optimizer, trainer_state: dict,
+def save_checkpoint(output_dir, step: int, model, optimizer, trainer_state: dict,
                     keep_last: int) -> Path:
     """Write checkpoint `step` completely, then publish it; every rank calls this."""
     import torch.distributed.checkpoint as dcp
@@ -104,9 +105,9 @@ def save_checkpoint(output_dir, step: int, adapters: LynxAdapters, model, optimi
             shutil.rmtree(tmp)  # left by a save that was killed
         tmp.mkdir(parents=True)
     _barrier()
-    state = full_adapter_state(adapters, torch.float32)
+    state = full_adapter_state(model, torch.float32)
     if rank == 0:
-        write_adapters(tmp, adapters, state)
+        write_adapters(tmp, model, state)
     del state
     with warnings.catch_warnings():
         # One process without a process group is a supported case here, not a mistake to warn about.

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from ..constants import AdapterConfig, full_adapter_config
-from ..models.adapters import Conditioning, LynxAdapters
+from ..models.adapters import Conditioning, adapter_config, adapter_parameters, conditioning, install_adapters
+from ..models.resampler import Resampler
+from .objective import PackedLynxAttnProcessor
 
 GIB = 1024 ** 3
 WAN_14B = dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096,
@@ -24,7 +26,8 @@ TEXT_TOKENS, REFERENCE_TOKENS = 512, 256
 
 
 def meta_model(transformer_kwargs: dict, adapter_config: AdapterConfig | None = None, dtype=torch.bfloat16):
-    """The Wan transformer and Lynx adapters with shapes only (no memory), adapters installed."""
+    """The Wan transformer with the training Lynx processors installed, and the resampler, with shapes only
+    (no memory)."""
     from diffusers import WanTransformer3DModel
 
     previous = torch.get_default_dtype()
@@ -35,11 +38,11 @@ def meta_model(transformer_kwargs: dict, adapter_config: AdapterConfig | None = 
             transformer = WanTransformer3DModel(**transformer_kwargs)
             heads, head_dim = transformer_kwargs["num_attention_heads"], transformer_kwargs["attention_head_dim"]
             config = adapter_config or full_adapter_config(transformer_kwargs["num_layers"], heads * head_dim)
-            adapters = LynxAdapters(config)
+            install_adapters(transformer, config, PackedLynxAttnProcessor)
+            resampler = Resampler(config.resampler)
     finally:
         torch.set_default_dtype(previous)
-    adapters.install(transformer)
-    return transformer, adapters
+    return transformer, resampler
 
 
 @dataclass
@@ -51,16 +54,20 @@ class ParameterCounts:
     root: int  # what is not in a block: embedders, output head, resampler (unsharded all step)
 
 
-def parameter_counts(transformer, adapters) -> ParameterCounts:
+def _count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def parameter_counts(transformer, resampler) -> ParameterCounts:
+    layers = _count(adapter_parameters(transformer))
+    resampler_params = _count(resampler.parameters())
     block = transformer.blocks[0]
-    resampler = sum(p.numel() for p in adapters.resampler.parameters())
-    total_adapters = sum(p.numel() for p in adapters.parameters())
     # Averaged over blocks: lite adapters have ID layers on every second block only.
-    block_adapters = (total_adapters - resampler) // len(transformer.blocks)
-    backbone = sum(p.numel() for p in transformer.parameters())
-    block_backbone = sum(p.numel() for p in block.parameters())
-    return ParameterCounts(backbone, total_adapters, block_backbone, block_adapters,
-                           backbone - block_backbone * len(transformer.blocks) + resampler)
+    block_adapters = layers // len(transformer.blocks)
+    backbone = _count(transformer.parameters()) - layers
+    block_backbone = _count(block.parameters()) - _count(adapter_parameters(block))
+    return ParameterCounts(backbone, layers + resampler_params, block_backbone, block_adapters,
+                           backbone - block_backbone * len(transformer.blocks) + resampler_params)
 
 
 class _FlashLike(torch.autograd.Function):
@@ -82,12 +89,13 @@ def _flash_attention(query, key, value, kind, attend):
     return _FlashLike.apply(query, key, value)
 
 
-def block_saved_bytes(transformer, adapters, tokens: int, samples: int = 1, dtype=torch.bfloat16) -> int:
+def block_saved_bytes(transformer, tokens: int, samples: int = 1, dtype=torch.bfloat16) -> int:
     """Bytes autograd keeps between forward and backward for one adapted block on a pack of `samples` samples."""
     block, dim = transformer.blocks[0], transformer.config.num_attention_heads * transformer.config.attention_head_dim
     head_dim = transformer.config.attention_head_dim
-    params = {id(p) for p in block.parameters()} | {id(p) for p in adapters.parameters()}
-    for p in adapters.parameters():
+    config = adapter_config(transformer)
+    params = {id(p) for p in block.parameters()}
+    for p in adapter_parameters(block):
         p.requires_grad_(True)
     saved = []
 
@@ -102,11 +110,10 @@ def block_saved_bytes(transformer, adapters, tokens: int, samples: int = 1, dtyp
     text = torch.empty(samples, TEXT_TOKENS, dim, **meta)
     temb = torch.empty(1, tokens, 6, dim, **meta)
     rope = (torch.empty(1, tokens, 1, head_dim, device="meta"), torch.empty(1, tokens, 1, head_dim, device="meta"))
-    cond = Conditioning(torch.empty(samples, adapters.config.resampler.num_queries, adapters.config.ip_input_dim,
-                                    **meta),
+    cond = Conditioning(torch.empty(samples, config.resampler.num_queries, config.ip_input_dim, **meta),
                         [torch.empty(samples, REFERENCE_TOKENS, dim, **meta)] * len(transformer.blocks),
-                        cache_kv=False, attention=_flash_attention)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), adapters.conditioning(cond):
+                        cache_kv=False, packing=_flash_attention)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), conditioning(block, cond):
         block(hidden, text, temb, rope)
     return sum(saved)
 
@@ -123,10 +130,10 @@ class ActivationModel:
         return self.per_token * tokens + self.per_sample * samples + self.constant
 
     @classmethod
-    def measure(cls, transformer, adapters, dtype=torch.bfloat16, tokens: int = 1024) -> "ActivationModel":
-        one = block_saved_bytes(transformer, adapters, tokens, 1, dtype)
-        per_token = (block_saved_bytes(transformer, adapters, 2 * tokens, 1, dtype) - one) / tokens
-        per_sample = block_saved_bytes(transformer, adapters, tokens, 2, dtype) - one
+    def measure(cls, transformer, dtype=torch.bfloat16, tokens: int = 1024) -> "ActivationModel":
+        one = block_saved_bytes(transformer, tokens, 1, dtype)
+        per_token = (block_saved_bytes(transformer, 2 * tokens, 1, dtype) - one) / tokens
+        per_sample = block_saved_bytes(transformer, tokens, 2, dtype) - one
         return cls(per_token, per_sample, one - per_token * tokens - per_sample)
 
 

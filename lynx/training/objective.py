@@ -4,8 +4,9 @@ One step sees a *pack*: several samples (images as one-frame videos, or clips of
 tokens are concatenated into one sequence, each with its own timestep, caption, identity tokens and
 reference features. Every block is diffusers' own `WanTransformerBlock`, fed a per-token modulation
 ([1, S, 6, D], the path diffusers has for Wan2.2 ti2v) so each token is modulated by its own sample's
-timestep; every attention is confined to its sample by `PackedAttention`, which the Lynx processors call
-through `Conditioning.attention`. Run one by one through the plain diffusers forward, the same samples
+timestep; every attention is confined to its sample by `PackedAttention`, which the training processors
+(`PackedLynxAttnProcessor`) call through `Conditioning.packing`. Run one by one through the plain diffusers
+forward, the same samples
 give the same loss and gradients (tests/test_train_objective.py).
 """
 
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InputError
-from ..models.adapters import Conditioning, LynxAdapters
+from ..models.adapters import Conditioning, LynxAttnProcessor, adapter_config, conditioning, processors, recording
 
 ATTENTION_MODES = ("auto", "varlen", "split", "mask")
 
@@ -238,32 +239,50 @@ def packed_transformer_forward(transformer, latents: list[torch.Tensor], timeste
     return [_unpatchify(out[bounds[i]:bounds[i + 1]], x.shape, patch) for i, x in enumerate(latents)]
 
 
-class LynxTrainModel(nn.Module):
-    """The frozen Wan transformer with trainable Lynx adapters, as one module FSDP can shard.
+class PackedLynxAttnProcessor(LynxAttnProcessor):
+    """The Lynx processor of training: every attention of a packed call (`kind` "self", "text", "ip" or
+    "ref") goes through the call's `PackedAttention` (from `Conditioning.packing`), which keeps each sample's
+    queries on its own keys. Without packing it is the inference processor."""
 
-    Each block's ID/Ref layers are also registered as children of that block (`lynx_ip`, `lynx_ref`), so one
-    FSDP unit per block gathers the block's frozen weights and its adapter weights together, and every
-    parameter is reached through exactly one unit; the `LynxAdapters` object keeps its own references for
-    saving in the official layout. Its forward computes the reference features (frozen pass at t=0, no grad)
-    and the packed prediction of every sample.
+    call_attributes = (*LynxAttnProcessor.call_attributes, "packing")
+    packing = None
+
+    def bind(self, cond: Conditioning) -> None:
+        super().bind(cond)
+        self.packing = cond.packing
+
+    def unbind(self, cond: Conditioning | None = None) -> None:
+        super().unbind(cond)
+        self.packing = None
+
+    def attend(self, query, key, value, mask=None, kind: str = "self") -> torch.Tensor:
+        if self.packing is None:
+            return super().attend(query, key, value, mask, kind)
+        plain = super().attend
+        return self.packing(query, key, value, kind, lambda q, k, v, m=None: plain(q, k, v, m, kind))
+
+
+class LynxTrainModel(nn.Module):
+    """The frozen Wan transformer, whose blocks own the trainable Lynx layers, plus the resampler: one module
+    FSDP shards one block at a time (each block's frozen weights and adapter weights in one unit).
+
+    Its forward computes the reference features (frozen pass at t=0, no grad) and the packed prediction of
+    every sample. The transformer's processors must be `PackedLynxAttnProcessor`s (`install_adapters` /
+    `load_adapters` with `processor_class=PackedLynxAttnProcessor`).
     """
 
-    def __init__(self, transformer, adapters: LynxAdapters, attention: str = "auto",
-                 gradient_checkpointing: bool = True):
+    def __init__(self, transformer, resampler, attention: str = "auto", gradient_checkpointing: bool = True):
         super().__init__()
+        if adapter_config(transformer) is None:
+            raise InputError("LynxTrainModel needs a transformer with Lynx adapters installed")
         self.transformer = transformer
-        self.resampler = adapters.resampler
-        # A plain attribute, not a child: its layers are reached through the blocks (see above).
-        self.__dict__["adapters"] = adapters
-        adapters.install(transformer)
-        ip_of_block = {b: adapters.ip_layers[str(i)] for i, b in enumerate(adapters.config.ip_blocks)}
-        for index, block in enumerate(transformer.blocks):
-            if index in ip_of_block:
-                block.add_module("lynx_ip", ip_of_block[index])
-            if adapters.config.use_ref:
-                block.add_module("lynx_ref", adapters.ref_layers[str(index)])
+        self.resampler = resampler
         self.attention = attention
         self.gradient_checkpointing = gradient_checkpointing
+
+    @property
+    def adapter_config(self):
+        return adapter_config(self.transformer)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
@@ -272,7 +291,7 @@ class LynxTrainModel(nn.Module):
     def reference_features(self, reference: torch.Tensor, reference_text: torch.Tensor) -> list[torch.Tensor]:
         """Per-block features of the reference latents [n, C, 1, h, w]: the pipeline's frozen t=0 pass, batched."""
         n = reference.shape[0]
-        with self.adapters.recording() as recorded:
+        with recording(self.transformer) as recorded:
             self.transformer(hidden_states=reference, timestep=torch.zeros(n, device=reference.device),
                              encoder_hidden_states=reference_text.expand(n, -1, -1), return_dict=False)
         return list(recorded)
@@ -280,18 +299,21 @@ class LynxTrainModel(nn.Module):
     def forward(self, noisy: list[torch.Tensor], timesteps: torch.Tensor, text: torch.Tensor,
                 embeddings: torch.Tensor, reference: torch.Tensor | None, reference_text: torch.Tensor,
                 ip_scale: float = 1.0, ref_scale: float = 1.0) -> list[torch.Tensor]:
+        if not all(isinstance(p, PackedLynxAttnProcessor) for p in processors(self.transformer)):
+            raise InputError("packed training needs the adapters installed with "
+                             "processor_class=PackedLynxAttnProcessor")
         features = None
-        if reference is not None and self.adapters.config.use_ref:
+        if reference is not None and self.adapter_config.use_ref:
             features = self.reference_features(reference, reference_text)
         tokens = self.resampler(embeddings[:, None].to(next(self.resampler.parameters()).dtype))
         patch = tuple(self.transformer.config.patch_size)
         attention = PackedAttention([token_count(x.shape, patch) for x in noisy], self.attention)
         # The adapter keys depend on trainable weights, so nothing is cached between blocks or passes.
-        cond = Conditioning(tokens, features, ip_scale, ref_scale, cache_kv=False, attention=attention)
+        cond = Conditioning(tokens, features, ip_scale, ref_scale, cache_kv=False, packing=attention)
 
         def in_context(block, *args):
             # Entered again when checkpointing recomputes the block during backward.
-            with self.adapters.conditioning(cond):
+            with conditioning(block, cond):
                 return block(*args)
 
         def run_block(block, *args):
@@ -332,7 +354,7 @@ def evaluation_loss(model: LynxTrainModel, samples: list[dict], shared: dict, *,
     total = elements = 0.0
     for r in range(repeats):
         inputs = make_step_inputs(samples, shared, r, seed, shift, (0.0, 0.0, 0.0), num_train_timesteps, device,
-                                  dtype, model.adapters.config.use_ref)
+                                  dtype, model.adapter_config.use_ref)
         emb = inputs.embeddings if embeddings is None else embeddings.to(inputs.embeddings)
         preds = model(inputs.noisy, inputs.timesteps, inputs.text, emb, inputs.reference, inputs.reference_text,
                       ip_scale=ip_scale, ref_scale=ref_scale)

@@ -26,12 +26,21 @@ import torch.distributed as dist
 from ..constants import ResamplerConfig, full_adapter_config, lite_adapter_config, transformer_dims
 from ..errors import InputError, LynxError
 from ..io.files import atomic_write
-from ..models.adapters import LynxAdapters
+from ..models.adapters import adapter_parameters, install_adapters, processors, zero_init_
 from ..models.loading import load_adapters, require_base_dir
+from ..models.resampler import Resampler
 from . import checkpoint as ckpt
 from .config import TrainingConfig
 from .data import PackDataset, PackStream, load_sample, load_shared, read_index
-from .objective import ATTENTION_MODES, LynxTrainModel, default_shift, flow_matching_loss, make_step_inputs, token_count
+from .objective import (
+    ATTENTION_MODES,
+    LynxTrainModel,
+    PackedLynxAttnProcessor,
+    default_shift,
+    flow_matching_loss,
+    make_step_inputs,
+    token_count,
+)
 
 METRICS_FILE = "metrics.csv"
 METRICS_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens", "samples", "tokens_per_s", "seconds")
@@ -81,22 +90,33 @@ def load_transformer(base: Path, dtype: torch.dtype):
     return transformer.eval().requires_grad_(False)
 
 
-def build_adapters(config: TrainingConfig, num_blocks: int, hidden: int, source: Path | None) -> LynxAdapters:
-    """Adapters from a directory (released weights to fine-tune, or a checkpoint), or new zero-initialised ones."""
+def build_adapters(config: TrainingConfig, transformer, source: Path | None) -> Resampler:
+    """Install trainable adapters into `transformer` from a directory (released weights to fine-tune, or a
+    checkpoint), or new zero-initialised ones; returns the resampler. Adapter weights are fp32 masters."""
     t = config.train
     if source is not None:
-        adapters = load_adapters(source, num_blocks, hidden)
+        resampler = load_adapters(transformer, source, PackedLynxAttnProcessor, dtype=torch.float32)
     else:
         if t.variant not in ("full", "lite"):
             raise InputError(f"train.variant must be 'full' or 'lite', not {t.variant!r}")
+        num_blocks, hidden = transformer_dims(transformer.config)
         res = t.resampler or ResamplerConfig()
         if t.variant == "full":
             cfg = full_adapter_config(num_blocks, hidden, t.num_registers, replace(res, output_dim=hidden))
         else:
             cfg = lite_adapter_config(num_blocks, hidden, res.output_dim if t.resampler else 2048, res)
         torch.manual_seed(t.seed)
-        adapters = LynxAdapters(cfg).zero_init_()
-    return adapters.float().train().requires_grad_(True)
+        resampler = Resampler(cfg.resampler)
+        device = next(transformer.parameters()).device
+        with torch.device(device):
+            install_adapters(transformer, cfg, PackedLynxAttnProcessor)
+        zero_init_(transformer)
+    for p in adapter_parameters(transformer):
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    for proc in processors(transformer):
+        proc.train()
+    return resampler.float().train().requires_grad_(True)
 
 
 def shard_model(model: LynxTrainModel, runtime: Runtime, compute_dtype: torch.dtype) -> None:
@@ -218,12 +238,11 @@ class SampleMaker:
             self.embedding, self.crop = first["embedding"], first["reference_crop"].numpy()
         vae = AutoencoderKLWan.from_pretrained(base / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
         pipe_cls = _cached_text_pipeline_class()
+        # The model's own transformer and resampler, not copies: nothing is cast (the masters stay fp32).
         self.pipe = pipe_cls(None, None, vae.to(runtime.device), UniPCMultistepScheduler.from_pretrained(
-            base / "scheduler"), model.transformer)
+            base / "scheduler"), model.transformer, model.resampler)
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.text_cache, self.pipe.compute_dtype = shared["prompt_lookup"], compute_dtype
-        # Installed already by LynxTrainModel; set directly so nothing is cast (the masters stay fp32).
-        self.pipe.adapters = model.adapters
 
     def __call__(self, step: int, output_dir: Path) -> list[Path]:
         v, paths = self.config.validation, []
@@ -333,13 +352,13 @@ def _train(config: TrainingConfig, resume, progress: bool, runtime: Runtime) -> 
 
     # Model.
     init = source if source is not None else (None if t.init == "scratch" else Path(t.init))
-    adapters = build_adapters(config, *transformer_dims(transformer.config), init)
-    model = LynxTrainModel(transformer, adapters, t.attention, t.gradient_checkpointing)
+    resampler = build_adapters(config, transformer, init)
+    model = LynxTrainModel(transformer, resampler, t.attention, t.gradient_checkpointing)
     if runtime.distributed:
         shard_model(model, runtime, compute_dtype)
     else:
         model.to(runtime.device)
-    use_ref = adapters.config.use_ref
+    use_ref = model.adapter_config.use_ref
     params = model.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, betas=tuple(t.betas), eps=t.adam_eps,
                                   weight_decay=t.weight_decay)
@@ -423,7 +442,7 @@ def _train(config: TrainingConfig, resume, progress: bool, runtime: Runtime) -> 
             if done % t.save_every == 0 or done == t.steps:
                 trainer_state = {"packs_consumed": done * per_step, "scheduler": scheduler.state_dict(),
                                  "loss": loss_value, "config": config.to_dict()}
-                saved = ckpt.save_checkpoint(output_dir, done, adapters, model, optimizer, trainer_state, t.keep_last)
+                saved = ckpt.save_checkpoint(output_dir, done, model, optimizer, trainer_state, t.keep_last)
             if samples_maker is not None and (done % config.validation.every == 0 or done == t.steps):
                 sample_paths += samples_maker(done, output_dir)
     except torch.OutOfMemoryError:
@@ -436,9 +455,9 @@ def _train(config: TrainingConfig, resume, progress: bool, runtime: Runtime) -> 
         del batches
 
     final_dir = output_dir / FINAL_DIR
-    state_dict = ckpt.full_adapter_state(adapters, getattr(torch, t.save_dtype))
+    state_dict = ckpt.full_adapter_state(model, getattr(torch, t.save_dtype))
     if main:
-        ckpt.write_adapters(final_dir, adapters, state_dict)
+        ckpt.write_adapters(final_dir, model, state_dict)
     if runtime.distributed:
         dist.barrier()
     return TrainResult(output_dir, t.steps, losses, final_dir, saved, sample_paths)

@@ -97,7 +97,8 @@ def _init_distributed(args) -> int | None:
                              "the work (or run one process)")
         return None
     if world < 2:
-        raise InputError("--guidance-parallel needs several processes: torchrun --nproc-per-node 3 -m lynx generate ...")
+        raise InputError("--guidance-parallel needs several processes: "
+                         "torchrun --nproc-per-node 3 -m lynx generate ...")
     import torch.distributed as dist
 
     if torch.cuda.is_available():
@@ -297,7 +298,8 @@ def cmd_info(args) -> int:
               f"({'bias' if cfg.ip_bias else 'no bias'}, key norm {cfg.ip_key_norm}, {cfg.num_registers} registers), "
               f"Ref branch {'on every block' if cfg.use_ref else 'absent'}")
         r = cfg.resampler
-        print(f"  resampler: {r.embedding_dim} -> {r.num_queries} tokens x {r.output_dim} (dim {r.dim}, depth {r.depth})")
+        print(f"  resampler: {r.embedding_dim} -> {r.num_queries} tokens x {r.output_dim} "
+              f"(dim {r.dim}, depth {r.depth})")
         print("  parameters: " + ", ".join(f"{k} {_count(v)}" for k, v in counts.items())
               + f", total {_count(sum(counts.values()))}")
     if not report.ok or not adapters:

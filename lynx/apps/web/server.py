@@ -695,7 +695,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _get(self, path: str) -> None:
         app = self.app
         if path in ("/", "/index.html"):
-            page = resources.files("lynx.web").joinpath("static/index.html").read_bytes()
+            page = resources.files("lynx.apps.web").joinpath("static/index.html").read_bytes()
             return self._send(HTTPStatus.OK, page, CONTENT_TYPES[".html"])
         if path == "/api/status":
             return self._json(HTTPStatus.OK, app.status())
