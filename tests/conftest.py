@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random Wan bases and Lynx adapters, saved once per session in the real layouts."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -68,6 +70,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium: the system's browser, driven by playwright (which downloads nothing this way);
+    None when there is no chromium (Debian: apt-get install -y chromium). Per module: playwright's loop
+    does not outlive the tests that use it."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if binary is None:
+        yield None
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=binary,
+                              args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        yield b
+        b.close()
 
 
 SMALL = dict(height=32, width=32, num_frames=5, num_inference_steps=3)

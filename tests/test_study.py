@@ -187,3 +187,26 @@ def test_a_plain_directory_of_method_folders(tmp_path):
         Study(tmp_path / "empty")
     with pytest.raises(InputError, match="is not a directory of videos"):
         Study(tmp_path / "missing")
+
+
+def test_the_rating_page_in_a_browser(served, browser, tmp_path):
+    if browser is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium): the page was not opened")
+    study, url = served()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.fill("#rater textarea", "dana")
+    page.get_by_role("button", name="Start").click()
+    page.wait_for_selector("text=dana: 0 of 6 rated", timeout=60_000)
+    video = page.wait_for_selector("video", timeout=60_000)
+    page.wait_for_function("v => v.readyState >= 2", arg=video, timeout=30_000)
+    assert video.evaluate("v => [v.videoWidth, v.videoHeight]") == [48, 32]
+    assert "baseline" not in page.inner_text("body") and "lynx-full" not in page.inner_text("body")
+    page.screenshot(path=tmp_path / "study-rate.png", full_page=True)
+    for question, score in zip(("FR", "PF", "AQ", "MN", "VQ"), (4, 3, 5, 2, 4)):
+        page.locator(f"#rate-{question}").get_by_label(str(score), exact=True).check()
+    page.get_by_role("button", name="Submit and next").click()
+    page.wait_for_selector("text=dana: 1 of 6 rated", timeout=60_000)
+    with sqlite3.connect(study.db) as c:
+        assert c.execute("SELECT fr, pf, aq, mn, vq FROM ratings WHERE rater = 'dana'").fetchall() == [(4, 3, 5, 2, 4)]
+    page.close()

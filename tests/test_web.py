@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import signal
 import struct
 import subprocess
@@ -310,10 +309,11 @@ def test_serve_without_weights_says_what_to_download_and_checks_faces(photos, tm
         assert "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers" in str(caught.value)
 
         if browser is not None:  # and the page shows the same instructions
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             page.get_by_text("What to download, and where").wait_for(timeout=60_000)
             assert "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers" in page.inner_text("body")
+            page.screenshot(path=tmp_path / "web-missing.png", full_page=True)
             page.close()
     finally:
         stop(proc, log)
@@ -321,23 +321,6 @@ def test_serve_without_weights_says_what_to_download_and_checks_faces(photos, tm
 
 
 # ----- the page in a real browser ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium: the system's browser, driven by playwright (which downloads nothing this way);
-    None when there is no chromium (Debian: apt-get install -y chromium)."""
-    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if binary is None:
-        yield None
-        return
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=binary,
-                              args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
-        yield b
-        b.close()
-
-
 def test_page_checks_a_photo_generates_and_plays_the_video(web, photos, browser, tmp_path):
     if browser is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium): the page was not opened")

@@ -170,7 +170,7 @@ def build_study_page(study: Study) -> gr.Blocks:
                     prompt = gr.Markdown()
                     video = gr.Video(label="Video", autoplay=True, loop=True, interactive=False, height=400)
                     image = gr.Image(label="Video", type="filepath", interactive=False, visible=False)
-            radios = [gr.Radio([1, 2, 3, 4, 5], label=f"{name_} ({d})", info=question)
+            radios = [gr.Radio([1, 2, 3, 4, 5], label=f"{name_} ({d})", info=question, elem_id=f"rate-{d}")
                       for d, (name_, question) in DIMENSIONS.items()]
             submit = gr.Button("Submit and next", variant="primary")
         with gr.Tab("Results"):
