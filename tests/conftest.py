@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random Wan bases and Lynx adapters, saved once per session in the real layouts."""
 
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,5 +91,16 @@ def browser():
         yield b
         b.close()
 
+
+
+@pytest.fixture
+def screenshots(tmp_path):
+    """Where the browser tests put their screenshots: docs/images when LYNX_DOCS_SCREENSHOTS=1 (how the ones in
+    docs/web.md are made), else a temporary directory."""
+    if os.environ.get("LYNX_DOCS_SCREENSHOTS") == "1":
+        folder = Path(__file__).resolve().parent.parent / "docs" / "images"
+        folder.mkdir(exist_ok=True)
+        return folder
+    return tmp_path
 
 SMALL = dict(height=32, width=32, num_frames=5, num_inference_steps=3)

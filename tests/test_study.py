@@ -21,6 +21,8 @@ from lynx.errors import InputError
 from lynx.io.video import save_video, write_sidecar
 
 REPO = Path(__file__).resolve().parent.parent
+# Gradio's queue statistics use pandas options that pandas 3 deprecates: not ours to fix, and noisy.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:gradio.queueing")
 PROMPTS = {"beach": "a person walks on the beach", "rain": "a person dances in the rain",
            "park": "a person runs in the park"}
 # What each rater gives each method: (FR, PF, AQ, MN, VQ).
@@ -189,7 +191,7 @@ def test_a_plain_directory_of_method_folders(tmp_path):
         Study(tmp_path / "missing")
 
 
-def test_the_rating_page_in_a_browser(served, browser, tmp_path):
+def test_the_rating_page_in_a_browser(served, browser, screenshots):
     if browser is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium): the page was not opened")
     study, url = served()
@@ -202,7 +204,7 @@ def test_the_rating_page_in_a_browser(served, browser, tmp_path):
     page.wait_for_function("v => v.readyState >= 2", arg=video, timeout=30_000)
     assert video.evaluate("v => [v.videoWidth, v.videoHeight]") == [48, 32]
     assert "baseline" not in page.inner_text("body") and "lynx-full" not in page.inner_text("body")
-    page.screenshot(path=tmp_path / "study-rate.png", full_page=True)
+    page.screenshot(path=screenshots / "study-rate.png", full_page=True)
     for question, score in zip(("FR", "PF", "AQ", "MN", "VQ"), (4, 3, 5, 2, 4)):
         page.locator(f"#rate-{question}").get_by_label(str(score), exact=True).check()
     page.get_by_role("button", name="Submit and next").click()

@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,10 @@ import numpy as np
 
 from ...constants import SamplingConfig, sampling_defaults
 from ...errors import CheckpointError, InputError, LynxError, WeightsNotFoundError
-from ...io.files import atomic_write
+from ...io.files import atomic_write, slug
 from ...io.video import VIDEO_FORMATS, sidecar_path
 from ...runtime import device_and_dtype
-from ..cli import load_pipeline, slug
+from ..cli import load_pipeline
 
 # Uploads: a phone photo is a few MB and at most ~50 MP; anything larger is refused before it is decoded.
 MAX_PHOTOS = 8
@@ -62,31 +63,56 @@ class ServeConfig:
         self.base, self.adapter, self.out_dir = Path(self.base), Path(self.adapter), Path(self.out_dir)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One generation setting of the page. `key` is the pipeline's argument (and the API's parameter), `flag`
+    the `lynx generate` option (None: the page's own), `kind` how a form value is checked: int, float,
+    float? (empty allowed), text or choice. `field` makes the form field from the variant's default value."""
+
+    key: str
+    flag: str | None
+    kind: str
+    field: Callable[[object], gr.components.Component]
+    to_pipeline: bool = True  # False: used when writing the file, not by the pipeline call
+    choices: tuple = ()  # kind "choice": the accepted values
+    default: object = None  # for a setting the variant's SamplingConfig does not hold
+
+
+def _number(label, info=None, **kw):
+    # Made unrendered: the page places the fields in rows.
+    return lambda value: gr.Number(value, label=label, info=info, render=False, **kw)
+
+
+# The one list of settings: a new one (a preset too: kind "choice", a gr.Dropdown field) is one entry here;
+# the form, the API's parameters, the checks, the pipeline call, the sidecar and the command follow it.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("negative_prompt", "--negative-prompt", "text",
+            lambda value: gr.Textbox(value, label="Negative prompt", lines=2, render=False)),
+    Setting("num_frames", "--frames", "int", _number("Frames", "4k+1", precision=0, minimum=1)),
+    Setting("height", "--height", "int", _number("Height", "multiple of 16", precision=0, minimum=16)),
+    Setting("width", "--width", "int", _number("Width", "multiple of 16", precision=0, minimum=16)),
+    Setting("num_inference_steps", "--steps", "int", _number("Steps", precision=0, minimum=1)),
+    Setting("seed", "--seed", "int", _number("Seed", precision=0, minimum=0)),
+    Setting("fps", "--fps", "int", _number("Frames per second", precision=0, minimum=1, maximum=240),
+            to_pipeline=False),
+    Setting("guidance_scale", "--guidance", "float", _number("Text guidance")),
+    Setting("guidance_scale_i", "--guidance-i", "float?", _number("Identity guidance", "empty: two-way guidance")),
+    Setting("ip_scale", "--ip-scale", "float", _number("ID scale")),
+    Setting("ref_scale", "--ref-scale", "float", _number("Ref scale", "full model only")),
+    Setting("format", None, "choice",
+            lambda value: gr.Radio(list(VIDEO_FORMATS), value=value, label="Format", render=False),
+            to_pipeline=False, choices=VIDEO_FORMATS, default=".mp4"),
+)
+
+
+def setting_defaults(d: SamplingConfig) -> dict:
+    """The value of every setting when nobody changes it: the variant's defaults."""
+    return {s.key: getattr(d, s.key, s.default) for s in SETTINGS}
+
+
 def settings_form(d: SamplingConfig) -> dict[str, gr.components.Component]:
-    """Every generation setting as a form field with the variant's defaults, keyed by the pipeline's argument
-    name (the `lynx generate` flag is in `CLI_FLAGS`)."""
-    # Made unrendered: the page places them in rows.
-    number = lambda value, label, info=None, **kw: gr.Number(value, label=label, info=info, render=False, **kw)  # noqa: E731
-    return {
-        "negative_prompt": gr.Textbox(d.negative_prompt, label="Negative prompt", lines=2, render=False),
-        "num_frames": number(d.num_frames, "Frames", "4k+1", precision=0, minimum=1),
-        "height": number(d.height, "Height", "multiple of 16", precision=0, minimum=16),
-        "width": number(d.width, "Width", "multiple of 16", precision=0, minimum=16),
-        "num_inference_steps": number(d.num_inference_steps, "Steps", precision=0, minimum=1),
-        "seed": number(d.seed, "Seed", precision=0, minimum=0),
-        "fps": number(d.fps, "Frames per second", precision=0, minimum=1, maximum=240),
-        "guidance_scale": number(d.guidance_scale, "Text guidance"),
-        "guidance_scale_i": number(d.guidance_scale_i, "Identity guidance", "empty: two-way guidance"),
-        "ip_scale": number(d.ip_scale, "ID scale"),
-        "ref_scale": number(d.ref_scale, "Ref scale", "full model only"),
-        "format": gr.Radio(list(VIDEO_FORMATS), value=".mp4", label="Format", render=False),
-    }
-
-
-CLI_FLAGS = {"negative_prompt": "--negative-prompt", "num_frames": "--frames", "height": "--height",
-             "width": "--width", "num_inference_steps": "--steps", "guidance_scale": "--guidance",
-             "guidance_scale_i": "--guidance-i", "ip_scale": "--ip-scale", "ref_scale": "--ref-scale",
-             "seed": "--seed", "fps": "--fps"}
+    """Every setting of `SETTINGS` as a form field with the variant's defaults, keyed by its name."""
+    return {s.key: s.field(value) for s, value in zip(SETTINGS, setting_defaults(d).values())}
 
 
 def draw_faces(image: np.ndarray, faces, chosen) -> np.ndarray:
@@ -192,11 +218,15 @@ class LynxWebApp:
     def defaults(self) -> SamplingConfig:
         return sampling_defaults(self.variant)
 
-    def missing(self) -> str | None:
-        """Every missing download at once, as `lynx generate` lists them; None when nothing is missing."""
+    def missing_arcface(self) -> str | None:
+        """What to download for the face embedding, looked for again on every call; None when it is there."""
         from ...face import arcface_missing
 
-        parts = [self.model_error if self.model_state == "missing" else None, arcface_missing(self.config.face_models)]
+        return arcface_missing(self.config.face_models)
+
+    def missing(self) -> str | None:
+        """Every missing download at once, as `lynx generate` lists them; None when nothing is missing."""
+        parts = [self.model_error if self.model_state == "missing" else None, self.missing_arcface()]
         return "\n\n".join(p for p in parts if p) or None
 
     def status(self) -> str:
@@ -251,6 +281,8 @@ class LynxWebApp:
         key = path.stem
         with self.face_lock:
             if key not in self.identities:
+                if len(self.identities) >= 256:  # each holds its crops: keep memory bounded on a long-running server
+                    self.identities.clear()
                 try:
                     self.identities[key] = face.analyze(path, detector=self._detector(),
                                                         models_dir=self.config.face_models)
@@ -298,11 +330,6 @@ class LynxWebApp:
                          f"```\n{self.missing_arcface()}\n```")
         return gallery, "\n".join(lines)
 
-    def missing_arcface(self) -> str | None:
-        from ...face import arcface_missing
-
-        return arcface_missing(self.config.face_models)
-
     def identity_names(self) -> list[str]:
         folder = self.out_dir / IDENTITY_DIR
         return sorted(p.stem for p in folder.glob("*.identity")) if folder.is_dir() else []
@@ -327,12 +354,17 @@ class LynxWebApp:
             os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
             raise InputError(f"an identity named {name!r} exists already; choose another name") from None
-        identity.save(path)
+        try:
+            identity.save(path)
+        except BaseException:
+            path.unlink()  # the claimed, still empty name
+            raise
         return name
 
     # ----- generation ----------------------------------------------------------------------------------
     def prepare(self, uploads, person: str, prompt: str, values: dict) -> Run:
-        """Check a request against the model state and the settings; the returned Run is ready to start."""
+        """Check a request against the model state and the settings (those not in `values` take the variant's
+        defaults); the returned Run is ready to start."""
         from ...pipelines.pipeline_lynx import check_video_size
 
         if self.model_state == "error":
@@ -341,20 +373,26 @@ class LynxWebApp:
             raise WeightsNotFoundError(self.missing())
         if not (prompt or "").strip():
             raise InputError("the prompt is empty: describe what the person should do")
-        s = {"prompt": prompt.strip(), **values}
-        s["negative_prompt"] = (s["negative_prompt"] or "").strip() or None
-        for key in ("num_frames", "height", "width", "num_inference_steps", "seed", "fps"):
-            if s[key] is None or s[key] != int(s[key]):
-                raise InputError(f"{key} must be a whole number, got {s[key]!r}")
-            s[key] = int(s[key])
-        for key in ("guidance_scale", "ip_scale", "ref_scale"):
-            if s[key] is None:
+        s = {"prompt": prompt.strip()}
+        values = {**setting_defaults(self.defaults), **values}
+        for setting in SETTINGS:
+            key, value, kind = setting.key, values[setting.key], setting.kind
+            if kind == "text":
+                value = (value or "").strip() or None
+            elif kind == "int":
+                if value is None or value != int(value):
+                    raise InputError(f"{key} must be a whole number, got {value!r}")
+                value = int(value)
+            elif kind in ("float", "float?") and value is not None:
+                value = float(value)
+            elif kind == "float":
                 raise InputError(f"{key} needs a value (default {getattr(self.defaults, key)})")
+            elif kind == "choice" and value not in setting.choices:
+                raise InputError(f"{key} must be one of {', '.join(map(str, setting.choices))}, not {value!r}")
+            s[key] = value
         check_video_size(s["height"], s["width"], s["num_frames"])
         if s["num_inference_steps"] < 1 or s["seed"] < 0 or not 1 <= s["fps"] <= 240:
             raise InputError("steps must be at least 1, the seed 0 or more, and fps between 1 and 240")
-        if s["format"] not in VIDEO_FORMATS:
-            raise InputError(f"format must be one of {', '.join(VIDEO_FORMATS)}, not {s['format']!r}")
         if person:
             identity_file = self.out_dir / IDENTITY_DIR / f"{person}.identity"
             if person not in self.identity_names():
@@ -407,12 +445,12 @@ class LynxWebApp:
                 run.out = self.claim_output(run)
                 s = run.settings
                 run.phase = "encoding the prompt and the face"
-                frames = self.pipe(s["prompt"], identity=identity, **self._call_knobs(s), output_type="np",
+                call = {k.key: s[k.key] for k in SETTINGS if k.to_pipeline}
+                frames = self.pipe(s["prompt"], identity=identity, **call, output_type="np",
                                    callback_on_step_end=lambda *a: self._step(run)).frames[0]
                 run.phase = "writing the video"
                 save_video(frames, run.out, s["fps"])
-                knobs = {k: s[k] for k in ("prompt", "negative_prompt", "seed", "num_inference_steps",
-                                           "guidance_scale", "guidance_scale_i", "ip_scale", "ref_scale")}
+                knobs = {"prompt": s["prompt"], **call}
                 run.record = generation_record(
                     run.out, frames, s["fps"], knobs, self.defaults, variant=self.variant,
                     dtype=self.pipe.transformer.dtype, device=self.pipe._execution_device, base=self.config.base,
@@ -423,6 +461,8 @@ class LynxWebApp:
                 print(f"lynx serve: wrote {run.out}", file=sys.stderr, flush=True)
         except Cancelled:
             run.error = "cancelled"
+            if self.pipe is not None:
+                self.pipe.maybe_free_model_hooks()  # what the pipeline does after a finished call (offloading)
         except LynxError as e:
             run.error = str(e)
         except Exception as e:  # the traceback stays in the terminal, the page gets a sentence
@@ -432,10 +472,6 @@ class LynxWebApp:
             if run.record is None and run.out is not None and run.out.is_file() and run.out.stat().st_size == 0:
                 run.out.unlink()  # the claimed name, never filled
             run.done.set()
-
-    @staticmethod
-    def _call_knobs(s: dict) -> dict:
-        return {k: s[k] for k in CLI_FLAGS if k not in ("fps",)}
 
     def _step(self, run: Run) -> dict:
         run.step += 1
@@ -452,8 +488,8 @@ class LynxWebApp:
         who = ["--identity", str(run.identity_file)] if run.identity_file else ["--image", *map(str, run.photos)]
         argv = ["lynx", "generate", *who, "--prompt", s["prompt"], "--base", str(self.config.base),
                 "--adapter", str(self.config.adapter), *self.config.model_flags]
-        for key, flag in CLI_FLAGS.items():
-            value, default = s[key], getattr(self.defaults, key)
+        for key, flag in ((k.key, k.flag) for k in SETTINGS if k.flag):
+            value, default = s[key], getattr(self.defaults, key, None)
             if key == "guidance_scale_i" and value is None and default is not None:
                 value = -1  # the CLI's two-way guidance
             if value is not None and (value != default or key == "seed"):  # a default needs no flag
@@ -550,9 +586,11 @@ def build_page(app: LynxWebApp) -> gr.Blocks:
                 image = gr.Image(label="Video", visible=False, type="filepath", interactive=False)
                 about = gr.Markdown(elem_id="result-settings")
                 download = gr.DownloadButton("Download", visible=False, elem_id="download")
-                command = gr.Code(label="The same video from a terminal", language="shell", interactive=False)
-                # Code, not gr.JSON: that would take the sidecar's {"path": ...} photos for files to serve.
-                sidecar = gr.Code(label="Sidecar: settings, models, versions", language="json", interactive=False)
+                command = gr.Code(label="The same video from a terminal", language="shell", interactive=False,
+                                  wrap_lines=True)
+                with gr.Accordion("Sidecar: settings, models, versions", open=False):
+                    # Code, not gr.JSON: that would take the sidecar's {"path": ...} photos for files to serve.
+                    sidecar = gr.Code(show_label=False, language="json", interactive=False)
         with gr.Accordion("Videos in the output directory"):
             with gr.Row():
                 shown = gr.Dropdown(label="Show", choices=[], value=None, allow_custom_value=True, scale=4)

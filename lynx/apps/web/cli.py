@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import socket
 import sys
 from pathlib import Path
@@ -23,11 +24,17 @@ def open_page(page, host: str = "127.0.0.1", port: int = 0, *, share: bool = Fal
     `allowed` directories are served besides Gradio's own cache; uploads above `max_upload_mb` are refused."""
     import gradio as gr
 
+    from ...errors import InputError
+
     page.queue(default_concurrency_limit=4)
-    _, url, share_url = page.launch(
-        server_name=host, server_port=port or free_port(host), share=share, allowed_paths=[str(p) for p in allowed],
-        max_file_size=f"{max_upload_mb}mb", ssr_mode=False, quiet=True, prevent_thread_lock=True,
-        footer_links=["api"], theme=gr.themes.Soft())
+    try:
+        _, url, share_url = page.launch(
+            server_name=host, server_port=port or free_port(host), share=share, allowed_paths=[str(p) for p in allowed],
+            max_file_size=f"{max_upload_mb}mb", ssr_mode=False, quiet=True, prevent_thread_lock=True,
+            footer_links=["api"], theme=gr.themes.Soft())
+    except OSError:
+        raise InputError(f"cannot listen on {host}:{port}: the port is taken or not allowed; pick another --port "
+                         "(0 picks a free one)") from None
     return share_url or url
 
 
@@ -45,18 +52,31 @@ def serve_until_stopped(page, args, what: str, allowed: list[Path]) -> None:
         print(f"lynx {what}: stopped", file=sys.stderr)
 
 
-def model_flags(args) -> list[str]:
-    """The model options `serve` was given, as flags `lynx generate` takes (both use add_model_options)."""
+def _model_actions() -> list[argparse.Action]:
     from ..cli import add_model_options
 
     parser = argparse.ArgumentParser(add_help=False)
     add_model_options(parser)
+    return [a for a in parser._actions if a.option_strings]
+
+
+def model_flags(args) -> list[str]:
+    """The model options `serve` was given, as flags `lynx generate` takes (both use add_model_options)."""
     flags = []
-    for action in parser._actions:
+    for action in _model_actions():
         value = getattr(args, action.dest, action.default)
-        if value != action.default and action.option_strings:
+        if value != action.default:
             flags += [action.option_strings[-1]] + ([] if action.nargs == 0 else [str(value)])
     return flags
+
+
+def load_options(args) -> dict:
+    """The model options that `load_pipeline` takes, as its keywords: a model option added for `generate` reaches
+    `serve` with no change here."""
+    from ..cli import load_pipeline
+
+    accepted = inspect.signature(load_pipeline).parameters
+    return {a.dest: getattr(args, a.dest) for a in _model_actions() if a.dest in accepted}
 
 
 def cmd_serve(args) -> int:
@@ -66,9 +86,7 @@ def cmd_serve(args) -> int:
     config = ServeConfig(
         base=Path(args.base or default_base_dir()), adapter=Path(args.adapter or default_adapter_dir(args.variant)),
         out_dir=Path(args.out_dir), face_models=Path(args.face_models) if args.face_models else None,
-        detector=args.detector, model_flags=model_flags(args),
-        load_options=dict(device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
-                          offload=args.offload, vae_tiling=args.vae_tiling))
+        detector=args.detector, model_flags=model_flags(args), load_options=load_options(args))
     app = LynxWebApp(config)
     app.start()
     if app.missing():
