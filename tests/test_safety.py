@@ -274,3 +274,8 @@ def test_bench_counts_refused_cases_and_goes_on(tiny_base, adapter_dirs, classif
     for video in (tmp_path / "out").rglob("*.mp4"):
         side = json.loads(video.with_suffix(".mp4.json").read_text())
         assert side["safety"]["checked"] and read_mark(video) == side["provenance"]
+
+
+def test_info_says_where_the_classifier_is(classifiers, tmp_path):
+    r = lynx("info", "--base", tmp_path, env={"LYNX_SAFETY_MODEL": str(classifiers["normal"])})
+    assert f"safety classifier: {classifiers['normal']} (the safety gate is on)" in r.stdout, r.stdout + r.stderr

@@ -328,6 +328,11 @@ def cmd_info(args) -> int:
               f"(dim {r.dim}, depth {r.depth})")
         print("  parameters: " + ", ".join(f"{k} {_count(v)}" for k, v in counts.items())
               + f", total {_count(sum(counts.values()))}")
+    from ...io.safety import safety_model_missing
+    from ...runtime import safety_model_dir
+
+    notice = safety_model_missing()
+    print(f"safety classifier: {safety_model_dir()}" + (f"\n  {notice}" if notice else " (the safety gate is on)"))
     if not report.ok or not adapters:
         print("\n" + download_instructions(base, adapters[0] if adapters else None))
     return status
