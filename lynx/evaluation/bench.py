@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..apps.cli import slug
 from ..errors import InputError
+from ..io.files import slug
 
 log = logging.getLogger("lynx.evaluation")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from ...constants import sampling_defaults
 from ...errors import InputError, LynxError, WeightsNotFoundError
+from ...io.files import slug
 from ...runtime import DTYPES, device_and_dtype
 
 
@@ -60,11 +60,6 @@ def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offlo
     if attention_backend:
         pipe.transformer.set_attention_backend(attention_backend)
     return pipe
-
-
-def slug(text: str, limit: int = 40, fallback: str = "video") -> str:
-    """A file-name-safe form of `text` (letters, digits, dashes), never empty."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower()[:limit].strip("-") or fallback
 
 
 def _inside(path: Path, directory: Path) -> bool:
