@@ -75,6 +75,10 @@ def test_tiny_model_learns_to_follow_identity(identity_data, tiny_base, tmp_path
     assert [r["step"] for r in rows] == list(range(1, 151))
     assert rows[-1]["tokens_per_s"] > 0 and rows[0]["lr"] == pytest.approx(3e-3 / 5)  # warm-up
     assert [p.name for p in result.samples] == ["step-00000150-0.gif"] and result.samples[0].stat().st_size > 0
+    from lynx.io.provenance import read_mark
+
+    mark = read_mark(result.samples[0])  # samples are generated videos too: marked (docs/safety.md)
+    assert (mark["generator"], mark["adapter"], mark["model"]) == ("Lynx", "training-step-150", tiny_base.name)
 
     # Before training the ID branch is exactly off (zero-initialised values); after, it carries the person.
     ckpt.write_adapters(tmp_path / "init", *_fresh_adapters(config, tiny_base))

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import InputError
 from .files import atomic_write
+from .provenance import mark_text, xmp_packet
 
 VIDEO_FORMATS = (".mp4", ".webp", ".gif")
 
@@ -27,8 +28,9 @@ def to_uint8(frames) -> np.ndarray:
     return frames
 
 
-def save_video(frames, path, fps: int, quality: int = 8) -> Path:
-    """Write `frames` to `path` (format from its suffix), atomically."""
+def save_video(frames, path, fps: int, quality: int = 8, mark: dict | None = None) -> Path:
+    """Write `frames` to `path` (format from its suffix), atomically; `mark` (lynx.io.provenance) goes into
+    the file's metadata: MP4 `comment` tag, GIF comment, WebP XMP."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in VIDEO_FORMATS:
@@ -40,8 +42,9 @@ def save_video(frames, path, fps: int, quality: int = 8) -> Path:
             import imageio.v2 as imageio
 
             # yuv420p needs even sides; macro_block_size=1 keeps the exact size the model produced.
+            meta = ["-metadata", f"comment={mark_text(mark)}"] if mark else []
             with imageio.get_writer(str(tmp), format="FFMPEG", fps=fps, codec="libx264", quality=quality,
-                                    pixelformat="yuv420p", macro_block_size=1) as w:
+                                    pixelformat="yuv420p", macro_block_size=1, output_params=meta) as w:
                 for f in frames:
                     w.append_data(f)
         else:
@@ -50,6 +53,10 @@ def save_video(frames, path, fps: int, quality: int = 8) -> Path:
             images = [Image.fromarray(f) for f in frames]
             duration = int(round(1000 / fps))
             kw = dict(lossless=False, quality=90) if suffix == ".webp" else dict(disposal=2)
+            if mark and suffix == ".webp":
+                kw["xmp"] = xmp_packet(mark)
+            elif mark:
+                kw["comment"] = mark_text(mark)
             images[0].save(str(tmp), format=suffix[1:].upper(), save_all=True, append_images=images[1:],
                            duration=duration, loop=0, **kw)
 

@@ -257,9 +257,14 @@ class SampleMaker:
                                        num_frames=v.num_frames, num_inference_steps=v.num_inference_steps,
                                        seed=v.seed, output_type="np").frames[0]
                 if self.runtime.rank == 0:
+                    from ..io.provenance import provenance_mark
                     from ..io.video import save_video
 
-                    paths.append(save_video(frames, output_dir / SAMPLES_DIR / f"step-{step:08d}-{i}{v.format}", v.fps))
+                    # Monitoring output of a run, marked but not gated (docs/safety.md).
+                    mark = provenance_mark(base=self.config.train.base, adapter=f"training-step-{step}",
+                                           variant=self.pipe.variant, seed=v.seed)
+                    paths.append(save_video(frames, output_dir / SAMPLES_DIR / f"step-{step:08d}-{i}{v.format}", v.fps,
+                                            mark=mark))
         finally:
             if sharded:
                 self.model.reshard()

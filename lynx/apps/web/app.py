@@ -58,6 +58,8 @@ class ServeConfig:
     detector: str = "auto"
     load_options: dict = field(default_factory=dict)
     model_flags: list[str] = field(default_factory=list)
+    safety_check: bool = True  # the NSFW gate before a video is written (docs/safety.md)
+    safety_model: Path | None = None
 
     def __post_init__(self):
         self.base, self.adapter, self.out_dir = Path(self.base), Path(self.adapter), Path(self.out_dir)
@@ -179,6 +181,7 @@ class LynxWebApp:
         self.face_lock = threading.Lock()  # the face detectors are not made for concurrent calls
         self.detector = None
         self.identities: dict[str, object] = {}  # photo SHA-256 -> FaceIdentity
+        self.gate, self.gate_loaded = None, False  # the safety classifier, loaded with the first video
         # Called with the Run after every denoising step: a hook for embedding code, and where tests hold a run.
         self.on_step = lambda run: None
 
@@ -213,6 +216,16 @@ class LynxWebApp:
             self.model_state, self.model_error = "error", f"the model could not be loaded: {e}"
         finally:
             self.loaded.set()
+
+    def safety_gate(self):
+        """The NSFW gate (called under the GPU lock); None when switched off, or absent after a notice."""
+        if not self.gate_loaded and self.config.safety_check:
+            from ...io.safety import load_safety_checker
+
+            self.gate = load_safety_checker(self.config.safety_model, device=self.pipe._execution_device,
+                                            notify=lambda m: print(f"lynx serve: {m}", file=sys.stderr, flush=True))
+        self.gate_loaded = True
+        return self.gate
 
     @property
     def defaults(self) -> SamplingConfig:
@@ -425,6 +438,8 @@ class LynxWebApp:
     def run(self, run: Run) -> None:
         """Make the video of a prepared Run (in a thread of its own); ends with run.done set."""
         from ... import face
+        from ...io.provenance import provenance_mark
+        from ...io.safety import unchecked
         from ...io.video import generation_record, save_video, write_sidecar
 
         try:
@@ -448,15 +463,22 @@ class LynxWebApp:
                 call = {k.key: s[k.key] for k in SETTINGS if k.to_pipeline}
                 frames = self.pipe(s["prompt"], identity=identity, **call, output_type="np",
                                    callback_on_step_end=lambda *a: self._step(run)).frames[0]
+                run.phase = "safety check"
+                gate = self.safety_gate()  # a refusal (UnsafeVideoError) ends the run before anything is written
+                safety = gate.check(frames) if gate else \
+                    unchecked("no classifier" if self.config.safety_check else "switched off")
                 run.phase = "writing the video"
-                save_video(frames, run.out, s["fps"])
+                mark = provenance_mark(base=self.config.base, adapter=self.config.adapter, variant=self.variant,
+                                       seed=s["seed"])
+                save_video(frames, run.out, s["fps"], mark=mark)
                 knobs = {"prompt": s["prompt"], **call}
                 run.record = generation_record(
                     run.out, frames, s["fps"], knobs, self.defaults, variant=self.variant,
                     dtype=self.pipe.transformer.dtype, device=self.pipe._execution_device, base=self.config.base,
                     adapter=self.config.adapter, photos=run.photos, seconds=time.time() - run.started,
                     command=self.command(run), source="lynx serve",
-                    identity={"identity_file": str(run.identity_file) if run.identity_file else None})
+                    identity={"identity_file": str(run.identity_file) if run.identity_file else None},
+                    provenance=mark, safety=safety)
                 write_sidecar(run.out, run.record)
                 print(f"lynx serve: wrote {run.out}", file=sys.stderr, flush=True)
         except Cancelled:

@@ -86,7 +86,8 @@ def cmd_serve(args) -> int:
     config = ServeConfig(
         base=Path(args.base or default_base_dir()), adapter=Path(args.adapter or default_adapter_dir(args.variant)),
         out_dir=Path(args.out_dir), face_models=Path(args.face_models) if args.face_models else None,
-        detector=args.detector, model_flags=model_flags(args), load_options=load_options(args))
+        detector=args.detector, model_flags=model_flags(args), load_options=load_options(args),
+        safety_check=not args.no_safety_check, safety_model=Path(args.safety_model) if args.safety_model else None)
     app = LynxWebApp(config)
     app.start()
     if app.missing():
