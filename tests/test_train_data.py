@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def config(ds, cache, base, **data):
     values = {"manifest": str(ds.manifest), "cache_dir": str(cache), "buckets": [[64, 64], [48, 80]],
-              "frames": [5], "cache_dtype": "float32", "dtype": "fp32", "device": "cpu", **data}
+              "frames": [5], "cache_dtype": "fp32", "dtype": "fp32", "device": "cpu", **data}
     return training_config_from_dict({"data": values, "train": {"base": str(base)},
                                       "validation": {"prompts": ["a person dancing in rain"]}})
 

@@ -54,7 +54,7 @@ def config_file(tiny_base, tmp_path_factory):
                       bad_samples=False)
     sections = {
         "data": {"manifest": str(ds.manifest), "cache_dir": str(root / "cache"), "buckets": [[64, 64], [48, 80]],
-                 "frames": [1, 5], "cache_dtype": "float32", "dtype": "fp32", "device": "cpu"},
+                 "frames": [1, 5], "cache_dtype": "fp32", "dtype": "fp32", "device": "cpu"},
         "train": {"base": str(tiny_base), "output_dir": str(root / "out"), "steps": 3, "learning_rate": 1e-3,
                   "warmup_steps": 2, "token_budget": 64, "precision": "fp32", "num_workers": 0, "save_every": 100,
                   "drop_text": 0.2, "drop_identity": 0.2, "drop_reference": 0.2,

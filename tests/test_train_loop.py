@@ -39,7 +39,7 @@ def identity_data(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("identity")
     ds = make_dataset(root / "data", identities=4, images_per_identity=4, bad_samples=False)
     data = {"manifest": str(ds.manifest), "cache_dir": str(root / "cache"), "buckets": [[64, 64]], "frames": [1],
-            "cache_dtype": "float32", "dtype": "fp32", "device": "cpu"}
+            "cache_dtype": "fp32", "dtype": "fp32", "device": "cpu"}
     prepare(make_config(data, tiny_base, root / "unused"), identity_fn=ds.identity_fn,
             encoders=pixel_encoders(tiny_base), progress=False)
     return data
