@@ -3,10 +3,10 @@
 Every rank (1) builds the Wan transformer, its training Lynx processors and the resampler on the meta device
 (shapes only); (2) wraps each block in activation checkpointing and shards it with FSDP2, one unit per block
 (the frozen block and its ID/Ref layers) and the rest at the root; (3) allocates only its own shards; (4) reads
-its rows of every tensor from the safetensors files (torch.distributed.checkpoint's HuggingFace reader reads
-slices, not files). Adapters from scratch are drawn module by module from seeds, so every world size starts
-from the same weights. FSDP2 runs at every world size, 1 included: one numeric path (parameters cast to the
-compute dtype, gradients reduced in fp32 by a plain sum) for one process and for many.
+its rows of every tensor from the safetensors files, with positioned reads located by the files' headers.
+Adapters from scratch are drawn module by module from seeds, so every world size starts from the same
+weights. FSDP2 runs at every world size, 1 included: one numeric path (parameters cast to the compute dtype,
+gradients reduced in fp32 by a plain sum) for one process and for many.
 
 The frozen backbone is cast as the inference pipeline casts it: every weight in the compute dtype, the RoPE
 tables (buffers) in fp32.
@@ -14,6 +14,8 @@ tables (buffers) in fp32.
 
 from __future__ import annotations
 
+import json
+import math
 import warnings
 import zlib
 from dataclasses import dataclass, field, replace
@@ -173,17 +175,62 @@ def build_adapters(config: TrainingConfig, transformer, source: Path | None) -> 
 
 
 # ----- reading each rank's shard ---------------------------------------------------------------------------------
-def _read(state: dict[str, torch.Tensor], directory: Path, what: str) -> None:
-    """Fill `state` (plain or sharded tensors, in place) from every safetensors file in `directory`."""
-    import torch.distributed.checkpoint as dcp
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
 
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(directory)))
-    except Exception as e:  # DCP reports missing keys and damaged files with many exception types
-        raise CheckpointError(f"the {what} in {directory} could not be loaded ({' '.join(str(e).split())[:300]}); "
-                              "is it the right directory, and complete?") from None
+
+def _index(directory: Path) -> dict[str, tuple[Path, dict, int]]:
+    """Every tensor of the safetensors files in `directory`: (file, header entry, where its data starts)."""
+    found = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        for key, entry in header.items():
+            if key != "__metadata__":
+                found[key] = (path, entry, 8 + size)
+    return found
+
+
+def _rows(target: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The tensor this rank fills and the first row of the whole tensor it holds (FSDP2 shards dim 0 as
+    `torch.chunk` does)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(target, DTensor):
+        return target, 0
+    chunk = -(-target.shape[0] // target.device_mesh.size())
+    return target.to_local(), min(target.device_mesh.get_local_rank() * chunk, target.shape[0])
+
+
+def _read(state: dict[str, torch.Tensor], directory: Path, what: str) -> None:
+    """Fill `state` (plain or FSDP-sharded tensors, in place) from the safetensors files in `directory`.
+
+    Each rank reads only its own rows, with positioned reads into one buffer per tensor: neither the files nor
+    the other ranks' rows ever enter its memory (a memory map would bring the pages it touches)."""
+    found = _index(directory)
+    missing = sorted(set(state) - set(found))
+    if missing:
+        raise CheckpointError(f"the {what} in {directory} lacks {len(missing)} tensors ({', '.join(missing[:3])}"
+                              f"{', ...' if len(missing) > 3 else ''}); is it the right directory, and complete?")
+    for key, target in state.items():
+        path, entry, start = found[key]
+        if list(entry["shape"]) != list(target.shape):
+            raise CheckpointError(f"{path}: {key} is {tuple(entry['shape'])}, the model expects "
+                                  f"{tuple(target.shape)}; these files belong to another model")
+        local, first = _rows(target)
+        if local.numel() == 0:
+            continue
+        dtype = _DTYPES[entry["dtype"]]
+        row_bytes = math.prod(entry["shape"][1:]) * dtype.itemsize
+        begin = start + entry["data_offsets"][0] + first * row_bytes
+        buffer = torch.empty(local.numel() * dtype.itemsize, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(begin)
+            if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
+                raise CheckpointError(f"{path} ends inside {key}: the file is incomplete; download it again")
+        with torch.no_grad():
+            local.copy_(buffer.view(dtype).view(local.shape))
 
 
 def load_backbone(transformer, directory: Path) -> None:
