@@ -80,9 +80,14 @@ def meta_transformer(base: Path, dtype: torch.dtype):
     with init_empty_weights(include_buffers=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         transformer = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(base / "transformer"))
-    for p in transformer.parameters():  # shapes only: casting costs nothing, and the buffers keep fp32
-        p.data = p.data.to(dtype)
+    cast_backbone(transformer, dtype)  # shapes only: casting costs nothing
     return transformer.eval().requires_grad_(False)
+
+
+def cast_backbone(transformer, dtype: torch.dtype) -> None:
+    """As the inference pipeline casts the base: every weight to `dtype`, the buffers (RoPE tables) kept fp32."""
+    for p in transformer.parameters():
+        p.data = p.data.to(dtype)
 
 
 def _set_buffers(module: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
