@@ -52,3 +52,9 @@ def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.
     """The device (default: the current CUDA device, else CPU) and torch dtype (default bf16 on CUDA, fp32 on CPU)."""
     device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     return device, DTYPES[dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+
+
+def launcher_ranks() -> tuple[int, int, int]:
+    """(rank, local rank, world size) as `torchrun` sets them in the environment; (0, 0, 1) without it."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")))
