@@ -173,8 +173,8 @@ def arcface_missing(models_dir: str | os.PathLike | None = None) -> str | None:
 def missing_weights_error(path: Path) -> WeightsNotFoundError:
     return WeightsNotFoundError(
         f"ArcFace weights not found: {path}. Download {ARCFACE_FILE} from {ARCFACE_URL} and save it as "
-        f"{path} (the directory is {path.parent}; set LYNX_FACE_MODELS or pass arcface_weights= to use "
-        f"another place). Nothing is downloaded automatically.")
+        f"{path} (or set LYNX_FACE_MODELS to another directory that holds it). Nothing is downloaded "
+        f"automatically.")
 
 
 def load_arcface(path: str | os.PathLike, device: str | torch.device = "cpu") -> ArcFaceIRSE50:

@@ -260,9 +260,8 @@ def describe(identity: FaceIdentity) -> str:
     if identity.detector == "precomputed":
         lines.append("precomputed ArcFace embedding (no photo analysed)")
     else:
-        src = identity.source or "(in-memory image)"
         w, h = identity.image_size
-        lines.append(f"photo: {src} ({w}x{h})")
+        lines.append(f"photo: {identity.source or '(in-memory image)'} ({w}x{h})")
         if identity.num_images > 1:
             lines.append(f"combined from {identity.num_images} photos; crops from the best-scoring one")
             sim = identity.extra.get("min_pair_similarity")
@@ -270,18 +269,21 @@ def describe(identity: FaceIdentity) -> str:
                 lines.append(f"lowest similarity between two photos: {sim:.2f}")
             for record in identity.faces_used():
                 lines.append(f"  {record['source'] or '(in-memory image)'}: {describe_face(record)}")
-        faces, index = identity.num_faces, identity.face_index
-        used = "" if faces < 2 or index is None else \
-            f"; using face {index}" + (" (the largest)" if index == 0 else " (0 is the largest)")
-        lines.append(f"faces found: {faces}{used}")
-        if identity.box is not None:
-            x1, y1, x2, y2 = (float(v) for v in identity.box)
-            lines.append(f"face box: x {x1:.0f}-{x2:.0f}, y {y1:.0f}-{y2:.0f} ({x2 - x1:.0f}x{y2 - y1:.0f} px)")
-        if np.isfinite(identity.score):
-            lines.append(f"detector: {identity.detector}, score {identity.score:.2f}")
-        else:
-            lines.append(f"detector: {identity.detector}")
+        lines += face_lines(identity.num_faces, identity.face_index, identity.box, identity.score, identity.detector)
     lines.append(f"embedding: 512-d ArcFace IR-SE50, norm {np.linalg.norm(identity.embedding):.2f}")
     lines.append("reference crop: " + ("256x256" if identity.reference_crop is not None
                                        else "none (the Ref-adapter will be skipped)"))
     return "\n".join(lines)
+
+
+def face_lines(num_faces: int, face_index: int | None, box, score: float, detector: str) -> list[str]:
+    """How many faces a photo has, which one is used, its box and the detector: lines for ``lynx face``."""
+    used = ""
+    if num_faces > 1 and face_index is not None:
+        used = f"; using face {face_index}" + (" (the largest)" if face_index == 0 else " (0 is the largest)")
+    lines = [f"faces found: {num_faces}{used}"]
+    if box is not None:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        lines.append(f"face box: x {x1:.0f}-{x2:.0f}, y {y1:.0f}-{y2:.0f} ({x2 - x1:.0f}x{y2 - y1:.0f} px)")
+    lines.append(f"detector: {detector}" + (f", score {score:.2f}" if np.isfinite(score) else ""))
+    return lines

@@ -140,7 +140,7 @@ class LynxWebApp:
     pipeline already in memory).
     """
 
-    def __init__(self, config: ServeConfig, pipeline=None):
+    def __init__(self, config: ServeConfig, pipeline=None, face_analyzer=None):
         self.config = config
         self.out_dir = config.out_dir
         self.photo_dir = config.out_dir / "photos"
@@ -164,6 +164,7 @@ class LynxWebApp:
         self._jobs: dict[str, Job] = {}
         self._busy: Job | None = None
         self._identities: dict[str, object] = {}  # photo id -> FaceIdentity (with embedding)
+        self._faces = face_analyzer  # a lynx.face.FaceAnalyzer, built on first use when not given
 
     # ----- model ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -324,27 +325,33 @@ class LynxWebApp:
             return 422, body
         return 200, body
 
-    def _analyze(self, photo_id: str, path: Path, with_embedding: bool):
-        from ... import face
-        from ...face.detection import select_face
+    def _face_analyzer(self, with_embedding: bool):
+        """The server's FaceAnalyzer, built once (again with ArcFace once its file has appeared); under _face_lock."""
+        from ...face import FaceAnalyzer
 
-        cfg = self.config
-        if with_embedding:
-            identity = self._identities.get(photo_id) or face.analyze(path, detector=cfg.detector,
-                                                                      models_dir=cfg.face_models)
-            self._identities[photo_id] = identity
-            w, h = identity.image_size
-            return {"width": w, "height": h, "faces": identity.num_faces, "detector": identity.detector,
-                    "score": float(identity.score), "box": [float(v) for v in identity.box],
-                    "reference": _png_data_url(identity.reference_crop)}, identity
-        # Detection and crops need no download: show them even before the ArcFace weights are there.
-        det = face.create_detector(cfg.detector, cfg.face_models)
-        image = face.load_image(path)
-        faces = det.detect(image)
-        chosen = select_face(faces, source=str(path))
-        return {"width": image.shape[1], "height": image.shape[0], "faces": len(faces), "detector": det.name,
-                "score": float(chosen.score), "box": [float(v) for v in chosen.box],
-                "reference": _png_data_url(face.align_reference(image, chosen.keypoints))}, None
+        if self._faces is None or (with_embedding and self._faces.arcface is None):
+            self._faces = FaceAnalyzer(self.config.detector, models_dir=self.config.face_models,
+                                       embedding=with_embedding)
+        return self._faces
+
+    def _analyze(self, photo_id: str, path: Path, with_embedding: bool):
+        from ...face import SeveralFacesWarning
+
+        analyzer = self._face_analyzer(with_embedding)
+        # The page has no way to choose a face yet: the largest is used, and the record says which.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SeveralFacesWarning)
+            if with_embedding:
+                identity = self._identities.get(photo_id) or analyzer.analyze(path)
+                self._identities[photo_id] = identity
+                record, reference = identity.faces_used()[0], identity.reference_crop
+            else:  # detection and crops need no download: show them even before the ArcFace weights are there
+                identity, found = None, analyzer.find(path)
+                record, reference = found.record(), found.reference_crop
+        w, h = record["image_size"]
+        return {"width": w, "height": h, "faces": record["num_faces"], "detector": record["detector"],
+                "score": record["score"], "box": record["box"], "face_index": record["face_index"],
+                "size": record["size"], "reference": _png_data_url(reference)}, identity
 
     # ----- generation -----------------------------------------------------------------------------------
     def parse_settings(self, body: dict) -> dict:
@@ -442,8 +449,9 @@ class LynxWebApp:
             people = []
             for photo_id, path in zip(ids, job.photos):
                 if photo_id not in self._identities:
-                    self._identities[photo_id] = face.analyze(path, detector=self.config.detector,
-                                                              models_dir=self.config.face_models)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", face.SeveralFacesWarning)
+                        self._identities[photo_id] = self._face_analyzer(True).analyze(path)
                 people.append(self._identities[photo_id])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -527,7 +535,8 @@ class LynxWebApp:
             out, frames, s["fps"], knobs, d, variant=self.variant, dtype=self.dtype, device=self.device,
             base=self.config.base, adapter=self.config.adapter, photos=job.photos, seconds=seconds,
             command=self._equivalent_command(job, out), source="lynx serve",
-            identity={"identity_file": None, "embedding_file": None, "reference": None})
+            identity={"identity_file": None, "embedding_file": None, "reference": None,
+                      "faces": identity.faces_used()})
         write_sidecar(out, record)
         return record
 
