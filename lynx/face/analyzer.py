@@ -13,6 +13,7 @@ ArcFace embedding of the 112x112 crop.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -60,6 +61,16 @@ class FoundFace:
         """JSON-ready: source, image_size, num_faces, face_index, box, size, score, detector."""
         return face_record(self.source, self.image_size, self.num_faces, self.index, self.face.box, self.face.score,
                            self.detector)
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside the lynx package, so the warning names the caller's line
+    whichever public entry (analyze(), FaceAnalyzer, the pipeline) it came through."""
+    package = str(Path(__file__).resolve().parents[1])
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class SeveralFacesWarning(UserWarning):
@@ -141,7 +152,7 @@ class FaceAnalyzer:
                           arcface_crop=align_arcface(image, chosen.keypoints),
                           reference_crop=align_reference(image, chosen.keypoints), detector=self.detector.name)
         if face_index is None and found.num_faces > 1:
-            warnings.warn(SeveralFacesWarning(found), stacklevel=3)
+            warnings.warn(SeveralFacesWarning(found), stacklevel=_caller_stacklevel())
         return found
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
