@@ -10,6 +10,7 @@ shared by all recognisers. Frames without a face carry no similarity: they are n
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,8 @@ import numpy as np
 
 from ..errors import InputError, NoFaceError
 from .recognizers import Recognizer, load_recognizers
+
+log = logging.getLogger("lynx.evaluation")
 
 
 def sample_indices(total: int, every: int = 1, max_frames: int | None = None) -> list[int]:
@@ -101,12 +104,18 @@ class FaceEvaluator:
 
     recognizers: None (all three; missing ones skipped with a message), names (required), or Recognizer
     objects. detector: a lynx.face detector name ("auto", "insightface", "dlib", "dlib-cnn") or object.
+    face_analyzer: a lynx.face.FaceAnalyzer whose detector and ArcFace network are reused (nothing reloaded).
     """
 
     def __init__(self, recognizers: Iterable[str | Recognizer] | None = None, *, detector="auto",
                  models_dir=None, arcface_weights=None, insightface_model=None, device: str = "cpu",
-                 on_skip: Callable[[str, str], None] | None = None):
+                 on_skip: Callable[[str, str], None] | None = None, face_analyzer=None):
         from ..face import create_detector
+
+        if face_analyzer is not None:
+            detector = face_analyzer.detector
+            if arcface_weights is None and face_analyzer.arcface is not None:
+                arcface_weights = face_analyzer.arcface
 
         self.skipped: dict[str, str] = {}
         given = list(recognizers) if recognizers is not None else None
@@ -144,10 +153,14 @@ class FaceEvaluator:
         for item in items:
             name = describe_source(item) or "(in-memory image)"
             image = load_image(item)
-            face, _ = self._largest_face(image)
+            face, count = self._largest_face(image)
             if face is None:
                 raise NoFaceError(f"no face found in the reference photo {name}; use a photo where the face is "
                                   f"clearly visible")
+            if count > 1:
+                x1, y1, x2, y2 = (float(v) for v in face.box)
+                log.warning("%s: %d faces found; scoring against the largest (box x %.0f-%.0f, y %.0f-%.0f); use a "
+                            "photo of the person alone", name, count, x1, x2, y1, y2)
             for r in self.recognizers:
                 per_name[r.name].append(r.embed(image, [face])[0])
             first = image if first is None else first

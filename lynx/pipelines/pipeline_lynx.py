@@ -7,9 +7,9 @@ decode. Text encoding, latent preparation and video post-processing are diffuser
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +20,7 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 
 from ..constants import MAX_TEXT_TOKENS, REFERENCE_PROMPT, AdapterConfig, SamplingConfig, sampling_defaults
 from ..errors import CheckpointError, InputError
+from ..face import FaceAnalyzer, FaceIdentity, load_image
 from ..models.adapters import (
     Conditioning,
     adapter_config,
@@ -36,18 +37,8 @@ logger = logging.getLogger(__name__)
 SAVED_ADAPTER_DIR = "lynx_adapter"
 
 
-@dataclass
-class Identity:
-    """What the adapters need about a person: a 512-d face embedding and (full) the aligned 256x256 crop."""
-
-    embedding: torch.Tensor  # [512] float32
-    reference_image: np.ndarray | None = None  # [256, 256, 3] uint8 RGB
-
-
 def _as_uint8_rgb(image, name: str) -> np.ndarray:
     """Any photo form (path, PIL, array, tensor) -> [H, W, 3] uint8 RGB, via the face module's robust reader."""
-    from ..face import load_image
-
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     try:
@@ -193,36 +184,46 @@ class LynxPipeline(WanPipeline):
 
     # ----- the inspectable steps -----------------------------------------------------------------------
     def prepare_identity(self, image=None, face_embedding=None, reference_image=None, identity=None,
-                         need_reference: bool = True, **face_kwargs) -> Identity:
-        """One identity from a photo (face analysis), a `FaceIdentity`, or an embedding (+ reference crop)."""
+                         need_reference: bool = True, face_analyzer: FaceAnalyzer | None = None,
+                         **face_kwargs) -> FaceIdentity:
+        """One `FaceIdentity` from a photo, a `FaceIdentity`, or an embedding (+ reference crop).
+
+        A photo is analysed by `face_analyzer` (with `face_kwargs` such as `face_index`), or, without one,
+        by a one-off `lynx.face.analyze(image, **face_kwargs)`. An embedding is used exactly as given.
+        """
         given = sum(x is not None for x in (image, face_embedding, identity))
         if given != 1:
             raise InputError("give the person exactly one way: image=PHOTO(S), identity=FaceIdentity, or "
                              "face_embedding=[512] (+ reference_image=256x256 crop for the full model)")
         if image is not None:
-            from .. import face
+            if face_analyzer is not None:
+                identity = face_analyzer.analyze(image, **face_kwargs)
+            else:
+                from ..face import analyze
 
-            identity = face.analyze(image, **face_kwargs)
-        if identity is not None:
-            face_embedding = identity.embedding
-            if reference_image is None:
-                reference_image = identity.reference_crop
-        emb = torch.as_tensor(np.asarray(face_embedding, dtype=np.float32)).reshape(-1)
-        if emb.numel() != 512 or not torch.isfinite(emb).all():
-            raise InputError(f"face_embedding must be 512 finite numbers (an ArcFace embedding), got "
-                             f"{emb.numel()} values")
-        ref = None
+                identity = analyze(image, **face_kwargs)
+        if identity is None:
+            if isinstance(face_embedding, torch.Tensor):
+                face_embedding = face_embedding.detach().float().cpu().numpy()
+            emb = np.asarray(face_embedding, dtype=np.float32).reshape(-1)
+            if emb.size != 512 or not np.isfinite(emb).all():
+                raise InputError(f"face_embedding must be 512 finite numbers (an ArcFace embedding), got "
+                                 f"{emb.size} values")
+            identity = FaceIdentity(embedding=emb, detector="precomputed")
+        elif not isinstance(identity, FaceIdentity):
+            raise InputError(f"identity must be a lynx.face.FaceIdentity, not {type(identity).__name__}")
         if reference_image is not None:
             ref = _as_uint8_rgb(reference_image, "reference_image")
             if ref.shape[:2] != (REFERENCE_SIZE, REFERENCE_SIZE):
                 raise InputError(f"reference_image must be the {REFERENCE_SIZE}x{REFERENCE_SIZE} aligned face crop "
                                  f"(`lynx face PHOTO` writes one), got {ref.shape[1]}x{ref.shape[0]}")
+            identity = dataclasses.replace(identity, reference_crop=ref)
         config = self.adapter_config
-        if need_reference and config is not None and config.use_ref and ref is None:
+        if need_reference and config is not None and config.use_ref and identity.reference_crop is None:
             raise InputError("the full Lynx model also needs reference_image (the 256x256 aligned crop; or "
                              "ref_scale=0 to run without the Ref-adapter); "
                              "pass image=PHOTO to compute both, or identity=FaceIdentity")
-        return Identity(emb, ref)
+        return identity
 
     @torch.no_grad()
     def identity_tokens(self, face_embedding: torch.Tensor) -> torch.Tensor:
@@ -331,6 +332,7 @@ class LynxPipeline(WanPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int = MAX_TEXT_TOKENS,
         face_options: dict | None = None,
+        face_analyzer: FaceAnalyzer | None = None,
         guidance_parallel=None,
     ):
         """Generate one video of the person in `image` (or the given identity) doing what `prompt` says.
@@ -341,6 +343,9 @@ class LynxPipeline(WanPipeline):
         sample of the reference crop; `generator` may replace it. `output_type`: "np", "pil" or "latent".
         `guidance_parallel`: True (the default process group) or a process group: the guidance branches run
         on different ranks (see `predict_branches`); every rank returns the same video.
+        `image=` is analysed by `face_analyzer` (a `lynx.face.FaceAnalyzer` built once; `face_options` such
+        as `{"face_index": 1}` go to its `analyze`), or without one by a one-off `lynx.face.analyze(image,
+        **face_options)`, which loads the face models for this call.
         `prompt_embeds`, `negative_prompt_embeds` and `reference_prompt_embeds` (of "image of a face") replace
         the text encoder, which may then be absent (sampling during training uses cached embeddings).
         """
@@ -372,7 +377,7 @@ class LynxPipeline(WanPipeline):
 
         use_ref = config.use_ref and ref_scale != 0
         person = self.prepare_identity(image, face_embedding, reference_image, identity, need_reference=use_ref,
-                                       **(face_options or {}))
+                                       face_analyzer=face_analyzer, **(face_options or {}))
         device, dtype = self._execution_device, self.transformer.dtype
         self._guidance_scale, self._interrupt, self._current_timestep = g, False, None
 
@@ -387,13 +392,14 @@ class LynxPipeline(WanPipeline):
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
 
         # Identity tokens and reference features: once per video, reused at every step.
-        tokens = self.identity_tokens(person.embedding.to(device))
-        no_tokens = self.identity_tokens(torch.zeros_like(person.embedding).to(device))
+        embedding = torch.tensor(person.embedding, device=device)
+        tokens = self.identity_tokens(embedding)
+        no_tokens = self.identity_tokens(torch.zeros_like(embedding))
         ref = no_ref = None
         if use_ref:  # with ref_scale 0 the branch adds nothing: skip the reference passes altogether
             ref_text = self.encode_text([REFERENCE_PROMPT]) if reference_prompt_embeds is None \
                 else reference_prompt_embeds
-            ref = self.reference_features(person.reference_image, torch.Generator().manual_seed(ref_seed), ref_text)
+            ref = self.reference_features(person.reference_crop, torch.Generator().manual_seed(ref_seed), ref_text)
             no_ref = self.reference_features(None, torch.Generator().manual_seed(ref_seed), ref_text)
         cond = Conditioning(tokens, ref, ip_scale, ref_scale)
         uncond = Conditioning(no_tokens, no_ref, ip_scale, ref_scale)

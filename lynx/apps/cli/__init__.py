@@ -6,6 +6,7 @@ import argparse
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from ...constants import sampling_defaults
@@ -121,6 +122,27 @@ def _init_distributed(args) -> int | None:
     return dist.get_rank()
 
 
+def check_face_index(value) -> None:
+    """--face-index is checked before anything loads; whether that face exists is known after detection."""
+    if value is not None and value < 0:
+        raise InputError(f"--face-index must be 0 or more (0 = the largest face), not {value}")
+
+
+def analyze_photos(analyzer, photos: list, face_index: int | None, command: str):
+    """FaceIdentity of the photos, with the several-faces warning worded for the command line."""
+    from ...face import SeveralFacesWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SeveralFacesWarning)
+        identity = analyzer.analyze(photos if len(photos) > 1 else photos[0], face_index=face_index)
+    for w in caught:
+        if isinstance(w.message, SeveralFacesWarning):
+            print(f"lynx {command}: warning: {w.message.message_for('--face-index N')}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return identity
+
+
 def cmd_generate(args) -> int:
     from ...models.loading import check_model_dirs
     from ...runtime import default_adapter_dir, default_base_dir
@@ -128,6 +150,10 @@ def cmd_generate(args) -> int:
     args.prompt = _read_prompt(args.prompt)
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
+    check_face_index(args.face_index)
+    if args.face_index is not None and not args.image:
+        raise InputError("--face-index chooses a face in --image photos; it does not apply to --identity or "
+                         "--embedding")
     sources = [bool(args.image), bool(args.identity), bool(args.embedding)]
     if sum(sources) != 1:
         raise InputError("give the person with exactly one of --image PHOTO..., --identity FILE (from `lynx face`) "
@@ -160,10 +186,10 @@ def cmd_generate(args) -> int:
                      args.frames or defaults.num_frames)
     identity_kwargs = {}
     if args.image:
-        from ... import face
+        from ...face import FaceAnalyzer
 
-        identity_kwargs["identity"] = face.analyze(args.image if len(args.image) > 1 else args.image[0],
-                                                   detector=args.detector, models_dir=args.face_models)
+        analyzer = FaceAnalyzer(args.detector, models_dir=args.face_models)
+        identity_kwargs["identity"] = analyze_photos(analyzer, args.image, args.face_index, "generate")
     elif args.identity:
         from ...face import FaceIdentity
 
@@ -174,6 +200,12 @@ def cmd_generate(args) -> int:
         identity_kwargs["face_embedding"] = np.load(args.embedding)
         if args.reference:
             identity_kwargs["reference_image"] = args.reference
+
+    faces_used = identity_kwargs["identity"].faces_used() if "identity" in identity_kwargs else []
+    from ...face.identity import describe_face
+
+    for record in faces_used:
+        print(f"face: {record['source'] or '(in-memory image)'}: {describe_face(record)}", file=sys.stderr)
 
     rank = _init_distributed(args)
     device, dtype = device_and_dtype(args.device, args.dtype)
@@ -209,33 +241,34 @@ def cmd_generate(args) -> int:
         out, frames, fps, knobs, defaults, variant=adapter_cfg.variant, dtype=dtype, device=device, base=base,
         adapter=adapter, photos=args.image or [], seconds=time.time() - started,
         command=" ".join(shlex.quote(a) for a in sys.argv),
-        identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference},
+        identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference,
+                  "faces": faces_used},
         provenance=mark, safety=safety)
     write_sidecar(out, record)
     print(out)
     return 0
 
 
-def _face_check_without_embedding(args, missing: Exception) -> int:
+def _face_check_without_embedding(args, analyzer, missing: str) -> int:
     """Detection and crops need no download: show them, and say what the embedding still needs."""
     from PIL import Image
 
-    from ... import face
+    from ...face import SeveralFacesWarning
+    from ...face.identity import face_lines
 
-    det = face.create_detector(args.detector, args.face_models)
     out_dir = Path(args.out_dir)
     for photo in args.photos:
-        image = face.load_image(photo)
-        faces = det.detect(image)
-        chosen = face.detection.select_face(faces, face_index=args.face_index, source=str(photo))
-        x1, y1, x2, y2 = (float(v) for v in chosen.box)
-        print(f"photo: {photo} ({image.shape[1]}x{image.shape[0]})\nfaces found: {len(faces)}"
-              f"{'; using the largest' if len(faces) > 1 and args.face_index is None else ''}\n"
-              f"face box: x {x1:.0f}-{x2:.0f}, y {y1:.0f}-{y2:.0f}\ndetector: {det.name}, score {chosen.score:.2f}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SeveralFacesWarning)
+            found = analyzer.find(photo, face_index=args.face_index)
+        for w in caught:
+            print(f"lynx face: warning: {w.message.message_for('--face-index N')}", file=sys.stderr)
+        w, h = found.image_size
+        print(f"photo: {photo} ({w}x{h})")
+        print("\n".join(face_lines(found.num_faces, found.index, found.face.box, found.face.score, found.detector)))
         if not args.no_save:
             name = slug(Path(photo).stem, 40)
-            for kind, crop in (("arcface112", face.align_arcface(image, chosen.keypoints)),
-                               ("reference256", face.align_reference(image, chosen.keypoints))):
+            for kind, crop in (("arcface112", found.arcface_crop), ("reference256", found.reference_crop)):
                 path = out_dir / f"{name}-{kind}.png"
                 if path.exists() and not args.overwrite:
                     raise InputError(f"{path} already exists; pass --overwrite to replace it")
@@ -248,16 +281,14 @@ def _face_check_without_embedding(args, missing: Exception) -> int:
 
 def cmd_face(args) -> int:
     from ... import face
-    from ...errors import WeightsNotFoundError
 
+    check_face_index(args.face_index)
     out_dir = Path(args.out_dir)
-    try:
-        identity = face.analyze(args.photos if len(args.photos) > 1 else args.photos[0], detector=args.detector,
-                                models_dir=args.face_models, face_index=args.face_index)
-    except WeightsNotFoundError as e:
-        if face.ARCFACE_FILE not in str(e):
-            raise
-        return _face_check_without_embedding(args, e)
+    missing = face.arcface_missing(args.face_models)
+    analyzer = face.FaceAnalyzer(args.detector, models_dir=args.face_models, embedding=missing is None)
+    if missing:
+        return _face_check_without_embedding(args, analyzer, missing)
+    identity = analyze_photos(analyzer, args.photos, args.face_index, "face")
     print(face.describe(identity))
     if args.no_save:
         return 0
@@ -347,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--identity", help="identity file written by `lynx face`")
     who.add_argument("--embedding", help=".npy with a 512-d ArcFace embedding")
     who.add_argument("--reference", help="256x256 aligned face crop (full model, with --embedding)")
+    who.add_argument("--face-index", type=int, help="which face in a photo with several: 0 = the largest (default)")
     g.add_argument("--prompt", required=True, help="text, or @FILE to read it from a file")
     g.add_argument("--negative-prompt", default=None, help="default: the authors' negative prompt")
     add_model_options(g)
@@ -374,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--name", help="base name of the written files (default: the first photo's name)")
     f.add_argument("--detector", default="auto")
     f.add_argument("--face-models")
-    f.add_argument("--face-index", type=int, help="pick this face (0 = largest) instead of the largest")
+    f.add_argument("--face-index", type=int, help="which face in a photo with several: 0 = the largest (default)")
     f.add_argument("--no-save", action="store_true", help="only print what was found")
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=cmd_face)
