@@ -323,7 +323,10 @@ class LynxWebApp:
                     analyzer = self._analyzer(embedding)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", face.SeveralFacesWarning)  # the summary line says it
-                    found = analyzer.find(image)
+                    try:
+                        found = analyzer.find(path)
+                    except LynxError as e:  # the face code names the stored file; the person knows their own name
+                        raise type(e)(str(e).replace(str(path), shown)) from None
                 faces, chosen = found.faces, found.face
                 if embedding:
                     people.append(self.identity_of(path, shown))
