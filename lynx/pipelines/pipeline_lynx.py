@@ -29,7 +29,9 @@ from ..models.adapters import (
     uninstall_adapters,
 )
 from ..models.loading import load_adapters, read_adapter_config, require_base_dir, save_adapters, transformer_shape
+from ..models.lora import check_lora, lora_off, read_lora
 from ..models.resampler import Resampler
+from . import speed
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +159,18 @@ class LynxPipeline(WanPipeline):
             self.unload_lynx_adapters()
         self.register_modules(resampler=load_adapters(self.transformer, adapter_dir))
 
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name=None, hotswap: bool = False,
+                          **kwargs) -> None:
+        """diffusers' Wan LoRA loading (peft), for LoRAs in diffusers', the original Wan / lightx2v or the kohya /
+        ComfyUI layout, checked first against this transformer's depth and width (the error names the file).
+        The Lynx adapters stay active; the reference passes run with every LoRA off."""
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", None)
+        state, metadata, name = read_lora(pretrained_model_name_or_path_or_dict, **kwargs)
+        check_lora(self.transformer, state, name)
+        extra = {} if low_cpu_mem_usage is None else {"low_cpu_mem_usage": low_cpu_mem_usage}
+        self.load_lora_into_transformer(state, transformer=self.transformer, adapter_name=adapter_name,
+                                        metadata=metadata, _pipeline=self, hotswap=hotswap, **extra)
+
     def unload_lynx_adapters(self) -> None:
         """Back to plain Wan: diffusers' processors in every block, no resampler."""
         uninstall_adapters(self.transformer)
@@ -266,7 +280,8 @@ class LynxPipeline(WanPipeline):
         # A context of its own, used once: a step cache (FirstBlockCache, ...) has nothing to reuse in it,
         # so every block runs and is recorded.
         self._reference_passes = getattr(self, "_reference_passes", 0) + 1
-        with recording(self.transformer) as recorded, \
+        # LoRAs off: the adapters were trained on features of the plain backbone.
+        with recording(self.transformer) as recorded, lora_off(self.transformer), \
                 self.transformer.cache_context(f"reference-{self._reference_passes}"):
             self.transformer(hidden_states=latents.to(self.transformer.dtype),
                              timestep=torch.zeros(1, dtype=torch.long, device=device),
@@ -296,11 +311,12 @@ class LynxPipeline(WanPipeline):
                 cond: Conditioning | None, branch: str = "c") -> torch.Tensor:
         """One transformer call with `cond` visible to the adapters.
 
-        `branch` names the guidance branch for diffusers' step caches (FirstBlockCache, TaylorSeer, ...),
-        which keep one state per named context.
+        `branch` names the guidance branch for diffusers' step caches (FirstBlockCache, SeaCache, ...),
+        which keep one state per named context; inside `__call__` they also get the step, sigma and step count.
         """
         self._require_adapters()
-        with conditioning(self.transformer, cond), self.transformer.cache_context(branch):
+        with conditioning(self.transformer, cond, text), \
+                self.transformer.cache_context(branch, **getattr(self, "_cache_step", {})):
             return self.transformer(hidden_states=latents.to(self.transformer.dtype),
                                     timestep=t.expand(latents.shape[0]), encoder_hidden_states=text,
                                     return_dict=False)[0]
@@ -323,6 +339,20 @@ class LynxPipeline(WanPipeline):
         for k, out in enumerate(outs):
             dist.broadcast(out, src=dist.get_global_rank(group, k % world), group=group)
         return outs
+
+    def predict_batched(self, latents, t, branches) -> list[torch.Tensor]:
+        """The branches' predictions from one transformer call of batch len(branches) (same numbers as
+        `predict_branches` within float rounding; faster on a GPU with the memory for it)."""
+        names, texts, conds = zip(*branches)
+        key = "".join(names)
+        stacked = self._stacked.get(key)  # one per branch set and scales, so its cached K/V are reused
+        if stacked is None or (stacked.ip_scale, stacked.ref_scale) != (conds[0].ip_scale, conds[0].ref_scale):
+            stacked = self._stacked[key] = speed.stack_conditionings(list(conds))
+        text = self._stacked.get(f"text-{key}")
+        if text is None:  # one tensor per branch set, so its cross-attention K/V are cached too
+            text = self._stacked[f"text-{key}"] = torch.cat(texts)
+        out = self.predict(latents.expand(len(branches), *latents.shape[1:]), t, text, stacked, key)
+        return list(out.chunk(len(branches)))
 
     # ----- generation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -355,6 +385,15 @@ class LynxPipeline(WanPipeline):
         max_sequence_length: int = MAX_TEXT_TOKENS,
         face_options: dict | None = None,
         guidance_parallel=None,
+        ip_start: float = 0.0,
+        ip_end: float = 1.0,
+        ref_start: float = 0.0,
+        ref_end: float = 1.0,
+        guidance_i_start: float = 0.0,
+        guidance_i_end: float = 1.0,
+        ref_blocks=None,
+        batch_branches: bool = False,
+        sigmas=None,
     ):
         """Generate one video of the person in `image` (or the given identity) doing what `prompt` says.
 
@@ -364,6 +403,12 @@ class LynxPipeline(WanPipeline):
         sample of the reference crop; `generator` may replace it. `output_type`: "np", "pil" or "latent".
         `guidance_parallel`: True (the default process group) or a process group: the guidance branches run
         on different ranks (see `predict_branches`); every rank returns the same video.
+
+        Strength (`lynx.pipelines.speed`): `ip_start`/`ip_end`, `ref_start`/`ref_end`: the fraction of the steps
+        each adapter acts on; `guidance_i_start`/`guidance_i_end`: the steps with identity guidance (the others
+        run c and u only); `ref_blocks`: "0-20,35-39" or block numbers, the Ref-adapter's blocks.
+        `batch_branches`: the step's branches as one batched call (off under `guidance_parallel`).
+        `sigmas`: the step grid before the scheduler's shift (default: the authors' UniPC grid).
         """
         config = self._require_adapters()
         d = self.defaults
@@ -387,11 +432,13 @@ class LynxPipeline(WanPipeline):
         bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise InputError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}")
+        strength = speed.Strength(ip_scale, ref_scale, ip_start, ip_end, ref_start, ref_end, guidance_i_start,
+                                  guidance_i_end, speed.parse_blocks(ref_blocks, len(self.transformer.blocks)))
         if generator is None:
             generator = torch.Generator().manual_seed(d.seed if seed is None else seed)
         ref_seed = generator.initial_seed() + 1
 
-        use_ref = config.use_ref and ref_scale != 0
+        use_ref = config.use_ref and ref_scale != 0 and ref_start < ref_end and strength.ref_blocks != frozenset()
         person = self.prepare_identity(image, face_embedding, reference_image, identity, need_reference=use_ref,
                                        **(face_options or {}))
         device, dtype = self._execution_device, self.transformer.dtype
@@ -415,11 +462,14 @@ class LynxPipeline(WanPipeline):
             ref_text = self.encode_text([REFERENCE_PROMPT])
             ref = self.reference_features(person.reference_image, torch.Generator().manual_seed(ref_seed), ref_text)
             no_ref = self.reference_features(None, torch.Generator().manual_seed(ref_seed), ref_text)
-        cond = Conditioning(tokens, ref, ip_scale, ref_scale)
-        uncond = Conditioning(no_tokens, no_ref, ip_scale, ref_scale)
+        text_kv = {}  # every prompt's cross-attention keys/values, computed at its first call
+        cond = Conditioning(tokens, ref, ip_scale, ref_scale, ref_blocks=strength.ref_blocks, text_kv=text_kv)
+        uncond = Conditioning(no_tokens, no_ref, ip_scale, ref_scale, ref_blocks=strength.ref_blocks, text_kv=text_kv)
 
         # Noise and schedule.
-        self.scheduler.set_timesteps(sigmas=flow_sigmas(steps, d.sigma_start), device=device)
+        grid = flow_sigmas(steps, d.sigma_start) if sigmas is None else np.asarray(sigmas, dtype=np.float64)
+        self.scheduler.set_timesteps(sigmas=grid, device=device)
+        self.scheduler.set_begin_index(0)  # no device-to-host sync per step to find the index (compile-friendly)
         timesteps = self.scheduler.timesteps
         latents = self.prepare_latents(1, self.transformer.config.in_channels, height, width, num_frames,
                                        torch.float32, device, generator, latents)
@@ -428,20 +478,27 @@ class LynxPipeline(WanPipeline):
 
         # Guidance branches, in the authors' order: c = (prompt, identity), u = (negative, no identity),
         # i = (negative, identity).
-        branches = [("c", prompt_embeds, cond)]
-        if use_cfg:
-            branches.append(("u", negative_prompt_embeds, uncond))
-            if three_way:
-                branches.append(("i", negative_prompt_embeds, cond))
         group = _guidance_group(guidance_parallel)
+        batch_branches = batch_branches and group is None
+        self._stacked = {}
+        n = len(timesteps)
 
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                noise = guide(self.predict_branches(latents, t, branches, group), g, g_i)
-                latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
+                self._cache_step = speed.cache_context_kwargs(self.scheduler, i, n)
+                step_cond, step_uncond = strength.conditioning(cond, i, n), strength.conditioning(uncond, i, n)
+                parts = {"c": (prompt_embeds, step_cond), "u": (negative_prompt_embeds, step_uncond),
+                         "i": (negative_prompt_embeds, step_cond)}
+                names = strength.branches(i, n, use_cfg, three_way)
+                branches = [(name, *parts[name]) for name in names]
+                preds = (self.predict_batched(latents, t, branches) if batch_branches and len(branches) > 1
+                         else self.predict_branches(latents, t, branches, group))
+                noise = guide(preds, g, g_i)
+                latents = self.scheduler.step(noise, t, latents, return_dict=False,
+                                              **speed.step_kwargs(self.scheduler, generator))[0]
                 if callback_on_step_end is not None:
                     names = {"latents": latents, "prompt_embeds": prompt_embeds,
                              "negative_prompt_embeds": negative_prompt_embeds}
@@ -449,6 +506,7 @@ class LynxPipeline(WanPipeline):
                     latents = (out or {}).get("latents", latents)
                 bar.update()
         self._current_timestep = None
+        self._cache_step, self._stacked = {}, {}
 
         video = latents if output_type == "latent" else self.decode(latents, output_type)
         self.maybe_free_model_hooks()
