@@ -41,9 +41,10 @@ def read_lora(source, **kwargs) -> tuple[dict[str, torch.Tensor], dict | None, s
     from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
     name = "the given LoRA state dict" if isinstance(source, dict) else str(source)
-    if isinstance(source, (str, Path)) and Path(source).is_file():
+    if isinstance(source, Path):
         source = str(source)
-    elif isinstance(source, (str, Path)) and not isinstance(source, dict) and not Path(source).exists():
+    if isinstance(source, str) and source.endswith((".safetensors", ".bin", ".pt", ".pth")) \
+            and not Path(source).is_file():
         raise InputError(f"LoRA file {source} does not exist")
     try:
         state, metadata = WanLoraLoaderMixin.lora_state_dict(
@@ -62,6 +63,10 @@ def read_lora(source, **kwargs) -> tuple[dict[str, torch.Tensor], dict | None, s
         other = sorted({k.split(".")[0] for k in state if not k.startswith("transformer.")})[:5]
         raise CheckpointError(f"{name} holds no Wan transformer LoRA weights"
                               + (f" (its keys start with {', '.join(other)})" if other else ""))
+    plain = [k for k in state if "lora" not in k]
+    if plain:
+        raise CheckpointError(f"{name} is not a LoRA: `{plain[0]}` is a full weight, not a lora_A/lora_B "
+                              "(lora_down/lora_up) matrix")
     return state, metadata, name
 
 
