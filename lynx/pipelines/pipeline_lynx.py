@@ -277,12 +277,13 @@ class LynxPipeline(WanPipeline):
         latents = self._normalize_latents(latents)
         if prompt_embeds is None:
             prompt_embeds = self.encode_text([REFERENCE_PROMPT])
-        # A context of its own, used once: a step cache (FirstBlockCache, ...) has nothing to reuse in it,
-        # so every block runs and is recorded.
+        # A context of its own, used once (a one-step trajectory to the caches that read steps): a step cache
+        # (FirstBlockCache, SeaCache, ...) has nothing to reuse in it, so every block runs and is recorded.
         self._reference_passes = getattr(self, "_reference_passes", 0) + 1
         # LoRAs off: the adapters were trained on features of the plain backbone.
         with recording(self.transformer) as recorded, lora_off(self.transformer), \
-                self.transformer.cache_context(f"reference-{self._reference_passes}"):
+                self.transformer.cache_context(f"reference-{self._reference_passes}", step_index=0, sigma=0.0,
+                                               num_inference_steps=1):
             self.transformer(hidden_states=latents.to(self.transformer.dtype),
                              timestep=torch.zeros(1, dtype=torch.long, device=device),
                              encoder_hidden_states=prompt_embeds.to(self.transformer.dtype), return_dict=False)
