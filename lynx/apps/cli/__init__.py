@@ -9,14 +9,17 @@ import sys
 import time
 from pathlib import Path
 
-from ...constants import sampling_defaults
+from ...constants import CONTEXT_BLENDS, CONTEXT_OVERLAP_FRAMES, EXPERTS, sampling_defaults
 from ...errors import InputError, LynxError, WeightsNotFoundError
 from ...runtime import DTYPES, device_and_dtype
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Where the weights are and how to run them: the same flags for `generate` and `serve`."""
-    p.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers directory (default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
+    p.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers or Wan2.2-T2V-A14B-Diffusers directory "
+                                  "(default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
+    p.add_argument("--experts", choices=EXPERTS, default="high",
+                   help="Wan2.2 A14B bases: the adapters act on the high-noise expert (default) or on both")
     p.add_argument("--adapter", help="lynx_full or lynx_lite directory (default $LYNX_MODELS/lynx_<variant>)")
     p.add_argument("--variant", choices=("full", "lite"), default="full", help="which default adapter dir to use")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
@@ -29,11 +32,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
 
 
-def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False):
+def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False,
+                  experts="high"):
     """A LynxPipeline placed and tuned as the model options ask."""
     from ...pipelines.pipeline_lynx import LynxPipeline
 
-    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if offload else device)
+    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if offload else device,
+                                        experts=experts)
     if offload:  # each model visits the device only while it runs
         pipe.enable_model_cpu_offload(device=device)
     if vae_tiling:
@@ -126,6 +131,14 @@ def cmd_generate(args) -> int:
         adapter_cfg = check_model_dirs(base, adapter)
     except WeightsNotFoundError as e:
         missing.append(str(e))
+    else:
+        from ...models.loading import inspect_base_dir
+
+        two_experts = inspect_base_dir(base).two_experts
+        if args.experts == "both" and not two_experts:
+            raise InputError(f"--experts both needs a two-expert base (Wan2.2-T2V-A14B); {base} has one transformer")
+        if args.guidance_2 is not None and not two_experts:
+            raise InputError(f"--guidance-2 is the low-noise expert's guidance; {base} has one transformer")
     if args.image:
         from ...face import arcface_missing
 
@@ -151,6 +164,10 @@ def cmd_generate(args) -> int:
 
     check_video_size(args.height or defaults.height, args.width or defaults.width,
                      args.frames or defaults.num_frames)
+    from ...pipelines.windows import ContextWindows
+
+    windows = ContextWindows(frames=args.context_frames or defaults.num_frames, overlap=args.context_overlap,
+                             blend=args.context_blend)
     identity_kwargs = {}
     if args.image:
         from ... import face
@@ -172,13 +189,18 @@ def cmd_generate(args) -> int:
     device, dtype = device_and_dtype(args.device, args.dtype)
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
-                         offload=args.offload, vae_tiling=args.vae_tiling)
+                         offload=args.offload, vae_tiling=args.vae_tiling, experts=args.experts)
+    video_windows = windows.video_windows(args.frames or defaults.num_frames)
+    if len(video_windows) > 1:
+        print(f"long video: {len(video_windows)} context windows of {windows.frames} frames, overlap "
+              f"{windows.overlap}, {windows.blend} blending", file=sys.stderr)
     speed_kwargs = speed_setup(pipe, args, loras, rank)
     g_i = speed_kwargs.get("guidance_scale_i", "default")
     started = time.time()
     result = pipe(args.prompt, **identity_kwargs, negative_prompt=args.negative_prompt, height=args.height,
                   width=args.width, num_frames=args.frames, seed=args.seed, output_type="np",
-                  guidance_parallel=True if rank is not None else None, **speed_kwargs)
+                  guidance_parallel=True if rank is not None else None, guidance_scale_2=args.guidance_2,
+                  context_windows=windows, **speed_kwargs)
     frames = result.frames[0]
     if rank:  # every rank holds the same video; rank 0 writes it
         return 0
@@ -197,7 +219,10 @@ def cmd_generate(args) -> int:
         identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference},
         speed={"preset": args.speed, "loras": [{"path": str(Path(p).resolve()), "scale": w} for p, w in loras],
                "compile": args.compile, "batch_branches": args.batch_branches,
-               **{k: v for k, v in speed_kwargs.items() if k in STRENGTH_WINDOWS and v is not None}})
+               **{k: v for k, v in speed_kwargs.items() if k in STRENGTH_WINDOWS and v is not None}},
+        experts=pipe.experts if pipe.transformer_2 is not None else None, guidance_scale_2=args.guidance_2,
+        context_windows={"frames": windows.frames, "overlap": windows.overlap, "blend": windows.blend,
+                         "windows": [list(w) for w in video_windows]} if len(video_windows) > 1 else None)
     write_sidecar(out, record)
     print(out)
     return 0
@@ -395,11 +420,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite)")
+    g.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite); more than --context-frames "
+                                              "makes a long video in overlapping context windows")
+    g.add_argument("--context-frames", type=int,
+                   help="long videos: frames per context window, 4k+1 (default the model window: 81 full, 121 lite)")
+    g.add_argument("--context-overlap", type=int, default=CONTEXT_OVERLAP_FRAMES,
+                   help=f"long videos: frames shared by neighbouring windows, a multiple of 4 "
+                        f"(default {CONTEXT_OVERLAP_FRAMES})")
+    g.add_argument("--context-blend", choices=CONTEXT_BLENDS, default="linear",
+                   help="long videos: how overlapping windows combine: linear ramps (default) or a plain average")
     g.add_argument("--fps", type=int, help="default 16 full, 24 lite")
     g.add_argument("--steps", type=int, help="denoising steps (default 50)")
     g.add_argument("--guidance", type=float, help="text guidance scale g (default 5.0)")
     g.add_argument("--guidance-i", type=float, help="identity guidance g_i (full default 2.0; negative: 2-way)")
+    g.add_argument("--guidance-2", type=float,
+                   help="Wan2.2 A14B: text guidance of the low-noise expert's steps (default: --guidance)")
     g.add_argument("--seed", type=int, help="default 42")
     g.add_argument("--guidance-parallel", action="store_true",
                    help="under torchrun: run the guidance branches on different GPUs (3 for full, 2 for lite)")

@@ -78,6 +78,7 @@ class ServeConfig:
     attention_backend: str | None = None
     offload: bool = False
     vae_tiling: bool = False
+    experts: str = "high"  # Wan2.2 A14B bases: the adapters on the high-noise expert, or on both
 
     def __post_init__(self):
         self.base, self.adapter, self.out_dir = Path(self.base), Path(self.adapter), Path(self.out_dir)
@@ -193,7 +194,8 @@ class LynxWebApp:
         try:
             c = self.config
             pipe = load_pipeline(c.base, c.adapter, device=self.device, dtype=self.dtype,
-                                 attention_backend=c.attention_backend, offload=c.offload, vae_tiling=c.vae_tiling)
+                                 attention_backend=c.attention_backend, offload=c.offload, vae_tiling=c.vae_tiling,
+                                 experts=c.experts)
             self.pipe, self.model_state = pipe, "ready"
             print(f"lynx serve: model ready in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
         except LynxError as e:
