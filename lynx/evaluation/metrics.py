@@ -55,9 +55,8 @@ def seam_report(frames, windows: Sequence[Sequence[int]], group: int = 4) -> dic
     [0, 1]) across a group boundary where a window starts or ends, `inside` across every other group
     boundary; `ratio` = seam / inside (about 1: no visible seam).
     """
-    x = np.asarray(frames, dtype=np.float32)
-    if x.max() > 1.0:
-        x = x / 255.0
+    x = np.asarray(frames)
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
     diffs = np.abs(np.diff(x, axis=0)).mean(axis=tuple(range(1, x.ndim)))  # diffs[i]: frame i -> i + 1
     edges = {int(a) - 1 for a, _ in windows if int(a) > 0} | {int(b) - 1 for _, b in windows if int(b) < len(x)}
     boundaries = [i for i in range(len(diffs)) if i % group == 0]
