@@ -38,18 +38,17 @@ from ..models.adapters import (
     adapter_config,
     conditioning,
     plain_state_dict,
-    recording,
     uninstall_adapters,
 )
 from ..models.loading import SECOND_EXPERT, check_base_fits, load_adapters, read_adapter_config, save_adapters
 from ..models.lora import check_lora, lora_off, read_lora
 from ..models.resampler import Resampler
 from . import speed
+from .reference import REFERENCE_SIZE, denormalize_latents, normalize_latents, reference_features, reference_latents
 from .windows import ContextWindows, blend
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_SIZE = 256
 SAVED_ADAPTER_DIR = "lynx_adapter"
 
 
@@ -346,45 +345,23 @@ class LynxPipeline(WanPipeline):
         """
         self._require_adapters()
         transformer = self.transformer if transformer is None else transformer
-        device, vae = self._execution_device, self.vae
-        if reference_image is None:
-            pixels = torch.zeros(1, 3, 1, REFERENCE_SIZE, REFERENCE_SIZE)
-        else:
-            pixels = torch.tensor(_as_uint8_rgb(reference_image, "reference_image")) / 255.0 * 2 - 1
-            pixels = pixels.permute(2, 0, 1)[None, :, None]
-        latents = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
-        latents = self._normalize_latents(latents)
+        crop = None if reference_image is None else _as_uint8_rgb(reference_image, "reference_image")
+        latents = reference_latents(self.vae, crop, generator, self._execution_device)
         if prompt_embeds is None:
             prompt_embeds = self.encode_text([REFERENCE_PROMPT])
         # A context of its own, used once (a one-step trajectory to the caches that read steps): a step cache
         # (FirstBlockCache, SeaCache, ...) has nothing to reuse in it, so every block runs and is recorded.
         self._reference_passes = getattr(self, "_reference_passes", 0) + 1
         # LoRAs off: the adapters were trained on features of the plain backbone.
-        with recording(transformer) as recorded, lora_off(transformer), \
-                transformer.cache_context(f"reference-{self._reference_passes}", step_index=0, sigma=0.0,
-                                          num_inference_steps=1):
-            transformer(hidden_states=latents.to(transformer.dtype),
-                        timestep=torch.zeros(1, dtype=torch.long, device=device),
-                        encoder_hidden_states=prompt_embeds.to(transformer.dtype), return_dict=False)
-        if len(recorded) != len(transformer.blocks):
-            raise RuntimeError(f"the reference pass recorded {len(recorded)} of {len(transformer.blocks)} "
-                               "blocks; a hook on the transformer skipped blocks")
-        return list(recorded)
-
-    def _latent_stats(self, like: torch.Tensor):
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        return mean, inv_std
+        with lora_off(transformer), transformer.cache_context(f"reference-{self._reference_passes}", step_index=0,
+                                                              sigma=0.0, num_inference_steps=1):
+            return reference_features(transformer, latents, prompt_embeds)
 
     def _normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, inv_std = self._latent_stats(latents)
-        return (latents - mean) * inv_std
+        return normalize_latents(latents, self.vae.config)
 
     def decode(self, latents: torch.Tensor, output_type: str = "np"):
-        latents = latents.to(self.vae.dtype)
-        mean, inv_std = self._latent_stats(latents)
-        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        video = self.vae.decode(denormalize_latents(latents.to(self.vae.dtype), self.vae.config), return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type=output_type)
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
@@ -460,6 +437,7 @@ class LynxPipeline(WanPipeline):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        reference_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
@@ -502,6 +480,8 @@ class LynxPipeline(WanPipeline):
         dict; default window the variant's frame count, 16 frames of overlap, linear blending) are denoised in
         overlapping windows of latent frames, blended at every step; every window reads the same identity
         tokens and reference features, and the transformer never sees more than one window.
+        `prompt_embeds`, `negative_prompt_embeds` and `reference_prompt_embeds` (of "image of a face") replace
+        the text encoder, which may then be absent (sampling during training uses cached embeddings).
         """
         config = self._require_adapters()
         d = self.defaults
@@ -558,7 +538,10 @@ class LynxPipeline(WanPipeline):
         tokens = self.identity_tokens(person.embedding.to(device))
         no_tokens = self.identity_tokens(torch.zeros_like(person.embedding).to(device))
         text_kv = {}  # every prompt's cross-attention keys/values, computed at its first call
-        ref_text = self.encode_text([REFERENCE_PROMPT]) if use_ref else None
+        ref_text = None
+        if use_ref:
+            ref_text = self.encode_text([REFERENCE_PROMPT]) if reference_prompt_embeds is None \
+                else reference_prompt_embeds
         conds = {}  # id(expert) -> (cond, uncond) for each expert with adapters
         for model in (self.transformer, self.transformer_2):
             if model is None or adapter_config(model) is None:
