@@ -172,6 +172,12 @@ class LynxPipeline(WanPipeline):
         if self.resampler is not None:
             save_adapters(Path(save_directory) / SAVED_ADAPTER_DIR, self.transformer, self.resampler)
 
+    def enable_memory_preset(self, name: str, device=None):
+        """Run within a GPU size: "max", "48gb", "24gb", "24gb-blocks" or "12gb" (`lynx.pipelines.memory`)."""
+        from .memory import enable_memory_preset
+
+        return enable_memory_preset(self, name, device)
+
     @property
     def adapter_config(self) -> AdapterConfig | None:
         return adapter_config(self.transformer)
@@ -406,13 +412,14 @@ class LynxPipeline(WanPipeline):
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         if use_cfg:
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        # Every text first: under model offloading the text encoder then leaves the GPU before the transformer runs.
+        ref_text = self.encode_text([REFERENCE_PROMPT]) if use_ref else None
 
         # Identity tokens and reference features: once per video, reused at every step.
         tokens = self.identity_tokens(person.embedding.to(device))
         no_tokens = self.identity_tokens(torch.zeros_like(person.embedding).to(device))
         ref = no_ref = None
         if use_ref:  # with ref_scale 0 the branch adds nothing: skip the reference passes altogether
-            ref_text = self.encode_text([REFERENCE_PROMPT])
             ref = self.reference_features(person.reference_image, torch.Generator().manual_seed(ref_seed), ref_text)
             no_ref = self.reference_features(None, torch.Generator().manual_seed(ref_seed), ref_text)
         cond = Conditioning(tokens, ref, ip_scale, ref_scale)
