@@ -13,6 +13,10 @@ from ...constants import sampling_defaults
 from ...errors import InputError, LynxError, WeightsNotFoundError
 from ...runtime import DTYPES, device_and_dtype
 
+# The preset names, spelled here so that building the parser imports no torch (lynx.pipelines.memory checks
+# them against its table).
+MEMORY_CHOICES = ("max", "48gb", "24gb", "24gb-blocks", "12gb")
+
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Where the weights are and how to run them: the same flags for `generate` and `serve`."""
@@ -22,20 +26,49 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
+    p.add_argument("--memory", choices=MEMORY_CHOICES, default=None,
+                   help="GPU memory preset: max (80 GB), 48gb, 24gb (fp8 weights), 24gb-blocks (bf16 blocks "
+                        "streamed), 12gb (layers streamed); `lynx plan --memory NAME` predicts its peak")
+    p.add_argument("--base-transformer", metavar="FILE",
+                   help="a quantized Wan2.1-T2V-14B transformer as one file (.gguf, e.g. the community Q4/Q5/Q8 "
+                        "files) to use instead of the base directory's transformer")
     p.add_argument("--offload", action="store_true",
-                   help="less GPU memory: keep models on the CPU and move each to the GPU only while it runs")
+                   help="the same as --memory 48gb: each model visits the GPU only while it runs")
     p.add_argument("--vae-tiling", action="store_true", help="less memory when decoding: decode the video in tiles")
     p.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib, dlib-cnn")
     p.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
 
 
-def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False):
+def memory_choice(memory: str | None, offload: bool) -> str | None:
+    """The preset the options ask for (`--offload` is `48gb`), or None for the plain placement."""
+    if offload and memory not in (None, "48gb"):
+        raise InputError(f"--offload is the 48gb preset; give either --offload or --memory {memory}, not both")
+    return "48gb" if offload else memory
+
+
+def check_model_options(memory, device, base_transformer=None, base=None) -> None:
+    """Everything about the model options that can fail before loading: the preset on this device, the file."""
+    if memory is not None:
+        from ...pipelines.memory import check_preset
+
+        check_preset(memory, device)
+    if base_transformer is not None:
+        from ...models.quantized import check_single_file
+
+        check_single_file(base_transformer, base)
+
+
+def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False,
+                  memory=None, base_transformer=None):
     """A LynxPipeline placed and tuned as the model options ask."""
     from ...pipelines.pipeline_lynx import LynxPipeline
 
-    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if offload else device)
-    if offload:  # each model visits the device only while it runs
-        pipe.enable_model_cpu_offload(device=device)
+    memory = memory_choice(memory, offload)
+    extra = {"base_transformer": base_transformer} if base_transformer else {}
+    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if memory else device,
+                                        **extra)
+    if memory:
+        pipe.enable_memory_preset(memory, device)
     if vae_tiling:
         pipe.vae.enable_tiling()
     if attention_backend:
@@ -161,11 +194,14 @@ def cmd_generate(args) -> int:
         if args.reference:
             identity_kwargs["reference_image"] = args.reference
 
-    rank = _init_distributed(args)
+    memory = memory_choice(args.memory, args.offload)
     device, dtype = device_and_dtype(args.device, args.dtype)
-    print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
+    check_model_options(memory, device, args.base_transformer, base)
+    rank = _init_distributed(args)
+    print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device}"
+          f"{f', memory preset {memory}' if memory else ''})", file=sys.stderr)
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
-                         offload=args.offload, vae_tiling=args.vae_tiling)
+                         memory=memory, vae_tiling=args.vae_tiling, base_transformer=args.base_transformer)
     g_i = "default"
     if args.guidance_i is not None:
         g_i = None if args.guidance_i < 0 else args.guidance_i

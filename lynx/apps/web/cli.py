@@ -9,6 +9,7 @@ def cmd_serve(args) -> int:
     from pathlib import Path
 
     from ...runtime import default_adapter_dir, default_base_dir
+    from ..cli import memory_choice
     from .server import LynxWebApp, ServeConfig, make_server
 
     config = ServeConfig(base=Path(args.base or default_base_dir()),
@@ -16,7 +17,8 @@ def cmd_serve(args) -> int:
                          out_dir=Path(args.out_dir), dtype=args.dtype, device=args.device,
                          face_models=Path(args.face_models) if args.face_models else None,
                          detector=args.detector, attention_backend=args.attention_backend,
-                         offload=args.offload, vae_tiling=args.vae_tiling)
+                         memory=memory_choice(args.memory, args.offload), vae_tiling=args.vae_tiling,
+                         base_transformer=args.base_transformer)
     app = LynxWebApp(config)
     server = make_server(app, args.host, args.port)  # bind first: a busy port fails before any loading
     app.start()

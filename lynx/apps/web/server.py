@@ -45,7 +45,7 @@ from ...constants import SamplingConfig, sampling_defaults
 from ...errors import CheckpointError, InputError, LynxError, WeightsNotFoundError
 from ...io.video import VIDEO_FORMATS, sidecar_path
 from ...runtime import DTYPES, device_and_dtype
-from ..cli import load_pipeline, output_path, slug
+from ..cli import check_model_options, load_pipeline, output_path, slug
 
 # Photos are a few MB; the cap keeps a runaway upload from filling memory.
 MAX_REQUEST_BYTES = 64 << 20
@@ -76,8 +76,9 @@ class ServeConfig:
     face_models: Path | None = None
     detector: str = "auto"
     attention_backend: str | None = None
-    offload: bool = False
+    memory: str | None = None  # a memory preset (lynx.pipelines.memory); None: everything on the device
     vae_tiling: bool = False
+    base_transformer: Path | None = None  # a quantized transformer file (.gguf) instead of the base's
 
     def __post_init__(self):
         self.base, self.adapter, self.out_dir = Path(self.base), Path(self.adapter), Path(self.out_dir)
@@ -174,6 +175,7 @@ class LynxWebApp:
 
         try:
             adapter_cfg = check_model_dirs(self.config.base, self.config.adapter)
+            check_model_options(self.config.memory, self.device, self.config.base_transformer, self.config.base)
         except WeightsNotFoundError as e:
             self.model_state, self.model_error = "missing", str(e)
             self._loaded.set()
@@ -193,7 +195,8 @@ class LynxWebApp:
         try:
             c = self.config
             pipe = load_pipeline(c.base, c.adapter, device=self.device, dtype=self.dtype,
-                                 attention_backend=c.attention_backend, offload=c.offload, vae_tiling=c.vae_tiling)
+                                 attention_backend=c.attention_backend, memory=c.memory, vae_tiling=c.vae_tiling,
+                                 base_transformer=c.base_transformer)
             self.pipe, self.model_state = pipe, "ready"
             print(f"lynx serve: model ready in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
         except LynxError as e:
@@ -230,7 +233,8 @@ class LynxWebApp:
         return {
             "model": {"state": self.model_state, "error": self.model_error, "variant": self.variant,
                       "base": str(self.config.base), "adapter": str(self.config.adapter),
-                      "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")},
+                      "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+                      "memory": self.config.memory or "max"},
             "missing": self.missing(),
             "face": {"detector": self.config.detector, "embedding": self._arcface_missing() is None},
             "defaults": {"frames": d.num_frames, "height": d.height, "width": d.width,
