@@ -29,9 +29,6 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", choices=MEMORY_CHOICES, default=None,
                    help="GPU memory preset: max (80 GB), 48gb, 24gb (fp8 weights), 24gb-blocks (bf16 blocks "
                         "streamed), 12gb (layers streamed); `lynx plan --memory NAME` predicts its peak")
-    p.add_argument("--base-transformer", metavar="FILE",
-                   help="a quantized Wan2.1-T2V-14B transformer as one file (.gguf, e.g. the community Q4/Q5/Q8 "
-                        "files) to use instead of the base directory's transformer")
     p.add_argument("--offload", action="store_true",
                    help="the same as --memory 48gb: each model visits the GPU only while it runs")
     p.add_argument("--vae-tiling", action="store_true", help="less memory when decoding: decode the video in tiles")
@@ -46,27 +43,21 @@ def memory_choice(memory: str | None, offload: bool) -> str | None:
     return "48gb" if offload else memory
 
 
-def check_model_options(memory, device, base_transformer=None, base=None) -> None:
-    """Everything about the model options that can fail before loading: the preset on this device, the file."""
+def check_model_options(memory, device) -> None:
+    """What about the model options can fail before loading: the memory preset on this device."""
     if memory is not None:
         from ...pipelines.memory import check_preset
 
         check_preset(memory, device)
-    if base_transformer is not None:
-        from ...models.quantized import check_single_file
-
-        check_single_file(base_transformer, base)
 
 
 def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False,
-                  memory=None, base_transformer=None):
+                  memory=None):
     """A LynxPipeline placed and tuned as the model options ask."""
     from ...pipelines.pipeline_lynx import LynxPipeline
 
     memory = memory_choice(memory, offload)
-    extra = {"base_transformer": base_transformer} if base_transformer else {}
-    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if memory else device,
-                                        **extra)
+    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if memory else device)
     if memory:
         pipe.enable_memory_preset(memory, device)
     if vae_tiling:
@@ -196,12 +187,12 @@ def cmd_generate(args) -> int:
 
     memory = memory_choice(args.memory, args.offload)
     device, dtype = device_and_dtype(args.device, args.dtype)
-    check_model_options(memory, device, args.base_transformer, base)
+    check_model_options(memory, device)
     rank = _init_distributed(args)
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device}"
           f"{f', memory preset {memory}' if memory else ''})", file=sys.stderr)
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
-                         memory=memory, vae_tiling=args.vae_tiling, base_transformer=args.base_transformer)
+                         memory=memory, vae_tiling=args.vae_tiling)
     g_i = "default"
     if args.guidance_i is not None:
         g_i = None if args.guidance_i < 0 else args.guidance_i
@@ -343,6 +334,22 @@ def cmd_info(args) -> int:
     return status
 
 
+def cmd_plan(args) -> int:
+    from ...pipelines.memory import MEMORY_PRESETS, get_preset
+    from ...pipelines.plan import GIB, plan_memory
+
+    fits = []
+    for name in args.memory or list(MEMORY_PRESETS):
+        plan = plan_memory(name, args.variant, args.frames, args.height, args.width)
+        print(plan.table())
+        print(f"  meant for: {get_preset(name).gpu}\n")
+        if args.gpu_gib:  # the CUDA context comes on top of what torch allocates
+            fits.append(f"{name} {'fits' if plan.peak.total + 0.5 * GIB <= args.gpu_gib * GIB else 'does not fit'}")
+    if fits:
+        print(f"on a {args.gpu_gib:g} GiB card: " + ", ".join(fits))
+    return 0
+
+
 # Modules that add their own subcommands through a `register(subparsers)` function.
 COMMAND_MODULES: tuple[str, ...] = ("lynx.apps.cli.evaluate", "lynx.apps.cli.train", "lynx.apps.web.cli")
 
@@ -393,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--base")
     i.add_argument("--adapter", nargs="*")
     i.set_defaults(func=cmd_info)
+
+    pl = sub.add_parser("plan", help="predict the peak GPU memory of each phase under a memory preset (no GPU needed)")
+    pl.add_argument("--memory", nargs="+", choices=MEMORY_CHOICES, help="preset(s) to plan (default: all)")
+    pl.add_argument("--variant", choices=("full", "lite"), default="full")
+    pl.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite)")
+    pl.add_argument("--height", type=int, help="default 480")
+    pl.add_argument("--width", type=int, help="default 832")
+    pl.add_argument("--gpu-gib", type=float, help="say which of the presets fit on a card of this many GiB")
+    pl.set_defaults(func=cmd_plan)
 
     import importlib
 

@@ -17,8 +17,7 @@ def cmd_serve(args) -> int:
                          out_dir=Path(args.out_dir), dtype=args.dtype, device=args.device,
                          face_models=Path(args.face_models) if args.face_models else None,
                          detector=args.detector, attention_backend=args.attention_backend,
-                         memory=memory_choice(args.memory, args.offload), vae_tiling=args.vae_tiling,
-                         base_transformer=args.base_transformer)
+                         memory=memory_choice(args.memory, args.offload), vae_tiling=args.vae_tiling)
     app = LynxWebApp(config)
     server = make_server(app, args.host, args.port)  # bind first: a busy port fails before any loading
     app.start()

@@ -78,7 +78,6 @@ class ServeConfig:
     attention_backend: str | None = None
     memory: str | None = None  # a memory preset (lynx.pipelines.memory); None: everything on the device
     vae_tiling: bool = False
-    base_transformer: Path | None = None  # a quantized transformer file (.gguf) instead of the base's
 
     def __post_init__(self):
         self.base, self.adapter, self.out_dir = Path(self.base), Path(self.adapter), Path(self.out_dir)
@@ -175,7 +174,7 @@ class LynxWebApp:
 
         try:
             adapter_cfg = check_model_dirs(self.config.base, self.config.adapter)
-            check_model_options(self.config.memory, self.device, self.config.base_transformer, self.config.base)
+            check_model_options(self.config.memory, self.device)
         except WeightsNotFoundError as e:
             self.model_state, self.model_error = "missing", str(e)
             self._loaded.set()
@@ -195,8 +194,7 @@ class LynxWebApp:
         try:
             c = self.config
             pipe = load_pipeline(c.base, c.adapter, device=self.device, dtype=self.dtype,
-                                 attention_backend=c.attention_backend, memory=c.memory, vae_tiling=c.vae_tiling,
-                                 base_transformer=c.base_transformer)
+                                 attention_backend=c.attention_backend, memory=c.memory, vae_tiling=c.vae_tiling)
             self.pipe, self.model_state = pipe, "ready"
             print(f"lynx serve: model ready in {time.time() - started:.1f} s", file=sys.stderr, flush=True)
         except LynxError as e:
