@@ -35,6 +35,19 @@ RESAMPLER_FILE = "resampler.safetensors"
 IP_LAYERS_FILE = "ip_layers.safetensors"
 REF_LAYERS_FILE = "ref_layers.safetensors"
 
+# The released configs of Wan2.1-T2V-14B-Diffusers' three models (transformer/, text_encoder/, vae/ config.json;
+# the VAE's are AutoencoderKLWan's defaults): what `lynx plan` builds on the meta device to count bytes.
+WAN_14B_TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+UMT5_XXL_CONFIG = dict(
+    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6, tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+WAN_VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True])
+
 # Where the released weights are published, for "what to download" messages.
 BASE_MODEL_REPO = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 ADAPTER_REPO = "ByteDance/lynx"

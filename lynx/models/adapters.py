@@ -68,6 +68,25 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps).to(x.dtype)
 
 
+class LynxRegisters(nn.Module):
+    """Learned tokens appended to the identity tokens (`registers` [1, n, ip_dim] in the released files).
+
+    A module of their own, called in the forward, rather than a Parameter on the processor: offloading hooks
+    (accelerate's sequential offload, diffusers' leaf-level group offloading) attach to every module that holds
+    parameters directly and move that module's call arguments to the device. The processor's first argument is
+    the attention module itself, so a hook on the processor would move (or, with weights on the meta device,
+    fail to move) the whole attention; here the hooked module receives only the token tensor.
+    """
+
+    def __init__(self, num: int, dim: int, std: float):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(1, num, dim) * std)
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokens.to(source.dtype).expand(source.shape[0], -1, -1)
+        return torch.cat([source, tokens], dim=1)
+
+
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # Same arithmetic, in the same order, as diffusers' Wan processor, so base outputs match bit for bit.
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
@@ -83,8 +102,8 @@ class LynxAttnProcessor(nn.Module):
 
     In a self-attention (`branch="ref"`): `to_k_ref`, `to_v_ref` (Linear hidden->hidden, bias).
     In a cross-attention (`branch="ip"`): `to_k_ip`, `to_v_ip` (Linear ip_dim->hidden) and, when the
-    release has them, `registers` [1, n, ip_dim] appended to the identity tokens; keys normalised by the
-    block's `norm_k` (`key_norm="block"`, full) or a weightless RMSNorm over the width (`"rms"`, lite).
+    release has them, `registers` (`LynxRegisters`, [1, n, ip_dim]) appended to the identity tokens; keys normalised
+    by the block's `norm_k` (`key_norm="block"`, full) or a weightless RMSNorm over the width (`"rms"`, lite).
     `branch=None`: no weights; exactly diffusers' `WanAttnProcessor` (lite's odd blocks and self-attentions).
 
     Per-call inputs, set by `conditioning` / `recording` (never by hand): `source` (the branch's tokens or
@@ -110,7 +129,7 @@ class LynxAttnProcessor(nn.Module):
             in_dim = in_dim or hidden_dim
             setattr(self, f"to_k_{branch}", nn.Linear(in_dim, hidden_dim, bias=bias))
             setattr(self, f"to_v_{branch}", nn.Linear(in_dim, hidden_dim, bias=bias))
-        self.registers = (nn.Parameter(torch.randn(1, num_registers, in_dim) / hidden_dim ** 0.5)
+        self.registers = (LynxRegisters(num_registers, in_dim, hidden_dim ** -0.5)
                           if branch == "ip" and num_registers else None)
         self.unbind()
         self.record, self.recorded = False, None
@@ -153,8 +172,7 @@ class LynxAttnProcessor(nn.Module):
             k, v = attn.norm_k(self.to_k_ref(source)), self.to_v_ref(source)
         else:
             if self.registers is not None:
-                registers = self.registers.to(source.dtype).expand(source.shape[0], -1, -1)
-                source = torch.cat([source, registers], dim=1)
+                source = self.registers(source)
             k, v = self.to_k_ip(source), self.to_v_ip(source)
             k = attn.norm_k(k) if self.key_norm == "block" else _rms(k, self.key_norm_eps)
         return k.unflatten(2, (attn.heads, -1)), v.unflatten(2, (attn.heads, -1))
@@ -327,6 +345,9 @@ def recording(transformer: nn.Module):
 
 # ----- the released key layout -----------------------------------------------------------------------------
 _MODEL_KEY = re.compile(r"^blocks\.(\d+)\.attn([12])\.processor\.(.+)$")
+# Names that differ between a released file and the processor (file name -> name under the processor).
+_RENAMED = {"registers": "registers.tokens"}
+_UNRENAMED = {v: k for k, v in _RENAMED.items()}
 
 
 def official_state_dicts(transformer: nn.Module, state: dict[str, torch.Tensor] | None = None
@@ -344,7 +365,7 @@ def official_state_dicts(transformer: nn.Module, state: dict[str, torch.Tensor] 
         m = _MODEL_KEY.match(key)
         if m is None:
             continue
-        block, attn, name = int(m.group(1)), m.group(2), m.group(3)
+        block, attn, name = int(m.group(1)), m.group(2), _UNRENAMED.get(m.group(3), m.group(3))
         if attn == "1":
             files[REF_LAYERS_FILE][f"{block}.{name}"] = value
         else:
@@ -358,6 +379,7 @@ def model_keys(config: AdapterConfig, file_name: str, state: dict[str, torch.Ten
     out = {}
     for key, value in state.items():
         index, _, name = key.partition(".")
+        name = _RENAMED.get(name, name)
         if file_name == IP_LAYERS_FILE:
             out[f"blocks.{config.ip_blocks[int(index)]}.attn2.processor.{name}"] = value
         else:

@@ -252,6 +252,12 @@ class LynxPipeline(WanPipeline):
         if self.resampler is not None:
             save_adapters(Path(save_directory) / SAVED_ADAPTER_DIR, self.transformer, self.resampler)
 
+    def enable_memory_preset(self, name: str, device=None):
+        """Run within a GPU size: "max", "48gb", "24gb", "24gb-blocks" or "12gb" (`lynx.pipelines.memory`)."""
+        from .memory import enable_memory_preset
+
+        return enable_memory_preset(self, name, device)
+
     @property
     def adapter_config(self) -> AdapterConfig | None:
         return adapter_config(self.transformer)
@@ -537,6 +543,11 @@ class LynxPipeline(WanPipeline):
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         if use_cfg:
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        # Every text first: under model offloading the text encoder then leaves the GPU before the transformer runs.
+        ref_text = None
+        if use_ref:
+            ref_text = self.encode_text([REFERENCE_PROMPT]) if reference_prompt_embeds is None \
+                else reference_prompt_embeds
 
         # Identity tokens and reference features: once per video (per adapted expert), reused at every step
         # and by every context window.
@@ -544,10 +555,6 @@ class LynxPipeline(WanPipeline):
         tokens = self.identity_tokens(embedding)
         no_tokens = self.identity_tokens(torch.zeros_like(embedding))
         text_kv = {}  # every prompt's cross-attention keys/values, computed at its first call
-        ref_text = None
-        if use_ref:
-            ref_text = self.encode_text([REFERENCE_PROMPT]) if reference_prompt_embeds is None \
-                else reference_prompt_embeds
         conds = {}  # id(expert) -> (cond, uncond) for each expert with adapters
         for model in (self.transformer, self.transformer_2):
             if model is None or adapter_config(model) is None:

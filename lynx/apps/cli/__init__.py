@@ -14,6 +14,10 @@ from ...errors import InputError, LynxError, WeightsNotFoundError
 from ...io.files import slug
 from ...runtime import DTYPES, device_and_dtype
 
+# The preset names, spelled here so that building the parser imports no torch (lynx.pipelines.memory checks
+# them against its table).
+MEMORY_CHOICES = ("max", "48gb", "24gb", "24gb-blocks", "12gb")
+
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Where the weights are and how to run them: the same flags for `generate` and `serve`."""
@@ -26,8 +30,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
+    p.add_argument("--memory", choices=MEMORY_CHOICES, default=None,
+                   help="GPU memory preset: max (80 GB), 48gb, 24gb (fp8 weights), 24gb-blocks (bf16 blocks "
+                        "streamed), 12gb (layers streamed); `lynx plan --memory NAME` predicts its peak")
     p.add_argument("--offload", action="store_true",
-                   help="less GPU memory: keep models on the CPU and move each to the GPU only while it runs")
+                   help="the same as --memory 48gb: each model visits the GPU only while it runs")
     p.add_argument("--vae-tiling", action="store_true", help="less memory when decoding: decode the video in tiles")
     p.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib, dlib-cnn")
     p.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
@@ -52,15 +59,31 @@ def load_safety_gate(args, device):
                                notify=lambda notice: print(f"lynx {args.command}: {notice}", file=sys.stderr))
 
 
+def memory_choice(memory: str | None, offload: bool) -> str | None:
+    """The preset the options ask for (`--offload` is `48gb`), or None for the plain placement."""
+    if offload and memory not in (None, "48gb"):
+        raise InputError(f"--offload is the 48gb preset; give either --offload or --memory {memory}, not both")
+    return "48gb" if offload else memory
+
+
+def check_model_options(memory, device) -> None:
+    """What about the model options can fail before loading: the memory preset on this device."""
+    if memory is not None:
+        from ...pipelines.memory import check_preset
+
+        check_preset(memory, device)
+
+
 def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False,
-                  experts="high"):
+                  memory=None, experts="high"):
     """A LynxPipeline placed and tuned as the model options ask."""
     from ...pipelines.pipeline_lynx import LynxPipeline
 
-    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if offload else device,
+    memory = memory_choice(memory, offload)
+    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if memory else device,
                                         experts=experts)
-    if offload:  # each model visits the device only while it runs
-        pipe.enable_model_cpu_offload(device=device)
+    if memory:
+        pipe.enable_memory_preset(memory, device)
     if vae_tiling:
         pipe.vae.enable_tiling()
     if attention_backend:
@@ -231,12 +254,16 @@ def cmd_generate(args) -> int:
     for record in faces_used:
         print(f"face: {record['source'] or '(in-memory image)'}: {describe_face(record)}", file=sys.stderr)
 
+    memory = memory_choice(args.memory, args.offload)
     rank = _init_distributed(args)
     device, dtype = device_and_dtype(args.device, args.dtype)
+    check_model_options(memory, device)
+    rank = _init_distributed(args)
     gate = None if rank else load_safety_gate(args, device)  # the rank that writes the video checks it
-    print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
+    print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device}"
+          f"{f', memory preset {memory}' if memory else ''})", file=sys.stderr)
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
-                         offload=args.offload, vae_tiling=args.vae_tiling, experts=args.experts)
+                         memory=memory, vae_tiling=args.vae_tiling, experts=args.experts)
     video_windows = windows.video_windows(args.frames or defaults.num_frames)
     if len(video_windows) > 1:
         print(f"long video: {len(video_windows)} context windows of {windows.frames} frames, overlap "
@@ -454,6 +481,22 @@ def cmd_info(args) -> int:
     return status
 
 
+def cmd_plan(args) -> int:
+    from ...pipelines.memory import MEMORY_PRESETS, get_preset
+    from ...pipelines.plan import GIB, plan_memory
+
+    fits = []
+    for name in args.memory or list(MEMORY_PRESETS):
+        plan = plan_memory(name, args.variant, args.frames, args.height, args.width)
+        print(plan.table())
+        print(f"  meant for: {get_preset(name).gpu}\n")
+        if args.gpu_gib:  # the CUDA context comes on top of what torch allocates
+            fits.append(f"{name} {'fits' if plan.peak.total + 0.5 * GIB <= args.gpu_gib * GIB else 'does not fit'}")
+    if fits:
+        print(f"on a {args.gpu_gib:g} GiB card: " + ", ".join(fits))
+    return 0
+
+
 # Modules that add their own subcommands through a `register(subparsers)` function.
 COMMAND_MODULES: tuple[str, ...] = ("lynx.apps.cli.evaluate", "lynx.apps.cli.train", "lynx.apps.web.cli")
 
@@ -514,6 +557,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--base")
     i.add_argument("--adapter", nargs="*")
     i.set_defaults(func=cmd_info)
+
+    pl = sub.add_parser("plan", help="predict the peak GPU memory of each phase under a memory preset (no GPU needed)")
+    pl.add_argument("--memory", nargs="+", choices=MEMORY_CHOICES, help="preset(s) to plan (default: all)")
+    pl.add_argument("--variant", choices=("full", "lite"), default="full")
+    pl.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite)")
+    pl.add_argument("--height", type=int, help="default 480")
+    pl.add_argument("--width", type=int, help="default 832")
+    pl.add_argument("--gpu-gib", type=float, help="say which of the presets fit on a card of this many GiB")
+    pl.set_defaults(func=cmd_plan)
 
     import importlib
 
