@@ -214,3 +214,66 @@ def save_tiny_nsfw_classifier(directory, verdict: str | None = None, seed: int =
     ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                       resample=2).save_pretrained(directory)
     return directory
+
+
+# diffusers' Wan names -> the original Wan names community GGUF files use (the inverse of diffusers'
+# `convert_wan_transformer_to_diffusers`, which the loader applies).
+_WAN_ORIGINAL_NAMES = (
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1", "self_attn"), ("attn2", "cross_attn"),
+    (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
+    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"), ("proj_out", "head.head"),
+)
+
+
+def wan_original_name(key: str) -> str:
+    """A diffusers WanTransformer3DModel state-dict key under the original Wan (and GGUF) name."""
+    if key == "scale_shift_table":
+        return "head.modulation"
+    for new, old in _WAN_ORIGINAL_NAMES:
+        key = key.replace(new, old)
+    key = key.replace(".scale_shift_table", ".modulation")
+    # diffusers' norm2 is the original cross-attention norm3, and its norm3 the original norm2
+    return key.replace(".norm2.", ".norm_.").replace(".norm3.", ".norm2.").replace(".norm_.", ".norm3.")
+
+
+def gguf_quant_type(key: str) -> str | None:
+    """The community files' kind of choice: the blocks' matrices quantized (here Q8_0 for self-attention, Q5_0 for
+    cross-attention, Q4_0 for the FFN), everything else (norms, biases, embeddings, head) left in F32."""
+    if not key.startswith("blocks.") or not key.endswith(".weight") or ".norm" in key:
+        return None
+    return "Q8_0" if ".self_attn." in key else "Q5_0" if ".cross_attn." in key else "Q4_0" if ".ffn." in key else None
+
+
+def save_transformer_gguf(path, transformer, quant_type=gguf_quant_type, prefix: str = "",
+                          architecture: str = "wan") -> dict[str, torch.Tensor]:
+    """Write `transformer` (diffusers Wan) as a GGUF file the way the community files are laid out: original Wan
+    key names (with `prefix`, e.g. "model.diffusion_model."), the tensors `quant_type(original name)` names
+    quantized with gguf-py's reference quantizers (a matrix whose rows do not split into the type's blocks stays
+    F32), the rest F32. Returns what the file holds, dequantized by gguf-py, under the diffusers names."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter, quants
+
+    writer = GGUFWriter(str(path), architecture)
+    values = {}
+    for key, value in transformer.state_dict().items():
+        name = wan_original_name(key)
+        array = value.detach().float().cpu().numpy()
+        kind = quant_type(name)
+        qtype = GGMLQuantizationType[kind] if kind else None
+        if qtype is not None and array.ndim == 2 and array.shape[1] % quants.GGML_QUANT_SIZES[qtype][0] == 0:
+            packed = quants.quantize(array, qtype)
+            writer.add_tensor(prefix + name, packed, raw_dtype=qtype)
+            array = quants.dequantize(packed, qtype)
+        else:
+            writer.add_tensor(prefix + name, np.ascontiguousarray(array))
+        values[key] = torch.from_numpy(np.array(array, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return values

@@ -27,10 +27,11 @@ from ..constants import (
     lite_adapter_config,
     transformer_dims,
 )
-from ..errors import CheckpointError, WeightsNotFoundError
+from ..errors import CheckpointError, InputError, WeightsNotFoundError
 from ..io.files import atomic_write
 from ..runtime import default_adapter_dir, default_base_dir
 from .adapters import install_adapters, model_keys, official_state_dicts, processors
+from .quantized import check_gguf_fits, is_gguf
 from .resampler import Resampler, resampler_config_from_state_dict
 
 BASE_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
@@ -86,9 +87,12 @@ def _has_weights(folder: Path) -> bool:
     return any(any(folder.glob(p)) for p in ("*.safetensors", "*.bin", "*.safetensors.index.json"))
 
 
-def inspect_base_dir(path) -> BaseDirReport:
-    """Check a diffusers-layout Wan base directory without loading any weight."""
+def inspect_base_dir(path, transformer_files: dict | None = None) -> BaseDirReport:
+    """Check a diffusers-layout Wan base directory without loading any weight. `transformer_files` maps
+    "transformer" (and "transformer_2") to single files (GGUF) that replace their weights: those folders then
+    need only their config.json."""
     path = Path(path)
+    files = transformer_files or {}
     report = BaseDirReport(path)
     if not path.is_dir():
         report.problems.append(f"{path} does not exist")
@@ -97,7 +101,7 @@ def inspect_base_dir(path) -> BaseDirReport:
         folder = path / sub
         ok = folder.is_dir()
         if sub in ("text_encoder", "vae", "transformer"):
-            ok = ok and (folder / "config.json").is_file() and _has_weights(folder)
+            ok = ok and (folder / "config.json").is_file() and (sub in files or _has_weights(folder))
         elif sub == "scheduler":
             ok = ok and (folder / "scheduler_config.json").is_file()
         elif sub == "tokenizer":
@@ -119,7 +123,7 @@ def inspect_base_dir(path) -> BaseDirReport:
             report.problems.append(f"{cfg} is not valid JSON ({e})")
     if report.two_experts:
         folder = path / SECOND_EXPERT
-        ok = (folder / "config.json").is_file() and _has_weights(folder)
+        ok = (folder / "config.json").is_file() and (SECOND_EXPERT in files or _has_weights(folder))
         report.found[SECOND_EXPERT] = ok
         if not ok:
             report.problems.append(f"{folder} (the low-noise expert model_index.json names) is missing or "
@@ -162,8 +166,8 @@ def adapter_shape(adapter_dir) -> tuple[int | None, int | None]:
     return width, depth
 
 
-def require_base_dir(path, adapter_dir=None) -> Path:
-    report = inspect_base_dir(path)
+def require_base_dir(path, adapter_dir=None, transformer_files: dict | None = None) -> Path:
+    report = inspect_base_dir(path, transformer_files)
     if not report.ok:
         raise WeightsNotFoundError(
             f"The Wan2.1-T2V base model was not found at {report.path}:\n  - " + "\n  - ".join(report.problems)
@@ -171,10 +175,16 @@ def require_base_dir(path, adapter_dir=None) -> Path:
     return report.path
 
 
-def check_base_fits(base_dir, adapter_dir=None) -> BaseDirReport:
+def check_base_fits(base_dir, adapter_dir=None, transformer_files: dict | None = None) -> BaseDirReport:
     """A checked base directory whose transformer(s) the Lynx adapters can act on; anything else (Wan2.2
-    TI2V-5B, Wan2.1-1.3B, an image-to-video model) is refused naming what it is and what fits."""
-    report = inspect_base_dir(require_base_dir(base_dir, adapter_dir))
+    TI2V-5B, Wan2.1-1.3B, an image-to-video model) is refused naming what it is and what fits.
+    `transformer_files` ({"transformer": FILE.gguf, "transformer_2": ...}) are checked against the base's
+    transformer configs from their headers alone."""
+    files = check_transformer_files(transformer_files)
+    report = inspect_base_dir(require_base_dir(base_dir, adapter_dir, files), files)
+    if SECOND_EXPERT in files and not report.two_experts:
+        raise InputError(f"{files[SECOND_EXPERT]} would replace the low-noise expert, but {report.path} has one "
+                         "transformer (a Wan2.2-T2V-A14B base has two)")
     config = report.transformer_config
     what = f"{report.path} is {_describe(config)}"
     if report.model_index.get("expand_timesteps"):
@@ -193,12 +203,31 @@ def check_base_fits(base_dir, adapter_dir=None) -> BaseDirReport:
             raise CheckpointError(f"{what}; the Lynx adapters in {adapter_dir} were made for a transformer of "
                                   f"{made}" + (f" ({name})" if name else "") + f": use {BASES_THAT_FIT}, "
                                   "or adapters made for this base")
+    for sub, file in files.items():
+        check_gguf_fits(file, report.transformer_config if sub == "transformer" else
+                        json.loads((report.path / sub / "config.json").read_text()), report.path / sub / "config.json")
     return report
 
 
-def check_model_dirs(base_dir, adapter_dir) -> AdapterConfig:
-    """Both directories checked against each other without loading a weight; raises with what to download."""
-    report = check_base_fits(base_dir, adapter_dir)
+def check_transformer_files(transformer_files: dict | None) -> dict[str, Path]:
+    """{"transformer" or "transformer_2": Path} of the given single files (None values dropped), each a GGUF
+    file that exists; a file of another format is refused by its name."""
+    files = {sub: Path(f) for sub, f in (transformer_files or {}).items() if f is not None}
+    for sub, f in files.items():
+        if sub not in ("transformer", SECOND_EXPERT):
+            raise InputError(f"a single file replaces 'transformer' or '{SECOND_EXPERT}', not {sub!r}")
+        if not is_gguf(f):
+            raise InputError(f"{f}: a base transformer file must be a GGUF file (.gguf), such as city96's "
+                             "Wan2.1-T2V-14B Q4/Q5/Q8 files")
+        if not f.is_file():
+            raise WeightsNotFoundError(f"transformer file {f} does not exist")
+    return files
+
+
+def check_model_dirs(base_dir, adapter_dir, transformer_files: dict | None = None) -> AdapterConfig:
+    """Both directories (and any GGUF transformer files) checked against each other without loading a weight;
+    raises with what to download."""
+    report = check_base_fits(base_dir, adapter_dir, transformer_files)
     return read_adapter_config(adapter_dir, *report.transformer_shape)[0]
 
 

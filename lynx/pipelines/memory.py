@@ -94,9 +94,15 @@ def _has_streams(device: torch.device) -> bool:
     return hasattr(module, "Stream") and hasattr(module, "current_stream")
 
 
-def check_preset(name: str, device) -> MemoryPreset:
-    """The preset, if it can work on `device`; otherwise a `MemoryPresetError` naming one that will."""
+def check_preset(name: str, device, quantized: str | None = None) -> MemoryPreset:
+    """The preset, if it can work on `device` (with a transformer `quantized` by that method: "gguf",
+    "torchao", ...); otherwise a `MemoryPresetError` naming one that will."""
     preset, device = get_preset(name), torch.device(device)
+    if preset.fp8_weights and quantized:
+        raise MemoryPresetError(
+            f"the {name} preset stores the transformer's weights in fp8, but this transformer is quantized already "
+            f"({quantized}); use --memory 48gb (a Q8 GGUF or int8 14B transformer is about 15 GB, Q4 about 9 GB) "
+            f"or --memory 12gb")
     if preset.fp8_weights and not _fp8_storage_works(device):
         raise MemoryPresetError(
             f"the {name} preset stores the transformer's weights in fp8, which {device} cannot hold "
@@ -117,8 +123,10 @@ def enable_memory_preset(pipe, name: str, device=None) -> MemoryPreset:
     """
     from diffusers.hooks import apply_group_offloading
 
+    from ..models.quantized import quantization_name
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    preset = check_preset(name, device)
+    preset = check_preset(name, device, quantization_name(pipe.transformer))
     current = getattr(pipe, "memory_preset", None)
     if current == name:
         return preset

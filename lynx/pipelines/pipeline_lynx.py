@@ -43,6 +43,7 @@ from ..models.adapters import (
 )
 from ..models.loading import SECOND_EXPERT, check_base_fits, load_adapters, read_adapter_config, save_adapters
 from ..models.lora import check_lora, lora_off, read_lora
+from ..models.quantized import cast_plain_weights, component_quantization, is_quantized, load_gguf_transformer
 from ..models.resampler import Resampler
 from . import speed
 from .reference import REFERENCE_SIZE, denormalize_latents, normalize_latents, reference_features, reference_latents
@@ -119,13 +120,21 @@ class LynxPipeline(WanPipeline):
     # ----- construction ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, base_dir, adapter=None, torch_dtype: torch.dtype = torch.float32,
-                        device: str | torch.device | None = None, experts: str = "high") -> "LynxPipeline":
+                        device: str | torch.device | None = None, experts: str = "high", transformer_file=None,
+                        transformer_2_file=None, quantization_config=None) -> "LynxPipeline":
         """Load a diffusers-layout Wan2.1-T2V-14B or Wan2.2-T2V-A14B base and a released `lynx_full`/`lynx_lite`
         adapter directory.
 
         Full vs lite is read from the files; the adapter files are checked before the base loads, so a wrong
         file fails in seconds, not minutes; so is a base of another shape (Wan2.2-TI2V-5B, Wan2.1-1.3B).
         `experts` (Wan2.2 A14B): "high" puts the adapters on the high-noise expert only, "both" on both.
+
+        Quantized bases (`lynx.models.quantized`): `transformer_file` is a GGUF file of the transformer (the
+        community Q4/Q5/Q8 files), loaded in place of `base_dir/transformer`'s weights (its config.json is
+        still read), kept packed and dequantized to `torch_dtype` layer by layer; `transformer_2_file` likewise
+        for Wan2.2's low-noise expert. `quantization_config`: a diffusers `PipelineQuantizationConfig` (its
+        components quantized as they load: torchao, bitsandbytes, ...) or one diffusers config (TorchAoConfig,
+        BitsAndBytesConfig) for the transformer(s). The Lynx adapters and the resampler are never quantized.
         """
         from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -134,24 +143,40 @@ class LynxPipeline(WanPipeline):
         base_dir = Path(base_dir)
         if adapter is None and (base_dir / SAVED_ADAPTER_DIR).is_dir():
             adapter = base_dir / SAVED_ADAPTER_DIR  # written by LynxPipeline.save_pretrained
-        report = check_base_fits(base_dir, adapter)
+        files = {"transformer": transformer_file, SECOND_EXPERT: transformer_2_file}
+        report = check_base_fits(base_dir, adapter, files)
         base = report.path
         if experts == "both" and not report.two_experts:
             raise InputError(f"experts='both' needs a two-expert base (Wan2.2-T2V-A14B); {base} has one transformer")
+        quant = {sub: component_quantization(quantization_config, sub, is_diffusers=sub != "text_encoder")
+                 for sub in ("text_encoder", "vae", "transformer", SECOND_EXPERT)}
+        for sub, file in files.items():
+            if file is not None and quant[sub] is not None:
+                raise InputError(f"{file} is quantized already (GGUF); leave {sub} out of quantization_config")
         read = read_adapter_config(adapter, *report.transformer_shape) if adapter is not None else None
 
         def load(sub, loader, **kw):
+            if quant.get(sub) is not None:
+                kw["quantization_config"] = quant[sub]
             try:
                 return loader.from_pretrained(base / sub, **kw)
             except Exception as e:  # every library raises its own types for damaged files
-                raise CheckpointError(f"{base / sub} could not be loaded ({type(e).__name__}: "
-                                      f"{' '.join(str(e).split())[:400]}). Download it again.") from None
+                detail = f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+                if quant.get(sub) is not None:  # most likely the quantization backend, not the file
+                    raise InputError(f"{base / sub} could not be loaded with {type(quant[sub]).__name__} "
+                                     f"({detail})") from None
+                raise CheckpointError(f"{base / sub} could not be loaded ({detail}). Download it again.") from None
+
+        def load_transformer(sub):
+            if files[sub] is not None:
+                return load_gguf_transformer(files[sub], base, torch_dtype, sub)
+            return load(sub, WanTransformer3DModel, torch_dtype=torch_dtype)
 
         tokenizer = load("tokenizer", AutoTokenizer)
         text_encoder = load("text_encoder", UMT5EncoderModel, torch_dtype=torch_dtype)
         vae = load("vae", AutoencoderKLWan, torch_dtype=torch_dtype)
-        transformer = load("transformer", WanTransformer3DModel, torch_dtype=torch_dtype)
-        second = load(SECOND_EXPERT, WanTransformer3DModel, torch_dtype=torch_dtype) if report.two_experts else None
+        transformer = load_transformer("transformer")
+        second = load_transformer(SECOND_EXPERT) if report.two_experts else None
         scheduler = load("scheduler", UniPCMultistepScheduler)
         if not scheduler.config.get("use_flow_sigmas"):
             raise CheckpointError(f"{base / 'scheduler'} is not Wan's flow-matching UniPC config "
@@ -161,9 +186,10 @@ class LynxPipeline(WanPipeline):
             _cast_like_reference(m, torch_dtype)
         for m in (text_encoder, vae, *models):
             m.eval().requires_grad_(False)
-        resampler = load_adapters(transformer, adapter, read=read) if adapter is not None else None
+        # After any quantized load, in the pipeline's dtype: the adapters are never quantized.
+        resampler = load_adapters(transformer, adapter, read=read, dtype=torch_dtype) if adapter is not None else None
         if adapter is not None and experts == "both":
-            load_adapters(second, adapter, read=read)  # the same files; one resampler serves both experts
+            load_adapters(second, adapter, read=read, dtype=torch_dtype)  # one resampler serves both experts
         pipe = cls(tokenizer, text_encoder, vae, scheduler, transformer, resampler, transformer_2=second,
                    boundary_ratio=report.boundary_ratio)
         if device is not None:
@@ -656,6 +682,9 @@ def _guidance_group(guidance_parallel):
 def _cast_like_reference(transformer: WanTransformer3DModel, dtype: torch.dtype) -> None:
     """Cast every weight to `dtype` as the authors' pipeline did (diffusers would keep some in fp32), but keep
     the RoPE tables in fp32: the authors' tables were complex float64 and never cast."""
+    if is_quantized(transformer):  # diffusers refuses .to(dtype) there: cast what the quantizer left plain
+        cast_plain_weights(transformer, dtype, keep=[transformer.rope])
+        return
     if dtype == torch.float32:
         return
     rope = transformer.rope

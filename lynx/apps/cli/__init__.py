@@ -23,6 +23,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """Where the weights are and how to run them: the same flags for `generate` and `serve`."""
     p.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers or Wan2.2-T2V-A14B-Diffusers directory "
                                   "(default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
+    p.add_argument("--base-transformer", metavar="FILE.gguf",
+                   help="the transformer's weights from a GGUF file (community Wan2.1-T2V-14B Q4/Q5/Q8 files), kept "
+                        "quantized; --base then needs only transformer/config.json besides its other folders")
+    p.add_argument("--base-transformer-2", metavar="FILE.gguf",
+                   help="Wan2.2 A14B bases: the low-noise expert's weights from a GGUF file")
     p.add_argument("--experts", choices=EXPERTS, default="high",
                    help="Wan2.2 A14B bases: the adapters act on the high-noise expert (default) or on both")
     p.add_argument("--adapter", help="lynx_full or lynx_lite directory (default $LYNX_MODELS/lynx_<variant>)")
@@ -66,22 +71,31 @@ def memory_choice(memory: str | None, offload: bool) -> str | None:
     return "48gb" if offload else memory
 
 
-def check_model_options(memory, device) -> None:
-    """What about the model options can fail before loading: the memory preset on this device."""
+def transformer_files(options) -> dict:
+    """The GGUF files that replace the base's transformer weights, from the model options (argparse's namespace
+    or `load_pipeline`'s keywords), by the pipeline's component names."""
+    get = options.get if isinstance(options, dict) else lambda name: getattr(options, name, None)
+    return {"transformer": get("base_transformer"), "transformer_2": get("base_transformer_2")}
+
+
+def check_model_options(memory, device, quantized: str | None = None) -> None:
+    """What about the model options can fail before loading: the memory preset on this device (with a transformer
+    quantized by `quantized`, e.g. "gguf")."""
     if memory is not None:
         from ...pipelines.memory import check_preset
 
-        check_preset(memory, device)
+        check_preset(memory, device, quantized)
 
 
 def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False,
-                  memory=None, experts="high"):
+                  memory=None, experts="high", base_transformer=None, base_transformer_2=None):
     """A LynxPipeline placed and tuned as the model options ask."""
     from ...pipelines.pipeline_lynx import LynxPipeline
 
     memory = memory_choice(memory, offload)
     pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if memory else device,
-                                        experts=experts)
+                                        experts=experts, transformer_file=base_transformer,
+                                        transformer_2_file=base_transformer_2)
     if memory:
         pipe.enable_memory_preset(memory, device)
     if vae_tiling:
@@ -191,7 +205,7 @@ def cmd_generate(args) -> int:
     # Every missing download is reported at once, before anything else is checked or loaded.
     missing = []
     try:
-        adapter_cfg = check_model_dirs(base, adapter)
+        adapter_cfg = check_model_dirs(base, adapter, transformer_files(args))
     except WeightsNotFoundError as e:
         missing.append(str(e))
     else:
@@ -255,15 +269,17 @@ def cmd_generate(args) -> int:
         print(f"face: {record['source'] or '(in-memory image)'}: {describe_face(record)}", file=sys.stderr)
 
     memory = memory_choice(args.memory, args.offload)
-    rank = _init_distributed(args)
     device, dtype = device_and_dtype(args.device, args.dtype)
-    check_model_options(memory, device)
+    gguf = [f for f in transformer_files(args).values() if f]
+    check_model_options(memory, device, "gguf" if gguf else None)
     rank = _init_distributed(args)
     gate = None if rank else load_safety_gate(args, device)  # the rank that writes the video checks it
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device}"
-          f"{f', memory preset {memory}' if memory else ''})", file=sys.stderr)
+          f"{f', memory preset {memory}' if memory else ''}{', transformer from ' + ', '.join(gguf) if gguf else ''})",
+          file=sys.stderr)
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
-                         memory=memory, vae_tiling=args.vae_tiling, experts=args.experts)
+                         memory=memory, vae_tiling=args.vae_tiling, experts=args.experts,
+                         base_transformer=args.base_transformer, base_transformer_2=args.base_transformer_2)
     video_windows = windows.video_windows(args.frames or defaults.num_frames)
     if len(video_windows) > 1:
         print(f"long video: {len(video_windows)} context windows of {windows.frames} frames, overlap "
@@ -301,6 +317,7 @@ def cmd_generate(args) -> int:
                "compile": args.compile, "batch_branches": args.batch_branches,
                **{k: v for k, v in speed_kwargs.items() if k in STRENGTH_WINDOWS and v is not None}},
         experts=pipe.experts if pipe.transformer_2 is not None else None, guidance_scale_2=args.guidance_2,
+        base_transformer={sub: str(Path(f).resolve()) for sub, f in transformer_files(args).items() if f} or None,
         context_windows={"frames": windows.frames, "overlap": windows.overlap, "blend": windows.blend,
                          "windows": [list(w) for w in video_windows]} if len(video_windows) > 1 else None,
         provenance=mark, safety=safety)

@@ -31,7 +31,7 @@ from ...errors import CheckpointError, InputError, LynxError, WeightsNotFoundErr
 from ...io.files import atomic_write, slug
 from ...io.video import VIDEO_FORMATS, sidecar_path
 from ...runtime import device_and_dtype
-from ..cli import check_model_options, load_pipeline, memory_choice
+from ..cli import check_model_options, load_pipeline, memory_choice, transformer_files
 
 # Uploads: a phone photo is a few MB and at most ~50 MP; anything larger is refused before it is decoded.
 MAX_PHOTOS = 8
@@ -192,11 +192,14 @@ class LynxWebApp:
             return
         from ...models.loading import check_model_dirs
 
+        options = self.config.load_options
+        files = transformer_files(options)  # GGUF files in place of the base's transformer weights
         try:
-            self.variant = check_model_dirs(self.config.base, self.config.adapter).variant
-            options = self.config.load_options  # a memory preset this machine cannot run: said before loading
+            self.variant = check_model_dirs(self.config.base, self.config.adapter, files).variant
+            # a memory preset this machine cannot run: said before loading
             check_model_options(memory_choice(options.get("memory"), options.get("offload", False)),
-                                device_and_dtype(options.get("device"), options.get("dtype"))[0])
+                                device_and_dtype(options.get("device"), options.get("dtype"))[0],
+                                "gguf" if any(files.values()) else None)
         except LynxError as e:
             self.model_state = "missing" if isinstance(e, WeightsNotFoundError) else "error"
             self.model_error = str(e)
