@@ -250,11 +250,12 @@ def gguf_quant_type(key: str) -> str | None:
 
 
 def save_transformer_gguf(path, transformer, quant_type=gguf_quant_type, prefix: str = "",
-                          architecture: str = "wan") -> dict[str, torch.Tensor]:
+                          architecture: str = "wan") -> dict[str, tuple[torch.Tensor, str]]:
     """Write `transformer` (diffusers Wan) as a GGUF file the way the community files are laid out: original Wan
     key names (with `prefix`, e.g. "model.diffusion_model."), the tensors `quant_type(original name)` names
     quantized with gguf-py's reference quantizers (a matrix whose rows do not split into the type's blocks stays
-    F32), the rest F32. Returns what the file holds, dequantized by gguf-py, under the diffusers names."""
+    F32), the rest F32. Returns what the file holds under the diffusers names: each tensor as gguf-py dequantizes
+    it, and its GGUF type ("Q8_0", "F32", ...)."""
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
@@ -271,7 +272,8 @@ def save_transformer_gguf(path, transformer, quant_type=gguf_quant_type, prefix:
             array = quants.dequantize(packed, qtype)
         else:
             writer.add_tensor(prefix + name, np.ascontiguousarray(array))
-        values[key] = torch.from_numpy(np.array(array, dtype=np.float32))
+            kind = None
+        values[key] = (torch.from_numpy(np.array(array, dtype=np.float32)), kind or "F32")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
