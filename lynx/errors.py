@@ -19,3 +19,11 @@ class InputError(LynxError, ValueError):
 
 class NoFaceError(InputError):
     """No usable face was found in a photo."""
+
+
+class UnsafeVideoError(LynxError):
+    """The safety classifier flagged a generated video, so it was not written; `verdict` holds the scores."""
+
+    def __init__(self, message: str, verdict: dict | None = None):
+        super().__init__(message)
+        self.verdict = verdict or {}
