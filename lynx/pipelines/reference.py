@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from ..models.adapters import recording
-from ..models.lora import lora_off
 
 REFERENCE_SIZE = 256
 
@@ -70,16 +69,13 @@ def reference_latents(vae, crop: np.ndarray | None, generator: torch.Generator |
 def reference_features(transformer, latents: torch.Tensor, prompt_embeds: torch.Tensor,
                        cache_context: str | None = None) -> list[torch.Tensor]:
     """Per-block tensors entering self-attention in the frozen pass over reference `latents` [B, C, 1, h, w] at
-    t = 0 (every adapter branch off, and every LoRA: the adapters were trained on features of the plain
-    backbone); one [B, S, hidden] tensor per block.
+    t = 0 (every adapter branch off); one [B, S, hidden] tensor per block.
 
-    `cache_context` names the pass for diffusers' step caches (FirstBlockCache, SeaCache, ...): a one-step
-    trajectory of its own, so they keep nothing of it and every block runs and is recorded.
+    `cache_context` names the pass for diffusers' step caches (FirstBlockCache, ...), so they keep nothing of it.
     """
     n, device, dtype = latents.shape[0], latents.device, transformer.dtype
-    context = (transformer.cache_context(cache_context, step_index=0, sigma=0.0, num_inference_steps=1)
-               if cache_context else nullcontext())
-    with recording(transformer) as recorded, lora_off(transformer), context:
+    context = transformer.cache_context(cache_context) if cache_context else nullcontext()
+    with recording(transformer) as recorded, context:
         transformer(hidden_states=latents.to(dtype), timestep=torch.zeros(n, dtype=torch.long, device=device),
                     encoder_hidden_states=prompt_embeds.to(device, dtype).expand(n, -1, -1), return_dict=False)
     if len(recorded) != len(transformer.blocks):

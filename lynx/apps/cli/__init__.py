@@ -6,9 +6,10 @@ import argparse
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from ...constants import sampling_defaults
+from ...constants import CONTEXT_BLENDS, CONTEXT_OVERLAP_FRAMES, EXPERTS, sampling_defaults
 from ...errors import InputError, LynxError, WeightsNotFoundError
 from ...io.files import slug
 from ...runtime import DTYPES, device_and_dtype
@@ -16,7 +17,10 @@ from ...runtime import DTYPES, device_and_dtype
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Where the weights are and how to run them: the same flags for `generate` and `serve`."""
-    p.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers directory (default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
+    p.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers or Wan2.2-T2V-A14B-Diffusers directory "
+                                  "(default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
+    p.add_argument("--experts", choices=EXPERTS, default="high",
+                   help="Wan2.2 A14B bases: the adapters act on the high-noise expert (default) or on both")
     p.add_argument("--adapter", help="lynx_full or lynx_lite directory (default $LYNX_MODELS/lynx_<variant>)")
     p.add_argument("--variant", choices=("full", "lite"), default="full", help="which default adapter dir to use")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
@@ -48,11 +52,13 @@ def load_safety_gate(args, device):
                                notify=lambda notice: print(f"lynx {args.command}: {notice}", file=sys.stderr))
 
 
-def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False):
+def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False,
+                  experts="high"):
     """A LynxPipeline placed and tuned as the model options ask."""
     from ...pipelines.pipeline_lynx import LynxPipeline
 
-    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if offload else device)
+    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if offload else device,
+                                        experts=experts)
     if offload:  # each model visits the device only while it runs
         pipe.enable_model_cpu_offload(device=device)
     if vae_tiling:
@@ -121,6 +127,27 @@ def _init_distributed(args) -> int | None:
     return dist.get_rank()
 
 
+def check_face_index(value) -> None:
+    """--face-index is checked before anything loads; whether that face exists is known after detection."""
+    if value is not None and value < 0:
+        raise InputError(f"--face-index must be 0 or more (0 = the largest face), not {value}")
+
+
+def analyze_photos(analyzer, photos: list, face_index: int | None, command: str):
+    """FaceIdentity of the photos, with the several-faces warning worded for the command line."""
+    from ...face import SeveralFacesWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SeveralFacesWarning)
+        identity = analyzer.analyze(photos if len(photos) > 1 else photos[0], face_index=face_index)
+    for w in caught:
+        if isinstance(w.message, SeveralFacesWarning):
+            print(f"lynx {command}: warning: {w.message.message_for('--face-index N')}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return identity
+
+
 def cmd_generate(args) -> int:
     from ...models.loading import check_model_dirs
     from ...runtime import default_adapter_dir, default_base_dir
@@ -128,6 +155,10 @@ def cmd_generate(args) -> int:
     args.prompt = _read_prompt(args.prompt)
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
+    check_face_index(args.face_index)
+    if args.face_index is not None and not args.image:
+        raise InputError("--face-index chooses a face in --image photos; it does not apply to --identity or "
+                         "--embedding")
     sources = [bool(args.image), bool(args.identity), bool(args.embedding)]
     if sum(sources) != 1:
         raise InputError("give the person with exactly one of --image PHOTO..., --identity FILE (from `lynx face`) "
@@ -140,6 +171,14 @@ def cmd_generate(args) -> int:
         adapter_cfg = check_model_dirs(base, adapter)
     except WeightsNotFoundError as e:
         missing.append(str(e))
+    else:
+        from ...models.loading import inspect_base_dir
+
+        two_experts = inspect_base_dir(base).two_experts
+        if args.experts == "both" and not two_experts:
+            raise InputError(f"--experts both needs a two-expert base (Wan2.2-T2V-A14B); {base} has one transformer")
+        if args.guidance_2 is not None and not two_experts:
+            raise InputError(f"--guidance-2 is the low-noise expert's guidance; {base} has one transformer")
     if args.image:
         from ...face import arcface_missing
 
@@ -165,12 +204,16 @@ def cmd_generate(args) -> int:
 
     check_video_size(args.height or defaults.height, args.width or defaults.width,
                      args.frames or defaults.num_frames)
+    from ...pipelines.windows import ContextWindows
+
+    windows = ContextWindows(frames=args.context_frames or defaults.num_frames, overlap=args.context_overlap,
+                             blend=args.context_blend)
     identity_kwargs = {}
     if args.image:
-        from ... import face
+        from ...face import FaceAnalyzer
 
-        identity_kwargs["identity"] = face.analyze(args.image if len(args.image) > 1 else args.image[0],
-                                                   detector=args.detector, models_dir=args.face_models)
+        analyzer = FaceAnalyzer(args.detector, models_dir=args.face_models)
+        identity_kwargs["identity"] = analyze_photos(analyzer, args.image, args.face_index, "generate")
     elif args.identity:
         from ...face import FaceIdentity
 
@@ -182,18 +225,29 @@ def cmd_generate(args) -> int:
         if args.reference:
             identity_kwargs["reference_image"] = args.reference
 
+    faces_used = identity_kwargs["identity"].faces_used() if "identity" in identity_kwargs else []
+    from ...face.identity import describe_face
+
+    for record in faces_used:
+        print(f"face: {record['source'] or '(in-memory image)'}: {describe_face(record)}", file=sys.stderr)
+
     rank = _init_distributed(args)
     device, dtype = device_and_dtype(args.device, args.dtype)
     gate = None if rank else load_safety_gate(args, device)  # the rank that writes the video checks it
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
-                         offload=args.offload, vae_tiling=args.vae_tiling)
+                         offload=args.offload, vae_tiling=args.vae_tiling, experts=args.experts)
+    video_windows = windows.video_windows(args.frames or defaults.num_frames)
+    if len(video_windows) > 1:
+        print(f"long video: {len(video_windows)} context windows of {windows.frames} frames, overlap "
+              f"{windows.overlap}, {windows.blend} blending", file=sys.stderr)
     speed_kwargs = speed_setup(pipe, args, loras, rank)
     g_i = speed_kwargs.get("guidance_scale_i", "default")
     started = time.time()
     result = pipe(args.prompt, **identity_kwargs, negative_prompt=args.negative_prompt, height=args.height,
                   width=args.width, num_frames=args.frames, seed=args.seed, output_type="np",
-                  guidance_parallel=True if rank is not None else None, **speed_kwargs)
+                  guidance_parallel=True if rank is not None else None, guidance_scale_2=args.guidance_2,
+                  context_windows=windows, **speed_kwargs)
     frames = result.frames[0]
     if rank:  # every rank holds the same video; rank 0 writes it
         return 0
@@ -214,11 +268,15 @@ def cmd_generate(args) -> int:
         out, frames, fps, knobs, defaults, variant=adapter_cfg.variant, dtype=dtype, device=device, base=base,
         adapter=adapter, photos=args.image or [], seconds=time.time() - started,
         command=" ".join(shlex.quote(a) for a in sys.argv),
-        identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference},
-        provenance=mark, safety=safety,
+        identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference,
+                  "faces": faces_used},
         speed={"preset": args.speed, "loras": [{"path": str(Path(p).resolve()), "scale": w} for p, w in loras],
                "compile": args.compile, "batch_branches": args.batch_branches,
-               **{k: v for k, v in speed_kwargs.items() if k in STRENGTH_WINDOWS and v is not None}})
+               **{k: v for k, v in speed_kwargs.items() if k in STRENGTH_WINDOWS and v is not None}},
+        experts=pipe.experts if pipe.transformer_2 is not None else None, guidance_scale_2=args.guidance_2,
+        context_windows={"frames": windows.frames, "overlap": windows.overlap, "blend": windows.blend,
+                         "windows": [list(w) for w in video_windows]} if len(video_windows) > 1 else None,
+        provenance=mark, safety=safety)
     write_sidecar(out, record)
     print(out)
     return 0
@@ -281,26 +339,26 @@ def speed_setup(pipe, args, loras, rank) -> dict:
     return {**preset, **{k: v for k, v in given.items() if v is not None}, "batch_branches": args.batch_branches}
 
 
-def _face_check_without_embedding(args, missing: Exception) -> int:
+def _face_check_without_embedding(args, analyzer, missing: str) -> int:
     """Detection and crops need no download: show them, and say what the embedding still needs."""
     from PIL import Image
 
-    from ... import face
+    from ...face import SeveralFacesWarning
+    from ...face.identity import face_lines
 
-    det = face.create_detector(args.detector, args.face_models)
     out_dir = Path(args.out_dir)
     for photo in args.photos:
-        image = face.load_image(photo)
-        faces = det.detect(image)
-        chosen = face.detection.select_face(faces, face_index=args.face_index, source=str(photo))
-        x1, y1, x2, y2 = (float(v) for v in chosen.box)
-        print(f"photo: {photo} ({image.shape[1]}x{image.shape[0]})\nfaces found: {len(faces)}"
-              f"{'; using the largest' if len(faces) > 1 and args.face_index is None else ''}\n"
-              f"face box: x {x1:.0f}-{x2:.0f}, y {y1:.0f}-{y2:.0f}\ndetector: {det.name}, score {chosen.score:.2f}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SeveralFacesWarning)
+            found = analyzer.find(photo, face_index=args.face_index)
+        for w in caught:
+            print(f"lynx face: warning: {w.message.message_for('--face-index N')}", file=sys.stderr)
+        w, h = found.image_size
+        print(f"photo: {photo} ({w}x{h})")
+        print("\n".join(face_lines(found.num_faces, found.index, found.face.box, found.face.score, found.detector)))
         if not args.no_save:
             name = slug(Path(photo).stem, 40)
-            for kind, crop in (("arcface112", face.align_arcface(image, chosen.keypoints)),
-                               ("reference256", face.align_reference(image, chosen.keypoints))):
+            for kind, crop in (("arcface112", found.arcface_crop), ("reference256", found.reference_crop)):
                 path = out_dir / f"{name}-{kind}.png"
                 if path.exists() and not args.overwrite:
                     raise InputError(f"{path} already exists; pass --overwrite to replace it")
@@ -313,16 +371,14 @@ def _face_check_without_embedding(args, missing: Exception) -> int:
 
 def cmd_face(args) -> int:
     from ... import face
-    from ...errors import WeightsNotFoundError
 
+    check_face_index(args.face_index)
     out_dir = Path(args.out_dir)
-    try:
-        identity = face.analyze(args.photos if len(args.photos) > 1 else args.photos[0], detector=args.detector,
-                                models_dir=args.face_models, face_index=args.face_index)
-    except WeightsNotFoundError as e:
-        if face.ARCFACE_FILE not in str(e):
-            raise
-        return _face_check_without_embedding(args, e)
+    missing = face.arcface_missing(args.face_models)
+    analyzer = face.FaceAnalyzer(args.detector, models_dir=args.face_models, embedding=missing is None)
+    if missing:
+        return _face_check_without_embedding(args, analyzer, missing)
+    identity = analyze_photos(analyzer, args.photos, args.face_index, "face")
     print(face.describe(identity))
     if args.no_save:
         return 0
@@ -412,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--identity", help="identity file written by `lynx face`")
     who.add_argument("--embedding", help=".npy with a 512-d ArcFace embedding")
     who.add_argument("--reference", help="256x256 aligned face crop (full model, with --embedding)")
+    who.add_argument("--face-index", type=int, help="which face in a photo with several: 0 = the largest (default)")
     g.add_argument("--prompt", required=True, help="text, or @FILE to read it from a file")
     g.add_argument("--negative-prompt", default=None, help="default: the authors' negative prompt")
     add_model_options(g)
@@ -421,11 +478,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite)")
+    g.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite); more than --context-frames "
+                                              "makes a long video in overlapping context windows")
+    g.add_argument("--context-frames", type=int,
+                   help="long videos: frames per context window, 4k+1 (default the model window: 81 full, 121 lite)")
+    g.add_argument("--context-overlap", type=int, default=CONTEXT_OVERLAP_FRAMES,
+                   help=f"long videos: frames shared by neighbouring windows, a multiple of 4 "
+                        f"(default {CONTEXT_OVERLAP_FRAMES})")
+    g.add_argument("--context-blend", choices=CONTEXT_BLENDS, default="linear",
+                   help="long videos: how overlapping windows combine: linear ramps (default) or a plain average")
     g.add_argument("--fps", type=int, help="default 16 full, 24 lite")
     g.add_argument("--steps", type=int, help="denoising steps (default 50)")
     g.add_argument("--guidance", type=float, help="text guidance scale g (default 5.0)")
     g.add_argument("--guidance-i", type=float, help="identity guidance g_i (full default 2.0; negative: 2-way)")
+    g.add_argument("--guidance-2", type=float,
+                   help="Wan2.2 A14B: text guidance of the low-noise expert's steps (default: --guidance)")
     g.add_argument("--seed", type=int, help="default 42")
     g.add_argument("--guidance-parallel", action="store_true",
                    help="under torchrun: run the guidance branches on different GPUs (3 for full, 2 for lite)")
@@ -438,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--name", help="base name of the written files (default: the first photo's name)")
     f.add_argument("--detector", default="auto")
     f.add_argument("--face-models")
-    f.add_argument("--face-index", type=int, help="pick this face (0 = largest) instead of the largest")
+    f.add_argument("--face-index", type=int, help="which face in a photo with several: 0 = the largest (default)")
     f.add_argument("--no-save", action="store_true", help="only print what was found")
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=cmd_face)
