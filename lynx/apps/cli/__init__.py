@@ -84,26 +84,45 @@ def _read_prompt(value: str) -> str:
     return value
 
 
-def _init_distributed(args) -> int | None:
-    """Under torchrun with --guidance-parallel: join the process group, one GPU per rank. Returns the rank."""
+def _parallel_layout(args, adapter_cfg, defaults, base):
+    """Under torchrun: the mesh the processes will form, checked before any weight loads. None: one process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not (args.guidance_parallel or args.context_parallel):
+        if world > 1:
+            raise InputError("started by torchrun with several processes: add --guidance-parallel and/or "
+                             "--context-parallel ulysses|ring so they share the work (or run one process)")
+        return None
+    if world < 2:
+        if args.guidance_parallel:
+            raise InputError("--guidance-parallel needs several processes: "
+                             "torchrun --nproc-per-node 3 -m lynx generate ...")
+        return None  # one process holds the whole sequence
+    from ...models.loading import inspect_base_dir
+    from ...pipelines.parallel import plan
+
+    g = defaults.guidance_scale if args.guidance is None else args.guidance
+    g_i = defaults.guidance_scale_i if args.guidance_i is None else None if args.guidance_i < 0 else args.guidance_i
+    ref_scale = defaults.ref_scale if args.ref_scale is None else args.ref_scale
+    branches = 1 if g <= 1 else 2 if g_i is None else 3
+    return plan(world, args.context_parallel, args.cp_degree, args.guidance_parallel, branches,
+                inspect_base_dir(base).transformer_config, args.height or defaults.height,
+                args.width or defaults.width, args.frames or defaults.num_frames,
+                adapter_cfg.use_ref and ref_scale != 0)
+
+
+def _init_distributed(args) -> int:
+    """Join torchrun's process group, one GPU per rank. Returns the rank."""
     import os
 
     import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not args.guidance_parallel:
-        if world > 1:
-            raise InputError("started by torchrun with several processes: add --guidance-parallel so they share "
-                             "the work (or run one process)")
-        return None
-    if world < 2:
-        raise InputError("--guidance-parallel needs several processes: "
-                         "torchrun --nproc-per-node 3 -m lynx generate ...")
     import torch.distributed as dist
 
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available() and not (args.device or "").startswith("cpu")
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank()
 
 
@@ -144,6 +163,7 @@ def cmd_generate(args) -> int:
 
     check_video_size(args.height or defaults.height, args.width or defaults.width,
                      args.frames or defaults.num_frames)
+    layout = _parallel_layout(args, adapter_cfg, defaults, base)
     identity_kwargs = {}
     if args.image:
         from ... import face
@@ -161,11 +181,15 @@ def cmd_generate(args) -> int:
         if args.reference:
             identity_kwargs["reference_image"] = args.reference
 
-    rank = _init_distributed(args)
+    rank = _init_distributed(args) if layout is not None else None
     device, dtype = device_and_dtype(args.device, args.dtype)
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
                          offload=args.offload, vae_tiling=args.vae_tiling)
+    if layout is not None:
+        from ...pipelines.parallel import lay_out
+
+        lay_out(pipe.transformer, layout)
     g_i = "default"
     if args.guidance_i is not None:
         g_i = None if args.guidance_i < 0 else args.guidance_i
@@ -174,7 +198,7 @@ def cmd_generate(args) -> int:
                   width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, guidance_scale_i=g_i, ip_scale=args.ip_scale,
                   ref_scale=args.ref_scale, seed=args.seed, output_type="np",
-                  guidance_parallel=True if rank is not None else None)
+                  guidance_parallel=True if rank is not None and args.guidance_parallel else None)
     frames = result.frames[0]
     if rank:  # every rank holds the same video; rank 0 writes it
         return 0
@@ -340,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="default 42")
     g.add_argument("--guidance-parallel", action="store_true",
                    help="under torchrun: run the guidance branches on different GPUs (3 for full, 2 for lite)")
+    g.add_argument("--context-parallel", choices=("ulysses", "ring"),
+                   help="under torchrun: split the video sequence over GPUs (docs/multigpu.md)")
+    g.add_argument("--cp-degree", type=int, help="GPUs per sequence (default: all, or all / branches with "
+                                                 "--guidance-parallel)")
     g.set_defaults(func=cmd_generate)
 
     f = sub.add_parser("face", help="find the face in photo(s), write the crops and a reusable identity file")
