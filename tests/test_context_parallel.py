@@ -215,3 +215,19 @@ def test_a_backend_without_all_to_all_is_named():
         check_all_to_all(dist.new_group(backend="gloo"), "cpu")  # gloo has it
     finally:
         dist.destroy_process_group()
+
+
+def test_one_rank_is_the_plain_pipeline(models, face_embedding, reference_crop, one_process):
+    """A world of one (a single GPU runs this path): a 1 x 1 x 1 mesh that splits nothing, the same video."""
+    from lynx import parallelize as exported
+
+    assert exported is parallelize
+    base, adapters = models
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        video, seen = _generate(base, adapters["full"], face_embedding, reference_crop, context_parallel="ulysses",
+                                guidance_parallel=True)
+    finally:
+        dist.destroy_process_group()
+    expected, one_seen = one_process["full"]
+    assert seen == one_seen and torch.equal(video, expected)

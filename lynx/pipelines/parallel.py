@@ -70,6 +70,8 @@ def mesh_shape(world_size: int, context_parallel: str | None = None, degree: int
         raise ParallelError("a sequence degree needs --context-parallel ulysses or ring")
     if degree is not None and degree < 1:
         raise ParallelError(f"the sequence degree must be at least 1, got {degree}")
+    if world_size == 1 and degree in (None, 1):
+        return MeshShape()  # one process (a single GPU): the same code with nothing to split or share
     if context_parallel is None:
         degree = 1
     elif degree is None:
