@@ -9,7 +9,15 @@
 __version__ = "0.1.0"
 
 from .constants import AdapterConfig, ResamplerConfig, SamplingConfig  # noqa: E402
-from .errors import CheckpointError, InputError, LynxError, NoFaceError, ParallelError, WeightsNotFoundError  # noqa: E402
+from .errors import (  # noqa: E402
+    CheckpointError,
+    InputError,
+    LynxError,
+    NoFaceError,
+    ParallelError,
+    UnsafeVideoError,
+    WeightsNotFoundError,
+)
 from .models.adapters import Conditioning, LynxAttnProcessor  # noqa: E402
 from .models.resampler import Resampler  # noqa: E402
 from .pipelines.parallel import parallelize  # noqa: E402
@@ -17,4 +25,4 @@ from .pipelines.pipeline_lynx import Identity, LynxPipeline  # noqa: E402
 
 __all__ = ["LynxPipeline", "parallelize", "LynxAttnProcessor", "Conditioning", "Identity", "Resampler",
            "AdapterConfig", "ResamplerConfig", "SamplingConfig", "LynxError", "InputError", "CheckpointError",
-           "NoFaceError", "ParallelError", "WeightsNotFoundError"]
+           "NoFaceError", "ParallelError", "UnsafeVideoError", "WeightsNotFoundError"]

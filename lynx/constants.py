@@ -39,6 +39,15 @@ REF_LAYERS_FILE = "ref_layers.safetensors"
 BASE_MODEL_REPO = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 ADAPTER_REPO = "ByteDance/lynx"
 
+# The safety gate (docs/safety.md): the NSFW image classifier the authors ran on every video, the label it
+# flags, and their threshold for it (a video is not written when a sampled frame scores at or above it).
+SAFETY_MODEL_REPO = "Falconsai/nsfw_image_detection"
+UNSAFE_LABELS = ("nsfw",)
+NSFW_THRESHOLD = 0.85
+# Frames classified per video, evenly spaced from first to last: at 16-24 fps consecutive frames barely
+# differ, and 32 samples leave gaps of at most 4 frames (a sixth of a second) in an 81- or 121-frame clip.
+SAFETY_SAMPLE_FRAMES = 32
+
 
 @dataclass(frozen=True)
 class ResamplerConfig:

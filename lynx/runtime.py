@@ -13,7 +13,9 @@ import torch
 
 MODELS_ENV = "LYNX_MODELS"
 FACE_MODELS_ENV = "LYNX_FACE_MODELS"
+SAFETY_MODEL_ENV = "LYNX_SAFETY_MODEL"
 BASE_DIR_NAME = "Wan2.1-T2V-14B-Diffusers"
+SAFETY_DIR_NAME = "nsfw_image_detection"
 
 # The one dtype vocabulary of the command line, configs and sidecars.
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,7 +42,19 @@ def face_models_dir() -> Path:
     return Path.home() / ".cache" / "lynx" / "face"
 
 
+def safety_model_dir() -> Path:
+    """Where the safety gate's NSFW classifier is looked for: $LYNX_SAFETY_MODEL, else <models>/nsfw_image_detection."""
+    env = os.environ.get(SAFETY_MODEL_ENV)
+    return Path(env).expanduser() if env else models_root() / SAFETY_DIR_NAME
+
+
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
     """The device (default: the current CUDA device, else CPU) and torch dtype (default bf16 on CUDA, fp32 on CPU)."""
     device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     return device, DTYPES[dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+
+
+def launcher_ranks() -> tuple[int, int, int]:
+    """(rank, local rank, world size) as `torchrun` sets them in the environment; (0, 0, 1) without it."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")))

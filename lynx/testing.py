@@ -174,3 +174,34 @@ def adapter_files(directory) -> dict[str, torch.Tensor]:
 
     return {f"{path.name}/{key}": value for path in sorted(Path(directory).glob("*.safetensors"))
             for key, value in load_file(path).items()}
+
+
+def save_tiny_nsfw_classifier(directory, verdict: str | None = None, seed: int = 0) -> Path:
+    """A tiny random ViT in the layout of Falconsai/nsfw_image_detection (config.json with labels normal/nsfw,
+    model.safetensors, preprocessor_config.json of a ViTImageProcessor with mean and std 0.5).
+
+    `verdict` "nsfw" or "normal" zeroes the head's weights and gives that label's bias a margin of 10, so it
+    wins on every image (probability 1 / (1 + e^-10)); None keeps a random head, scaled up so that the
+    scores of different images differ clearly.
+    """
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    labels = {0: "normal", 1: "nsfw"}
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32, id2label=labels, label2id={v: k for k, v in labels.items()})
+    torch.manual_seed(seed)
+    model = ViTForImageClassification(config).eval()
+    if verdict is None:
+        with torch.no_grad():
+            model.classifier.weight.normal_(0, 2.0)
+    else:
+        winner = {v: k for k, v in labels.items()}[verdict]
+        with torch.no_grad():
+            model.classifier.weight.zero_()
+            model.classifier.bias.zero_()
+            model.classifier.bias[winner] = 10.0
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                      resample=2).save_pretrained(directory)
+    return directory

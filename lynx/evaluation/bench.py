@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..apps.cli import slug
 from ..errors import InputError
+from ..io.files import slug
 
 log = logging.getLogger("lynx.evaluation")
 
@@ -412,14 +412,20 @@ def _default_pipeline_factory(base, adapter, device, dtype):
 def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 1), device: str | None = None,
              dtype=None, identity_source: IdentitySource | None = None,
              pipeline_factory: PipelineFactory | None = None, regenerate: bool = False,
-             attention_backend: str | None = None, echo: Callable[[str], None] = print) -> dict:
-    """Generate this shard's unfinished Lynx cases; returns counts {generated, skipped, external}.
+             attention_backend: str | None = None, echo: Callable[[str], None] = print,
+             safety_check: bool = True, safety_model=None) -> dict:
+    """Generate this shard's unfinished Lynx cases; returns counts {generated, skipped, external} (+ blocked).
 
     The pipeline is loaded only when something is left to generate, and once per base; settings with
-    their own `adapter` swap the adapter files on the loaded base.
+    their own `adapter` swap the adapter files on the loaded base. A video the safety gate refuses is not
+    written (nor its sidecar): the case is counted as blocked, reported as missing, and tried again on the
+    next run; the other cases go on.
     """
     import torch
 
+    from ..errors import UnsafeVideoError
+    from ..io.provenance import provenance_mark
+    from ..io.safety import load_safety_checker, unchecked
     from ..io.video import save_video, sidecar_path, write_sidecar
     from ..runtime import default_adapter_dir, default_base_dir
 
@@ -444,6 +450,8 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
     identity_source = identity_source or default_identity_source()
     factory = pipeline_factory or _default_pipeline_factory
     pipe, loaded_adapter = None, None
+    gate = load_safety_checker(safety_model, device=device, notify=lambda m: echo(f"generate: {m}")) \
+        if safety_check else None
     for n, case in enumerate(todo, 1):
         s = case.setting
         want = s.adapter or default_adapter
@@ -471,9 +479,16 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
         seconds = time.time() - started
         peak = round(torch.cuda.max_memory_allocated(device) / 1e9, 2) if cuda else None
         video = layout.video(case)
+        try:
+            safety = gate.check(frames) if gate else unchecked("no classifier" if safety_check else "switched off")
+        except UnsafeVideoError as e:
+            counts["blocked"] = counts.get("blocked", 0) + 1
+            echo(f"blocked {n}/{len(todo)}: {case.label}: {e}")
+            continue
         if sidecar_path(video).exists():
             sidecar_path(video).unlink()  # a stale sidecar must never vouch for the new video
-        save_video(frames, video, fps)
+        mark = provenance_mark(base=base, adapter=want, variant=pipe.variant, seed=seed)
+        save_video(frames, video, fps, mark=mark)
         d = pipe.defaults
         used = {k: kwargs.get(k, getattr(d, k, None)) for k in PIPELINE_KEYS if k != "seed"}
         write_sidecar(video, {
@@ -481,7 +496,7 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
             "height": int(frames.shape[1]), "width": int(frames.shape[2]), "num_frames": int(frames.shape[0]),
             **used, "variant": pipe.variant, "base": str(Path(base).resolve()), "adapter": str(Path(want).resolve()),
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "seconds": round(seconds, 2),
-            "peak_memory_gb": peak,
+            "peak_memory_gb": peak, "provenance": mark, "safety": safety,
             "identity": {"photos": [str(p) for p in case.subject.photos],
                          "identity_file": str(case.subject.identity or ""),
                          "embedding_file": str(case.subject.embedding or ""),

@@ -1,8 +1,9 @@
-"""Writes that never leave half a file behind."""
+"""Output files: names made from inputs, and writes that never leave half a file behind."""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -23,3 +24,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def slug(text: str, limit: int = 40, fallback: str = "video") -> str:
+    """A file-name-safe form of `text` (letters, digits, dashes), never empty."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower()[:limit].strip("-") or fallback

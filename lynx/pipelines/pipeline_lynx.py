@@ -25,15 +25,14 @@ from ..models.adapters import (
     adapter_config,
     conditioning,
     plain_state_dict,
-    recording,
     uninstall_adapters,
 )
 from ..models.loading import load_adapters, read_adapter_config, require_base_dir, save_adapters, transformer_shape
 from ..models.resampler import Resampler
+from .reference import REFERENCE_SIZE, denormalize_latents, normalize_latents, reference_features, reference_latents
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_SIZE = 256
 SAVED_ADAPTER_DIR = "lynx_adapter"
 
 
@@ -253,43 +252,20 @@ class LynxPipeline(WanPipeline):
         The VAE sample uses `generator` (the authors seed it with `seed + 1`).
         """
         self._require_adapters()
-        device, vae = self._execution_device, self.vae
-        if reference_image is None:
-            pixels = torch.zeros(1, 3, 1, REFERENCE_SIZE, REFERENCE_SIZE)
-        else:
-            pixels = torch.tensor(_as_uint8_rgb(reference_image, "reference_image")) / 255.0 * 2 - 1
-            pixels = pixels.permute(2, 0, 1)[None, :, None]
-        latents = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
-        latents = self._normalize_latents(latents)
+        crop = None if reference_image is None else _as_uint8_rgb(reference_image, "reference_image")
+        latents = reference_latents(self.vae, crop, generator, self._execution_device)
         if prompt_embeds is None:
             prompt_embeds = self.encode_text([REFERENCE_PROMPT])
         # A context of its own, used once: a step cache (FirstBlockCache, ...) has nothing to reuse in it,
         # so every block runs and is recorded.
         self._reference_passes = getattr(self, "_reference_passes", 0) + 1
-        with recording(self.transformer) as recorded, \
-                self.transformer.cache_context(f"reference-{self._reference_passes}"):
-            self.transformer(hidden_states=latents.to(self.transformer.dtype),
-                             timestep=torch.zeros(1, dtype=torch.long, device=device),
-                             encoder_hidden_states=prompt_embeds.to(self.transformer.dtype), return_dict=False)
-        if len(recorded) != len(self.transformer.blocks):
-            raise RuntimeError(f"the reference pass recorded {len(recorded)} of {len(self.transformer.blocks)} "
-                               "blocks; a hook on the transformer skipped blocks")
-        return list(recorded)
-
-    def _latent_stats(self, like: torch.Tensor):
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        return mean, inv_std
+        return reference_features(self.transformer, latents, prompt_embeds, f"reference-{self._reference_passes}")
 
     def _normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, inv_std = self._latent_stats(latents)
-        return (latents - mean) * inv_std
+        return normalize_latents(latents, self.vae.config)
 
     def decode(self, latents: torch.Tensor, output_type: str = "np"):
-        latents = latents.to(self.vae.dtype)
-        mean, inv_std = self._latent_stats(latents)
-        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        video = self.vae.decode(denormalize_latents(latents.to(self.vae.dtype), self.vae.config), return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type=output_type)
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
@@ -348,6 +324,7 @@ class LynxPipeline(WanPipeline):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        reference_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
@@ -364,6 +341,8 @@ class LynxPipeline(WanPipeline):
         sample of the reference crop; `generator` may replace it. `output_type`: "np", "pil" or "latent".
         `guidance_parallel`: True (the default process group) or a process group: the guidance branches run
         on different ranks (see `predict_branches`); every rank returns the same video.
+        `prompt_embeds`, `negative_prompt_embeds` and `reference_prompt_embeds` (of "image of a face") replace
+        the text encoder, which may then be absent (sampling during training uses cached embeddings).
         """
         config = self._require_adapters()
         d = self.defaults
@@ -412,7 +391,8 @@ class LynxPipeline(WanPipeline):
         no_tokens = self.identity_tokens(torch.zeros_like(person.embedding).to(device))
         ref = no_ref = None
         if use_ref:  # with ref_scale 0 the branch adds nothing: skip the reference passes altogether
-            ref_text = self.encode_text([REFERENCE_PROMPT])
+            ref_text = self.encode_text([REFERENCE_PROMPT]) if reference_prompt_embeds is None \
+                else reference_prompt_embeds
             ref = self.reference_features(person.reference_image, torch.Generator().manual_seed(ref_seed), ref_text)
             no_ref = self.reference_features(None, torch.Generator().manual_seed(ref_seed), ref_text)
         cond = Conditioning(tokens, ref, ip_scale, ref_scale)

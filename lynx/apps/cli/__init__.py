@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 import shlex
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from ...constants import sampling_defaults
 from ...errors import InputError, LynxError, WeightsNotFoundError
+from ...io.files import slug
 from ...runtime import DTYPES, device_and_dtype
 
 
@@ -27,6 +27,25 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae-tiling", action="store_true", help="less memory when decoding: decode the video in tiles")
     p.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib, dlib-cnn")
     p.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
+    add_safety_options(p)
+
+
+def add_safety_options(p: argparse.ArgumentParser) -> None:
+    """The NSFW gate before videos are written (docs/safety.md): `generate`, `serve` and `bench`."""
+    p.add_argument("--safety-model", help="NSFW image classifier directory "
+                                          "(default $LYNX_SAFETY_MODEL or $LYNX_MODELS/nsfw_image_detection)")
+    p.add_argument("--no-safety-check", action="store_true",
+                   help="write videos without running the NSFW classifier on their frames")
+
+
+def load_safety_gate(args, device):
+    """The gate for the videos this command writes; None when switched off, or absent (after a one-line notice)."""
+    if args.no_safety_check:
+        return None
+    from ...io.safety import load_safety_checker
+
+    return load_safety_checker(args.safety_model, device=device,
+                               notify=lambda notice: print(f"lynx {args.command}: {notice}", file=sys.stderr))
 
 
 def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False):
@@ -41,11 +60,6 @@ def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offlo
     if attention_backend:
         pipe.transformer.set_attention_backend(attention_backend)
     return pipe
-
-
-def slug(text: str, limit: int = 40, fallback: str = "video") -> str:
-    """A file-name-safe form of `text` (letters, digits, dashes), never empty."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower()[:limit].strip("-") or fallback
 
 
 def _inside(path: Path, directory: Path) -> bool:
@@ -183,6 +197,7 @@ def cmd_generate(args) -> int:
 
     rank = _init_distributed(args) if layout is not None else None
     device, dtype = device_and_dtype(args.device, args.dtype)
+    gate = None if rank else load_safety_gate(args, device)  # the rank that writes the video checks it
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
                          offload=args.offload, vae_tiling=args.vae_tiling)
@@ -203,9 +218,14 @@ def cmd_generate(args) -> int:
     if rank:  # every rank holds the same video; rank 0 writes it
         return 0
 
+    from ...io.provenance import provenance_mark
+    from ...io.safety import unchecked
     from ...io.video import generation_record, save_video, write_sidecar
 
-    save_video(frames, out, fps)
+    # Refused frames raise UnsafeVideoError here, before any file or folder is made.
+    safety = gate.check(frames) if gate else unchecked("switched off" if args.no_safety_check else "no classifier")
+    mark = provenance_mark(base=base, adapter=adapter, variant=adapter_cfg.variant, seed=args.seed)
+    save_video(frames, out, fps, mark=mark)
     knobs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                  num_inference_steps=args.steps, guidance_scale=args.guidance, guidance_scale_i=g_i,
                  ip_scale=args.ip_scale, ref_scale=args.ref_scale)
@@ -213,7 +233,8 @@ def cmd_generate(args) -> int:
         out, frames, fps, knobs, defaults, variant=adapter_cfg.variant, dtype=dtype, device=device, base=base,
         adapter=adapter, photos=args.image or [], seconds=time.time() - started,
         command=" ".join(shlex.quote(a) for a in sys.argv),
-        identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference})
+        identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference},
+        provenance=mark, safety=safety)
     write_sidecar(out, record)
     print(out)
     return 0
@@ -326,6 +347,11 @@ def cmd_info(args) -> int:
               f"(dim {r.dim}, depth {r.depth})")
         print("  parameters: " + ", ".join(f"{k} {_count(v)}" for k, v in counts.items())
               + f", total {_count(sum(counts.values()))}")
+    from ...io.safety import safety_model_missing
+    from ...runtime import safety_model_dir
+
+    notice = safety_model_missing()
+    print(f"safety classifier: {safety_model_dir()}" + (f"\n  {notice}" if notice else " (the safety gate is on)"))
     if not report.ok or not adapters:
         print("\n" + download_instructions(base, adapters[0] if adapters else None))
     return status

@@ -130,7 +130,8 @@ def cmd_bench(args) -> int:
     run(manifest, args.out, stages=stages, shard=parse_shard(args.shard), judge_client=judge, echo=_echo,
         generate_kwargs=dict(base=args.base, adapter=args.adapter, device=args.device,
                              dtype=dtypes[args.dtype] if args.dtype else None, regenerate=args.regenerate,
-                             attention_backend=args.attention_backend,
+                             attention_backend=args.attention_backend, safety_check=not args.no_safety_check,
+                             safety_model=args.safety_model,
                              identity_source=default_identity_source(args.detector, args.face_models)),
         evaluate_kwargs=dict(every=args.every, max_frames=args.max_frames, rescore=args.rescore,
                              **_evaluator_kwargs(args)))
@@ -138,6 +139,8 @@ def cmd_bench(args) -> int:
 
 
 def register(subparsers) -> None:
+    from . import add_safety_options
+
     e = subparsers.add_parser("eval", help="score identity fidelity of videos against reference photo(s)")
     e.add_argument("videos", nargs="+", metavar="VIDEO")
     e.add_argument("--reference", nargs="+", metavar="PHOTO",
@@ -163,6 +166,7 @@ def register(subparsers) -> None:
     b.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
     b.add_argument("--regenerate", action="store_true", help="make every video of this shard again")
     b.add_argument("--rescore", action="store_true", help="score every video again (e.g. after adding weights)")
+    add_safety_options(b)
     _add_face_args(b)
     _add_judge_args(b)
     b.set_defaults(func=cmd_bench)

@@ -16,7 +16,8 @@ def cmd_serve(args) -> int:
                          out_dir=Path(args.out_dir), dtype=args.dtype, device=args.device,
                          face_models=Path(args.face_models) if args.face_models else None,
                          detector=args.detector, attention_backend=args.attention_backend,
-                         offload=args.offload, vae_tiling=args.vae_tiling)
+                         offload=args.offload, vae_tiling=args.vae_tiling,
+                         safety_check=not args.no_safety_check, safety_model=args.safety_model)
     app = LynxWebApp(config)
     server = make_server(app, args.host, args.port)  # bind first: a busy port fails before any loading
     app.start()

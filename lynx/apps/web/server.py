@@ -78,6 +78,8 @@ class ServeConfig:
     attention_backend: str | None = None
     offload: bool = False
     vae_tiling: bool = False
+    safety_check: bool = True  # the NSFW gate before a video is written (docs/safety.md)
+    safety_model: Path | None = None
 
     def __post_init__(self):
         self.base, self.adapter, self.out_dir = Path(self.base), Path(self.adapter), Path(self.out_dir)
@@ -164,6 +166,7 @@ class LynxWebApp:
         self._jobs: dict[str, Job] = {}
         self._busy: Job | None = None
         self._identities: dict[str, object] = {}  # photo id -> FaceIdentity (with embedding)
+        self._gate, self._gate_loaded = None, False
 
     # ----- model ------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -497,7 +500,19 @@ class LynxWebApp:
             with self._lock:
                 self._busy = None
 
+    def _safety_gate(self):
+        """The NSFW gate, loaded with the first video (jobs run one at a time); None when off or absent."""
+        if not self._gate_loaded and self.config.safety_check:
+            from ...io.safety import load_safety_checker
+
+            self._gate = load_safety_checker(self.config.safety_model, device=self.device,
+                                             notify=lambda m: print(f"lynx serve: {m}", file=sys.stderr, flush=True))
+        self._gate_loaded = True
+        return self._gate
+
     def _make_video(self, job: Job, identity, out: Path) -> dict:
+        from ...io.provenance import provenance_mark
+        from ...io.safety import unchecked
         from ...io.video import generation_record, save_video, write_sidecar
 
         s, d, pipe = job.settings, self.defaults, self.pipe
@@ -517,8 +532,14 @@ class LynxWebApp:
                       ref_scale=s["ref_scale"], seed=s["seed"], output_type="np",
                       callback_on_step_end=on_step).frames[0]
         seconds = time.time() - started
+        job.phase = "safety check"
+        gate = self._safety_gate()  # a refusal (UnsafeVideoError) ends the job before anything is written
+        safety = gate.check(frames) if gate else \
+            unchecked("no classifier" if self.config.safety_check else "switched off")
         job.phase = "writing the video"
-        save_video(frames, out, s["fps"])
+        mark = provenance_mark(base=self.config.base, adapter=self.config.adapter, variant=self.variant,
+                               seed=s["seed"])
+        save_video(frames, out, s["fps"], mark=mark)
         # The same record as `lynx generate` writes, so eval/bench tools read web videos too.
         knobs = dict(prompt=s["prompt"], negative_prompt=s["negative_prompt"], seed=s["seed"],
                      num_inference_steps=s["steps"], guidance_scale=s["guidance"], guidance_scale_i=g_i,
@@ -527,7 +548,8 @@ class LynxWebApp:
             out, frames, s["fps"], knobs, d, variant=self.variant, dtype=self.dtype, device=self.device,
             base=self.config.base, adapter=self.config.adapter, photos=job.photos, seconds=seconds,
             command=self._equivalent_command(job, out), source="lynx serve",
-            identity={"identity_file": None, "embedding_file": None, "reference": None})
+            identity={"identity_file": None, "embedding_file": None, "reference": None},
+            provenance=mark, safety=safety)
         write_sidecar(out, record)
         return record
 
@@ -551,6 +573,10 @@ class LynxWebApp:
             argv += ["--face-models", str(cfg.face_models)]
         if cfg.detector != "auto":
             argv += ["--detector", cfg.detector]
+        if not cfg.safety_check:
+            argv += ["--no-safety-check"]
+        elif cfg.safety_model:
+            argv += ["--safety-model", str(cfg.safety_model)]
         return " ".join(shlex.quote(a) for a in argv)
 
     def close(self) -> None:
