@@ -141,3 +141,26 @@ SAMPLING_PRESETS: dict[str, SamplingConfig] = {
 
 def sampling_defaults(variant: str) -> SamplingConfig:
     return SAMPLING_PRESETS[variant]
+
+
+# ----- bases other than Wan2.1-T2V-14B ------------------------------------------------------------------------
+# Wan transformers by (blocks, width, latent channels in): what a refusal names. The released adapters fit the
+# 14B shape, which Wan2.2-T2V-A14B's two experts (high-noise `transformer`, low-noise `transformer_2`) share.
+KNOWN_BASES: dict[tuple[int, int, int], str] = {
+    (40, 5120, 16): "Wan2.1-T2V-14B / Wan2.2-T2V-A14B",
+    (40, 5120, 36): "Wan2.1-I2V-14B / Wan2.2-I2V-A14B",
+    (30, 1536, 16): "Wan2.1-T2V-1.3B",
+    (30, 3072, 48): "Wan2.2-TI2V-5B",
+}
+BASES_THAT_FIT = "Wan-AI/Wan2.1-T2V-14B-Diffusers or Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+
+# Which experts of a two-expert (Wan2.2 A14B) base carry the adapters: the high-noise one only (what the
+# Wan2GP / ComfyUI users found matters), or both.
+EXPERTS = ("high", "both")
+
+# ----- long videos: context windows over latent frames --------------------------------------------------------
+# A window is one model window (81 video frames = 21 latent frames, what Wan was trained on); neighbouring
+# windows share 16 video frames (4 latent frames), blended with linear ramps (ComfyUI's / Wan2GP's defaults).
+CONTEXT_WINDOW_FRAMES = 81
+CONTEXT_OVERLAP_FRAMES = 16
+CONTEXT_BLENDS = ("linear", "uniform")

@@ -179,6 +179,7 @@ def test_bad_layouts_say_what_works(call, message):
     ("4", ["--context-parallel", "ulysses", "--guidance-parallel"], "4 processes do not factor into 3 guidance"),
     ("4", ["--context-parallel", "ulysses"], "Ulysses over 4 ranks splits the 2 attention heads"),
     ("3", ["--context-parallel", "ring"], r"2x2x2 = 8 latent tokens do not split over 3 .*num_frames 9 or 21"),
+    ("2", ["--context-parallel", "ring", "--speed", "fast"], "--speed fast uses a step cache"),
 ])
 def test_cli_fails_before_loading(tiny_base, adapter_dirs, face_embedding, reference_crop, tmp_path, capsys,
                                   monkeypatch, world, flags, message):

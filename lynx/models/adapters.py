@@ -15,7 +15,8 @@ extra inputs, so per-call inputs reach the processors as attributes that `condit
 sets around a transformer call. A processor's forward reads nothing per block (no index, no dict), so one
 compiled block serves all blocks and all steps. The adapters' keys and values, which do not change between
 denoising steps, are computed inside the first call (where offloading hooks have put the weights on the
-device) and kept in the `Conditioning` for the calls after it.
+device) and kept in the `Conditioning` for the calls after it; so are the text cross-attention's keys and values,
+once per prompt, when the conditionings of a generation share a `text_kv` store.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class Conditioning:
         cache_kv: keep the adapters' keys and values after the first call (inference); off in training,
             where they depend on weights that change. Use one Conditioning per distinct input.
         packing: training only: how several samples share one sequence (see `lynx.training.objective`).
+        ref_blocks: the blocks whose Ref branch is on (None: every block).
+        text_kv: a dict shared by the conditionings of one generation: the cross-attention keys and values of
+            each prompt are computed at its first call and reused (None: computed at every call, as diffusers).
     """
 
     ip_tokens: torch.Tensor | None = None
@@ -55,6 +59,8 @@ class Conditioning:
     ref_scale: float = 1.0
     cache_kv: bool = True
     packing: object | None = None
+    ref_blocks: frozenset[int] | None = None
+    text_kv: dict | None = field(default=None, repr=False)
     _kv: dict = field(default_factory=dict, repr=False)
 
 
@@ -83,13 +89,16 @@ class LynxAttnProcessor(nn.Module):
     `branch=None`: no weights; exactly diffusers' `WanAttnProcessor` (lite's odd blocks and self-attentions).
 
     Per-call inputs, set by `conditioning` / `recording` (never by hand): `source` (the branch's tokens or
-    this block's features), `kv` (their keys and values once computed), `scale`, `record` / `recorded`.
+    this block's features), `kv` (their keys and values once computed), `scale`, `text_kv` (a cross-attention's
+    keys and values of the call's prompt once computed) and `keep_text` (compute and keep them), `record` /
+    `recorded`.
     """
 
     _attention_backend = None
     _parallel_config = None
     # The attributes one call's inputs live in (saved and restored around nested `conditioning` blocks).
-    call_attributes: tuple[str, ...] = ("source", "kv", "scale")
+    call_attributes: tuple[str, ...] = ("source", "kv", "scale", "text_kv", "keep_text")
+    text_kv, keep_text = None, False
 
     def __init__(self, block: int, branch: str | None = None, hidden_dim: int = 0, in_dim: int | None = None,
                  bias: bool = True, num_registers: int = 0, key_norm: str = "block", key_norm_eps: float = 1e-5):
@@ -113,7 +122,8 @@ class LynxAttnProcessor(nn.Module):
         self.unbind()
         if self.branch == "ip" and cond.ip_tokens is not None and cond.ip_scale != 0:
             self.source, self.scale = cond.ip_tokens, float(cond.ip_scale)
-        elif self.branch == "ref" and cond.ref_features is not None and cond.ref_scale != 0:
+        elif (self.branch == "ref" and cond.ref_features is not None and cond.ref_scale != 0
+              and (cond.ref_blocks is None or self.block in cond.ref_blocks)):
             self.source, self.scale = cond.ref_features[self.block], float(cond.ref_scale)
         if self.source is not None and cond.cache_kv:
             self.kv = cond._kv.get((self.block, self.branch))
@@ -158,10 +168,15 @@ class LynxAttnProcessor(nn.Module):
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if self.record:  # the reference pass keeps what enters self-attention
             self.recorded = hidden_states
-        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        if encoder_hidden_states is not None and self.text_kv is not None:  # this prompt's K/V, computed before
+            query, (key, value) = attn.to_q(hidden_states), self.text_kv
+        else:
+            query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+            value = value.unflatten(2, (attn.heads, -1))
+            if encoder_hidden_states is not None and self.keep_text:
+                self.text_kv = (key, value)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
         plain_query = query  # the adapter branches attend without RoPE
         if rotary_emb is not None:
             query = _apply_rope(query, *rotary_emb)
@@ -260,10 +275,21 @@ _CALL_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def conditioning(module: nn.Module, cond: Conditioning | None):
+def conditioning(module: nn.Module, cond: Conditioning | None, text: torch.Tensor | None = None):
     """Make `cond` what the Lynx processors inside `module` (the transformer, or one block) read during the
-    calls inside the `with` block; None switches every branch off."""
+    calls inside the `with` block; None switches every branch off.
+
+    `text`: the prompt embedding the calls get; with `cond.text_kv`, its cross-attention keys and values are
+    kept there at the first call and reused by every later call with the same tensor.
+    """
     procs = list(processors(module))
+    text_kv = None
+    if cond is not None and cond.text_kv is not None and text is not None:
+        # Keyed by the tensor itself (kept alive in the entry, so its id cannot be reused by another).
+        entry = cond.text_kv.get(id(text))
+        if entry is None or entry[0] is not text:
+            entry = cond.text_kv[id(text)] = (text, {})
+        text_kv = entry[1]
     with _CALL_LOCK:
         saved = [(p, {a: getattr(p, a) for a in p.call_attributes}) for p in procs]
         for p in procs:
@@ -271,11 +297,15 @@ def conditioning(module: nn.Module, cond: Conditioning | None):
                 p.unbind()
             else:
                 p.bind(cond)
+            p.keep_text = text_kv is not None
+            p.text_kv = text_kv.get(p) if text_kv is not None else None
         try:
             yield cond
         finally:
             for p, previous in saved:
                 p.unbind(cond)
+                if text_kv is not None and p.text_kv is not None:
+                    text_kv[p] = p.text_kv
                 for name, value in previous.items():
                     setattr(p, name, value)
 

@@ -1,5 +1,5 @@
 """Generation: `LynxPipeline` on diffusers' Wan components."""
 
-from .pipeline_lynx import Identity, LynxPipeline
+from .pipeline_lynx import LynxPipeline
 
-__all__ = ["Identity", "LynxPipeline"]
+__all__ = ["LynxPipeline"]

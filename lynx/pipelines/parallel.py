@@ -200,19 +200,23 @@ def parallelize(pipe, context_parallel: str | None = None, degree: int | None = 
         branches = 2 if pipe.variant == "lite" else 3
     _require_process_group()
     shape = mesh_shape(dist.get_world_size(), context_parallel, degree, guidance_parallel, branches)
-    return lay_out(pipe.transformer, shape)
+    return lay_out(pipe, shape)
 
 
-def lay_out(transformer, shape: MeshShape):
-    """Build the mesh of `shape` and split the sequence over its ring or ulysses dimension; returns the mesh."""
-    if getattr(transformer, "_parallel_config", None) is not None:
-        raise ParallelError("this transformer is already parallelised; load a fresh pipeline")
-    check_split(shape, transformer.config.num_attention_heads)
-    mesh = build_mesh(shape, transformer.device.type)
-    if shape.ulysses > 1:
-        apply_ulysses(transformer, mesh)
-    elif shape.ring > 1:
-        apply_ring(transformer, mesh)
+def lay_out(pipe, shape: MeshShape):
+    """Build the mesh of `shape` and split the sequence of every transformer of `pipe` (Wan2.2 A14B: both
+    experts, on the one mesh) over its ring or ulysses dimension; returns the mesh."""
+    experts = [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+    for transformer in experts:
+        if getattr(transformer, "_parallel_config", None) is not None:
+            raise ParallelError("this transformer is already parallelised; load a fresh pipeline")
+        check_split(shape, transformer.config.num_attention_heads)
+    mesh = build_mesh(shape, pipe.transformer.device.type)
+    for transformer in experts:
+        if shape.ulysses > 1:
+            apply_ulysses(transformer, mesh)
+        elif shape.ring > 1:
+            apply_ring(transformer, mesh)
     return mesh
 
 

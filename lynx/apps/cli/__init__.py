@@ -6,9 +6,10 @@ import argparse
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
-from ...constants import sampling_defaults
+from ...constants import CONTEXT_BLENDS, CONTEXT_OVERLAP_FRAMES, EXPERTS, sampling_defaults
 from ...errors import InputError, LynxError, WeightsNotFoundError
 from ...io.files import slug
 from ...runtime import DTYPES, device_and_dtype
@@ -16,7 +17,10 @@ from ...runtime import DTYPES, device_and_dtype
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Where the weights are and how to run them: the same flags for `generate` and `serve`."""
-    p.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers directory (default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
+    p.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers or Wan2.2-T2V-A14B-Diffusers directory "
+                                  "(default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
+    p.add_argument("--experts", choices=EXPERTS, default="high",
+                   help="Wan2.2 A14B bases: the adapters act on the high-noise expert (default) or on both")
     p.add_argument("--adapter", help="lynx_full or lynx_lite directory (default $LYNX_MODELS/lynx_<variant>)")
     p.add_argument("--variant", choices=("full", "lite"), default="full", help="which default adapter dir to use")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
@@ -48,11 +52,13 @@ def load_safety_gate(args, device):
                                notify=lambda notice: print(f"lynx {args.command}: {notice}", file=sys.stderr))
 
 
-def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False):
+def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False,
+                  experts="high"):
     """A LynxPipeline placed and tuned as the model options ask."""
     from ...pipelines.pipeline_lynx import LynxPipeline
 
-    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if offload else device)
+    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if offload else device,
+                                        experts=experts)
     if offload:  # each model visits the device only while it runs
         pipe.enable_model_cpu_offload(device=device)
     if vae_tiling:
@@ -98,7 +104,7 @@ def _read_prompt(value: str) -> str:
     return value
 
 
-def _parallel_layout(args, adapter_cfg, defaults, base):
+def _parallel_layout(args, adapter_cfg, defaults, base, windows):
     """Under torchrun: the mesh the processes will form, checked before any weight loads. None: one process."""
     import os
 
@@ -113,16 +119,22 @@ def _parallel_layout(args, adapter_cfg, defaults, base):
             raise InputError("--guidance-parallel needs several processes: "
                              "torchrun --nproc-per-node 3 -m lynx generate ...")
         return None  # one process holds the whole sequence
+    if args.context_parallel and args.speed == "fast":
+        raise InputError("--speed fast uses a step cache, which would decide on each rank's shard of the sequence "
+                         "(ranks could skip different blocks): use --speed exact or turbo with --context-parallel")
     from ...models.loading import inspect_base_dir
     from ...pipelines.parallel import plan
+    from ...pipelines.speed import TURBO
 
-    g = defaults.guidance_scale if args.guidance is None else args.guidance
-    g_i = defaults.guidance_scale_i if args.guidance_i is None else None if args.guidance_i < 0 else args.guidance_i
-    ref_scale = defaults.ref_scale if args.ref_scale is None else args.ref_scale
+    preset = TURBO if args.speed == "turbo" else {}
+    g = preset.get("guidance_scale", defaults.guidance_scale) if args.guidance is None else args.guidance
+    g_i = preset.get("guidance_scale_i", defaults.guidance_scale_i) if args.guidance_i is None \
+        else None if args.guidance_i < 0 else args.guidance_i
+    ref_scale = preset.get("ref_scale", defaults.ref_scale) if args.ref_scale is None else args.ref_scale
     branches = 1 if g <= 1 else 2 if g_i is None else 3
     return plan(world, args.context_parallel, args.cp_degree, args.guidance_parallel, branches,
                 inspect_base_dir(base).transformer_config, args.height or defaults.height,
-                args.width or defaults.width, args.frames or defaults.num_frames,
+                args.width or defaults.width, min(args.frames or defaults.num_frames, windows.frames),
                 adapter_cfg.use_ref and ref_scale != 0)
 
 
@@ -140,6 +152,27 @@ def _init_distributed(args) -> int:
     return dist.get_rank()
 
 
+def check_face_index(value) -> None:
+    """--face-index is checked before anything loads; whether that face exists is known after detection."""
+    if value is not None and value < 0:
+        raise InputError(f"--face-index must be 0 or more (0 = the largest face), not {value}")
+
+
+def analyze_photos(analyzer, photos: list, face_index: int | None, command: str):
+    """FaceIdentity of the photos, with the several-faces warning worded for the command line."""
+    from ...face import SeveralFacesWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SeveralFacesWarning)
+        identity = analyzer.analyze(photos if len(photos) > 1 else photos[0], face_index=face_index)
+    for w in caught:
+        if isinstance(w.message, SeveralFacesWarning):
+            print(f"lynx {command}: warning: {w.message.message_for('--face-index N')}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return identity
+
+
 def cmd_generate(args) -> int:
     from ...models.loading import check_model_dirs
     from ...runtime import default_adapter_dir, default_base_dir
@@ -147,6 +180,10 @@ def cmd_generate(args) -> int:
     args.prompt = _read_prompt(args.prompt)
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
+    check_face_index(args.face_index)
+    if args.face_index is not None and not args.image:
+        raise InputError("--face-index chooses a face in --image photos; it does not apply to --identity or "
+                         "--embedding")
     sources = [bool(args.image), bool(args.identity), bool(args.embedding)]
     if sum(sources) != 1:
         raise InputError("give the person with exactly one of --image PHOTO..., --identity FILE (from `lynx face`) "
@@ -159,13 +196,28 @@ def cmd_generate(args) -> int:
         adapter_cfg = check_model_dirs(base, adapter)
     except WeightsNotFoundError as e:
         missing.append(str(e))
+    else:
+        from ...models.loading import inspect_base_dir
+
+        two_experts = inspect_base_dir(base).two_experts
+        if args.experts == "both" and not two_experts:
+            raise InputError(f"--experts both needs a two-expert base (Wan2.2-T2V-A14B); {base} has one transformer")
+        if args.guidance_2 is not None and not two_experts:
+            raise InputError(f"--guidance-2 is the low-noise expert's guidance; {base} has one transformer")
     if args.image:
         from ...face import arcface_missing
 
         missing += [m for m in [arcface_missing(args.face_models)] if m]
     if missing:
         raise WeightsNotFoundError("\n\n".join(missing))
-    for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x]:
+    from ...models.lora import parse_lora_spec
+
+    loras = [parse_lora_spec(spec) for spec in args.lora or []]
+    if args.speed == "turbo" and not loras:
+        raise InputError("--speed turbo needs a step-distill LoRA: add --lora FILE (e.g. lightx2v's Wan2.1-T2V-14B "
+                         "StepDistill-CfgDistill rank-32/64 LoRA)")
+    for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x] + \
+            [path for path, _ in loras]:
         if not Path(p).is_file():
             raise InputError(f"input file {p} does not exist")
     defaults = sampling_defaults(adapter_cfg.variant)
@@ -177,13 +229,17 @@ def cmd_generate(args) -> int:
 
     check_video_size(args.height or defaults.height, args.width or defaults.width,
                      args.frames or defaults.num_frames)
-    layout = _parallel_layout(args, adapter_cfg, defaults, base)
+    from ...pipelines.windows import ContextWindows
+
+    windows = ContextWindows(frames=args.context_frames or defaults.num_frames, overlap=args.context_overlap,
+                             blend=args.context_blend)
+    layout = _parallel_layout(args, adapter_cfg, defaults, base, windows)
     identity_kwargs = {}
     if args.image:
-        from ... import face
+        from ...face import FaceAnalyzer
 
-        identity_kwargs["identity"] = face.analyze(args.image if len(args.image) > 1 else args.image[0],
-                                                   detector=args.detector, models_dir=args.face_models)
+        analyzer = FaceAnalyzer(args.detector, models_dir=args.face_models)
+        identity_kwargs["identity"] = analyze_photos(analyzer, args.image, args.face_index, "generate")
     elif args.identity:
         from ...face import FaceIdentity
 
@@ -195,25 +251,33 @@ def cmd_generate(args) -> int:
         if args.reference:
             identity_kwargs["reference_image"] = args.reference
 
+    faces_used = identity_kwargs["identity"].faces_used() if "identity" in identity_kwargs else []
+    from ...face.identity import describe_face
+
+    for record in faces_used:
+        print(f"face: {record['source'] or '(in-memory image)'}: {describe_face(record)}", file=sys.stderr)
+
     rank = _init_distributed(args) if layout is not None else None
     device, dtype = device_and_dtype(args.device, args.dtype)
     gate = None if rank else load_safety_gate(args, device)  # the rank that writes the video checks it
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
-                         offload=args.offload, vae_tiling=args.vae_tiling)
+                         offload=args.offload, vae_tiling=args.vae_tiling, experts=args.experts)
     if layout is not None:
         from ...pipelines.parallel import lay_out
 
-        lay_out(pipe.transformer, layout)
-    g_i = "default"
-    if args.guidance_i is not None:
-        g_i = None if args.guidance_i < 0 else args.guidance_i
+        lay_out(pipe, layout)
+    video_windows = windows.video_windows(args.frames or defaults.num_frames)
+    if len(video_windows) > 1:
+        print(f"long video: {len(video_windows)} context windows of {windows.frames} frames, overlap "
+              f"{windows.overlap}, {windows.blend} blending", file=sys.stderr)
+    speed_kwargs = speed_setup(pipe, args, loras, rank)
+    g_i = speed_kwargs.get("guidance_scale_i", "default")
     started = time.time()
     result = pipe(args.prompt, **identity_kwargs, negative_prompt=args.negative_prompt, height=args.height,
-                  width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, guidance_scale_i=g_i, ip_scale=args.ip_scale,
-                  ref_scale=args.ref_scale, seed=args.seed, output_type="np",
-                  guidance_parallel=True if rank is not None and args.guidance_parallel else None)
+                  width=args.width, num_frames=args.frames, seed=args.seed, output_type="np",
+                  guidance_parallel=True if rank is not None and args.guidance_parallel else None,
+                  guidance_scale_2=args.guidance_2, context_windows=windows, **speed_kwargs)
     frames = result.frames[0]
     if rank:  # every rank holds the same video; rank 0 writes it
         return 0
@@ -227,39 +291,104 @@ def cmd_generate(args) -> int:
     mark = provenance_mark(base=base, adapter=adapter, variant=adapter_cfg.variant, seed=args.seed)
     save_video(frames, out, fps, mark=mark)
     knobs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                 num_inference_steps=args.steps, guidance_scale=args.guidance, guidance_scale_i=g_i,
-                 ip_scale=args.ip_scale, ref_scale=args.ref_scale)
+                 num_inference_steps=speed_kwargs.get("num_inference_steps"),
+                 guidance_scale=speed_kwargs.get("guidance_scale"), guidance_scale_i=g_i,
+                 ip_scale=speed_kwargs.get("ip_scale"), ref_scale=speed_kwargs.get("ref_scale"))
     record = generation_record(
         out, frames, fps, knobs, defaults, variant=adapter_cfg.variant, dtype=dtype, device=device, base=base,
         adapter=adapter, photos=args.image or [], seconds=time.time() - started,
         command=" ".join(shlex.quote(a) for a in sys.argv),
-        identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference},
+        identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference,
+                  "faces": faces_used},
+        speed={"preset": args.speed, "loras": [{"path": str(Path(p).resolve()), "scale": w} for p, w in loras],
+               "compile": args.compile, "batch_branches": args.batch_branches,
+               **{k: v for k, v in speed_kwargs.items() if k in STRENGTH_WINDOWS and v is not None}},
+        experts=pipe.experts if pipe.transformer_2 is not None else None, guidance_scale_2=args.guidance_2,
+        context_windows={"frames": windows.frames, "overlap": windows.overlap, "blend": windows.blend,
+                         "windows": [list(w) for w in video_windows]} if len(video_windows) > 1 else None,
         provenance=mark, safety=safety)
     write_sidecar(out, record)
     print(out)
     return 0
 
 
-def _face_check_without_embedding(args, missing: Exception) -> int:
+# The strength windows: pipeline argument (its flag: dashes for underscores) -> help.
+STRENGTH_WINDOWS = {
+    "ip_start": "fraction of the denoising where the ID-adapter starts acting (default 0)",
+    "ip_end": "fraction where it stops (default 1; e.g. 0.6: identity only in the first 60%% of the steps)",
+    "ref_start": "fraction of the denoising where the Ref-adapter starts acting (default 0)",
+    "ref_end": "fraction where it stops (default 1)",
+    "guidance_i_start": "identity guidance (3 passes) from this fraction of the steps (default 0)",
+    "guidance_i_end": "... up to this one; the other steps run 2 passes (default 1)",
+}
+
+
+def add_speed_options(p: argparse.ArgumentParser) -> None:
+    """Lynx strength, LoRAs and the speed presets (the same knobs as `LynxPipeline.__call__`)."""
+    s = p.add_argument_group("strength and speed")
+    s.add_argument("--ip-scale", type=float, help="weight of the ID-adapter (default 1)")
+    s.add_argument("--ref-scale", type=float, help="weight of the Ref-adapter (default 1)")
+    for name, text in STRENGTH_WINDOWS.items():
+        s.add_argument("--" + name.replace("_", "-"), type=float, help=text)
+    s.add_argument("--ref-blocks", help='blocks where the Ref-adapter acts, e.g. "0-20,35-39" (default all)')
+    s.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="a Wan2.1-T2V LoRA (diffusers, original Wan/lightx2v or kohya/ComfyUI layout); repeatable; "
+                        "off for the reference pass")
+    s.add_argument("--speed", choices=("exact", "fast", "turbo"), default="exact",
+                   help="exact: the authors' recipe; fast: SeaCache per guidance branch + identity guidance in "
+                        "the first 40%% of the steps; turbo: a step-distill --lora, 4 steps, guidance 1, lower "
+                        "Lynx strength. Flags given explicitly override the preset")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (regional, whole-graph); the first step is slow")
+    s.add_argument("--batch-branches", action="store_true",
+                   help="run a step's guidance branches as one batched call (more memory; off with "
+                        "--guidance-parallel)")
+
+
+def speed_setup(pipe, args, loras, rank) -> dict:
+    """Apply --lora, --speed and --compile to `pipe`, print what each set, and return the call's knobs: the
+    preset's values overridden by the flags given."""
+    from ...pipelines import speed
+
+    lines = speed.load_loras(pipe, loras)
+    preset, more = speed.apply_speed(pipe, args.speed, loras)
+    lines += more
+    if args.compile:
+        speed.compile_transformer(pipe.transformer)
+        lines.append("compile: every transformer block compiled (torch.compile, fullgraph)")
+    if args.batch_branches and rank is not None:
+        lines.append("batch-branches: off under --guidance-parallel")
+    if rank is None or rank == 0:
+        for line in lines:
+            print(line, file=sys.stderr)
+    given = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, ip_scale=args.ip_scale,
+                 ref_scale=args.ref_scale, ref_blocks=args.ref_blocks,
+                 **{name: getattr(args, name) for name in STRENGTH_WINDOWS})
+    if args.guidance_i is not None:
+        given["guidance_scale_i"] = None if args.guidance_i < 0 else args.guidance_i
+    return {**preset, **{k: v for k, v in given.items() if v is not None}, "batch_branches": args.batch_branches}
+
+
+def _face_check_without_embedding(args, analyzer, missing: str) -> int:
     """Detection and crops need no download: show them, and say what the embedding still needs."""
     from PIL import Image
 
-    from ... import face
+    from ...face import SeveralFacesWarning
+    from ...face.identity import face_lines
 
-    det = face.create_detector(args.detector, args.face_models)
     out_dir = Path(args.out_dir)
     for photo in args.photos:
-        image = face.load_image(photo)
-        faces = det.detect(image)
-        chosen = face.detection.select_face(faces, face_index=args.face_index, source=str(photo))
-        x1, y1, x2, y2 = (float(v) for v in chosen.box)
-        print(f"photo: {photo} ({image.shape[1]}x{image.shape[0]})\nfaces found: {len(faces)}"
-              f"{'; using the largest' if len(faces) > 1 and args.face_index is None else ''}\n"
-              f"face box: x {x1:.0f}-{x2:.0f}, y {y1:.0f}-{y2:.0f}\ndetector: {det.name}, score {chosen.score:.2f}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SeveralFacesWarning)
+            found = analyzer.find(photo, face_index=args.face_index)
+        for w in caught:
+            print(f"lynx face: warning: {w.message.message_for('--face-index N')}", file=sys.stderr)
+        w, h = found.image_size
+        print(f"photo: {photo} ({w}x{h})")
+        print("\n".join(face_lines(found.num_faces, found.index, found.face.box, found.face.score, found.detector)))
         if not args.no_save:
             name = slug(Path(photo).stem, 40)
-            for kind, crop in (("arcface112", face.align_arcface(image, chosen.keypoints)),
-                               ("reference256", face.align_reference(image, chosen.keypoints))):
+            for kind, crop in (("arcface112", found.arcface_crop), ("reference256", found.reference_crop)):
                 path = out_dir / f"{name}-{kind}.png"
                 if path.exists() and not args.overwrite:
                     raise InputError(f"{path} already exists; pass --overwrite to replace it")
@@ -272,16 +401,14 @@ def _face_check_without_embedding(args, missing: Exception) -> int:
 
 def cmd_face(args) -> int:
     from ... import face
-    from ...errors import WeightsNotFoundError
 
+    check_face_index(args.face_index)
     out_dir = Path(args.out_dir)
-    try:
-        identity = face.analyze(args.photos if len(args.photos) > 1 else args.photos[0], detector=args.detector,
-                                models_dir=args.face_models, face_index=args.face_index)
-    except WeightsNotFoundError as e:
-        if face.ARCFACE_FILE not in str(e):
-            raise
-        return _face_check_without_embedding(args, e)
+    missing = face.arcface_missing(args.face_models)
+    analyzer = face.FaceAnalyzer(args.detector, models_dir=args.face_models, embedding=missing is None)
+    if missing:
+        return _face_check_without_embedding(args, analyzer, missing)
+    identity = analyze_photos(analyzer, args.photos, args.face_index, "face")
     print(face.describe(identity))
     if args.no_save:
         return 0
@@ -371,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--identity", help="identity file written by `lynx face`")
     who.add_argument("--embedding", help=".npy with a 512-d ArcFace embedding")
     who.add_argument("--reference", help="256x256 aligned face crop (full model, with --embedding)")
+    who.add_argument("--face-index", type=int, help="which face in a photo with several: 0 = the largest (default)")
     g.add_argument("--prompt", required=True, help="text, or @FILE to read it from a file")
     g.add_argument("--negative-prompt", default=None, help="default: the authors' negative prompt")
     add_model_options(g)
@@ -380,13 +508,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite)")
+    g.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite); more than --context-frames "
+                                              "makes a long video in overlapping context windows")
+    g.add_argument("--context-frames", type=int,
+                   help="long videos: frames per context window, 4k+1 (default the model window: 81 full, 121 lite)")
+    g.add_argument("--context-overlap", type=int, default=CONTEXT_OVERLAP_FRAMES,
+                   help=f"long videos: frames shared by neighbouring windows, a multiple of 4 "
+                        f"(default {CONTEXT_OVERLAP_FRAMES})")
+    g.add_argument("--context-blend", choices=CONTEXT_BLENDS, default="linear",
+                   help="long videos: how overlapping windows combine: linear ramps (default) or a plain average")
     g.add_argument("--fps", type=int, help="default 16 full, 24 lite")
     g.add_argument("--steps", type=int, help="denoising steps (default 50)")
     g.add_argument("--guidance", type=float, help="text guidance scale g (default 5.0)")
     g.add_argument("--guidance-i", type=float, help="identity guidance g_i (full default 2.0; negative: 2-way)")
-    g.add_argument("--ip-scale", type=float)
-    g.add_argument("--ref-scale", type=float)
+    g.add_argument("--guidance-2", type=float,
+                   help="Wan2.2 A14B: text guidance of the low-noise expert's steps (default: --guidance)")
     g.add_argument("--seed", type=int, help="default 42")
     g.add_argument("--guidance-parallel", action="store_true",
                    help="under torchrun: run the guidance branches on different GPUs (3 for full, 2 for lite)")
@@ -394,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: split the video sequence over GPUs (docs/multigpu.md)")
     g.add_argument("--cp-degree", type=int, help="GPUs per sequence (default: all, or all / branches with "
                                                  "--guidance-parallel)")
+    add_speed_options(g)
     g.set_defaults(func=cmd_generate)
 
     f = sub.add_parser("face", help="find the face in photo(s), write the crops and a reusable identity file")
@@ -402,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--name", help="base name of the written files (default: the first photo's name)")
     f.add_argument("--detector", default="auto")
     f.add_argument("--face-models")
-    f.add_argument("--face-index", type=int, help="pick this face (0 = largest) instead of the largest")
+    f.add_argument("--face-index", type=int, help="which face in a photo with several: 0 = the largest (default)")
     f.add_argument("--no-save", action="store_true", help="only print what was found")
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=cmd_face)

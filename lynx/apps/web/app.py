@@ -168,7 +168,7 @@ class Run:
 class LynxWebApp:
     """The server's state: model, face detector, checked identities, the GPU lock. Thread-safe."""
 
-    def __init__(self, config: ServeConfig, pipeline=None):
+    def __init__(self, config: ServeConfig, pipeline=None, face_analyzer=None):
         self.config, self.out_dir, self.pipe = config, config.out_dir, pipeline
         self.variant = pipeline.variant if pipeline is not None else \
             ("lite" if config.adapter.name.endswith("lite") else "full")
@@ -178,8 +178,8 @@ class LynxWebApp:
         if pipeline is not None:
             self.loaded.set()
         self.gpu = threading.Lock()  # held by the generation thread; a cancelled one keeps it until it stops
-        self.face_lock = threading.Lock()  # the face detectors are not made for concurrent calls
-        self.detector = None
+        self.face_lock = threading.Lock()  # guards building the analyzer and the identity cache
+        self.analyzer = face_analyzer  # a lynx.face.FaceAnalyzer, built on first use when not given
         self.identities: dict[str, object] = {}  # photo SHA-256 -> FaceIdentity
         self.gate, self.gate_loaded = None, False  # the safety classifier, loaded with the first video
         # Called with the Run after every denoising step: a hook for embedding code, and where tests hold a run.
@@ -280,12 +280,13 @@ class LynxWebApp:
             atomic_write(path, lambda tmp: tmp.write_bytes(data))
         return path, shown
 
-    def _detector(self):
-        from ... import face
+    def _analyzer(self, embedding: bool):
+        """The page's FaceAnalyzer, built once; rebuilt with ArcFace once its file has appeared. Under face_lock."""
+        from ...face import FaceAnalyzer
 
-        if self.detector is None:
-            self.detector = face.create_detector(self.config.detector, self.config.face_models)
-        return self.detector
+        if self.analyzer is None or (embedding and self.analyzer.arcface is None):
+            self.analyzer = FaceAnalyzer(self.config.detector, models_dir=self.config.face_models, embedding=embedding)
+        return self.analyzer
 
     def identity_of(self, path: Path, shown: str):
         """The FaceIdentity of a stored photo, analysed once (needs the ArcFace weights)."""
@@ -297,8 +298,10 @@ class LynxWebApp:
                 if len(self.identities) >= 256:  # each holds its crops: keep memory bounded on a long-running server
                     self.identities.clear()
                 try:
-                    self.identities[key] = face.analyze(path, detector=self._detector(),
-                                                        models_dir=self.config.face_models)
+                    # The page has no way to choose a face yet: the largest is used, and the record says which.
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", face.SeveralFacesWarning)
+                        self.identities[key] = self._analyzer(True).analyze(path)
                 except LynxError as e:  # the face code names the stored file; the person knows their own name
                     raise type(e)(str(e).replace(str(path), shown)) from None
             return self.identities[key]
@@ -306,7 +309,6 @@ class LynxWebApp:
     def check_faces(self, uploads):
         """Photos -> (gallery of boxed photos and 256x256 crops, a summary). Needs no model and no download."""
         from ... import face
-        from ...face.detection import select_face
 
         uploads = uploads or []
         if len(uploads) > MAX_PHOTOS:
@@ -318,15 +320,21 @@ class LynxWebApp:
                 path, shown = self.store_photo(upload)
                 image = face.load_image(path)
                 with self.face_lock:
-                    faces = self._detector().detect(image)
-                chosen = select_face(faces, source=shown)
+                    analyzer = self._analyzer(embedding)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", face.SeveralFacesWarning)  # the summary line says it
+                    try:
+                        found = analyzer.find(path)
+                    except LynxError as e:  # the face code names the stored file; the person knows their own name
+                        raise type(e)(str(e).replace(str(path), shown)) from None
+                faces, chosen = found.faces, found.face
                 if embedding:
                     people.append(self.identity_of(path, shown))
             except LynxError as e:
                 lines.append(f"- **{Path(upload).name}**: {e}")
                 continue
             gallery += [(draw_faces(image, faces, chosen), f"{shown}: {len(faces)} face(s)"),
-                        (face.align_reference(image, chosen.keypoints), f"{shown}: the 256x256 crop the model sees")]
+                        (found.reference_crop, f"{shown}: the 256x256 crop the model sees")]
             x1, y1, x2, y2 = (round(float(v)) for v in chosen.box)
             lines.append(f"- **{shown}**: {len(faces)} face(s) found"
                          f"{', using the largest (green)' if len(faces) > 1 else ''}; box x {x1}-{x2}, y {y1}-{y2}, "
@@ -477,7 +485,8 @@ class LynxWebApp:
                     dtype=self.pipe.transformer.dtype, device=self.pipe._execution_device, base=self.config.base,
                     adapter=self.config.adapter, photos=run.photos, seconds=time.time() - run.started,
                     command=self.command(run), source="lynx serve",
-                    identity={"identity_file": str(run.identity_file) if run.identity_file else None},
+                    identity={"identity_file": str(run.identity_file) if run.identity_file else None,
+                              "faces": identity.faces_used()},
                     provenance=mark, safety=safety)
                 write_sidecar(run.out, run.record)
                 print(f"lynx serve: wrote {run.out}", file=sys.stderr, flush=True)
