@@ -14,15 +14,16 @@ from .errors import (  # noqa: E402
     InputError,
     LynxError,
     NoFaceError,
+    ParallelError,
     UnsafeVideoError,
     WeightsNotFoundError,
 )
 from .face import FaceAnalyzer, FaceIdentity  # noqa: E402
 from .models.adapters import Conditioning, LynxAttnProcessor  # noqa: E402
 from .models.resampler import Resampler  # noqa: E402
+from .pipelines.parallel import parallelize  # noqa: E402
 from .pipelines.pipeline_lynx import LynxPipeline  # noqa: E402
 
-__all__ = ["LynxPipeline", "LynxAttnProcessor", "Conditioning", "FaceAnalyzer", "FaceIdentity", "Resampler",
-           "AdapterConfig",
-           "ResamplerConfig", "SamplingConfig", "LynxError", "InputError", "CheckpointError", "NoFaceError",
-           "UnsafeVideoError", "WeightsNotFoundError"]
+__all__ = ["LynxPipeline", "parallelize", "LynxAttnProcessor", "Conditioning", "FaceAnalyzer", "FaceIdentity",
+           "Resampler", "AdapterConfig", "ResamplerConfig", "SamplingConfig", "LynxError", "InputError",
+           "CheckpointError", "NoFaceError", "ParallelError", "UnsafeVideoError", "WeightsNotFoundError"]

@@ -167,6 +167,7 @@ def test_generate_writes_video_and_sidecar_never_overwriting_and_the_command_rem
     ({"photos": []}, "no photo: upload a photo of the person, or pick a saved identity"),
     ({"person": "nobody"}, "no saved identity named 'nobody'"),
     ({"guidance_scale": None}, "guidance_scale needs a value (default 5.0)"),
+    ({"ip_end": 1.5}, "ip_start=0.0 and ip_end=1.5 must satisfy 0 <= start <= end <= 1"),
 ])
 def test_bad_requests_get_the_cli_messages(web, photos, change, message):
     request = {"photos": [handle_file(photos / "astronaut.jpg")], "person": "", "prompt": "a woman smiling",
@@ -174,6 +175,18 @@ def test_bad_requests_get_the_cli_messages(web, photos, change, message):
     with pytest.raises(AppError) as caught:
         web.client().predict(**request, api_name="/generate")
     assert str(caught.value).startswith(message)
+
+
+def test_strength_windows_reach_the_pipeline_sidecar_and_command(web, photos):
+    photo = [photos / "astronaut.jpg"]
+    client = web.client()
+    _, plain, plain_command, plain_video = generate(client, photo, "a woman waving", seed=3)
+    _, side, command, video = generate(client, photo, "a woman waving", seed=3, ref_end=0.5, guidance_i_end=0.5,
+                                       ref_blocks="0-1")
+    assert plain["speed"] == {"preset": "exact"} and "--ref-end" not in plain_command
+    assert side["speed"] == {"preset": "exact", "ref_end": 0.5, "guidance_i_end": 0.5, "ref_blocks": "0-1"}
+    assert "--guidance-i-end 0.5 --ref-end 0.5 --ref-blocks 0-1" in command
+    assert not (read_video(video)[0] == read_video(plain_video)[0]).all()  # the pipeline got them
 
 
 def test_progress_a_queue_of_two_and_cancel(web, photos):

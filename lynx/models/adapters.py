@@ -34,6 +34,7 @@ from torch import nn
 
 from ..constants import IP_LAYERS_FILE, REF_LAYERS_FILE, AdapterConfig, transformer_dims
 from ..errors import InputError
+from .context_parallel import cpu_ring_attention, needs_cpu_ring, whole_sequence
 
 
 @dataclass
@@ -161,9 +162,14 @@ class LynxAttnProcessor(nn.Module):
         batch = query.shape[0]
         if key.shape[0] == 1 and batch > 1:
             key, value = key.expand(batch, *key.shape[1:]), value.expand(batch, *value.shape[1:])
-        out = dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
-                                    backend=self._attention_backend,
-                                    parallel_config=self._parallel_config if kind == "self" else None)
+        # Only the self-attention runs context parallel: the other kinds attend from the local queries to keys
+        # that every rank holds whole (text, identity tokens, reference features).
+        parallel = self._parallel_config if kind == "self" else None
+        if needs_cpu_ring(query, parallel):
+            out = cpu_ring_attention(query, key, value, mask, parallel)
+        else:
+            out = dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                        backend=self._attention_backend, parallel_config=parallel)
         return out.flatten(2, 3).type_as(query)
 
     def branch_kv(self, attn, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,8 +343,9 @@ def recording(transformer: nn.Module):
             p.record, p.recorded = True, None
         try:
             yield recorded
+            # Under context parallelism each rank saw a shard of the sequence: every rank gets it whole.
+            recorded.extend(whole_sequence(p.recorded, p._parallel_config) for p in selfs if p.recorded is not None)
         finally:
-            recorded.extend(p.recorded for p in selfs if p.recorded is not None)
             for p in selfs:
                 p.record, p.recorded = False, None
 

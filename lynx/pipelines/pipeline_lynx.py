@@ -607,7 +607,7 @@ class LynxPipeline(WanPipeline):
 
         # Guidance branches, in the authors' order: c = (prompt, identity), u = (negative, no identity),
         # i = (negative, identity).
-        group = _guidance_group(guidance_parallel)
+        group = _guidance_group(guidance_parallel, self.transformer)
         batch_branches = batch_branches and group is None
         self._stacked = {}
         n = len(timesteps)
@@ -668,7 +668,7 @@ def guide(preds: list[torch.Tensor], g: float, g_i: float | None) -> torch.Tenso
     return u + g_i * (i - u) + g * (c - i)
 
 
-def _guidance_group(guidance_parallel):
+def _guidance_group(guidance_parallel, transformer=None):
     if guidance_parallel is None or guidance_parallel is False:
         return None
     import torch.distributed as dist
@@ -676,7 +676,11 @@ def _guidance_group(guidance_parallel):
     if not dist.is_available() or not dist.is_initialized():
         raise InputError("guidance_parallel needs torch.distributed initialised (run under torchrun, "
                          "or call torch.distributed.init_process_group first)")
-    return dist.group.WORLD if guidance_parallel is True else guidance_parallel
+    if guidance_parallel is not True:
+        return guidance_parallel
+    from .parallel import guidance_group  # under context parallelism: the guidance dimension of its mesh
+
+    return guidance_group(transformer) or dist.group.WORLD
 
 
 def _cast_like_reference(transformer: WanTransformer3DModel, dtype: torch.dtype) -> None:

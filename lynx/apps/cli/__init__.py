@@ -141,26 +141,54 @@ def _read_prompt(value: str) -> str:
     return value
 
 
-def _init_distributed(args) -> int | None:
-    """Under torchrun with --guidance-parallel: join the process group, one GPU per rank. Returns the rank."""
+def _parallel_layout(args, adapter_cfg, defaults, base, windows):
+    """Under torchrun: the mesh the processes will form, checked before any weight loads. None: one process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not (args.guidance_parallel or args.context_parallel):
+        if world > 1:
+            raise InputError("started by torchrun with several processes: add --guidance-parallel and/or "
+                             "--context-parallel ulysses|ring so they share the work (or run one process)")
+        return None
+    if world < 2:
+        if args.guidance_parallel:
+            raise InputError("--guidance-parallel needs several processes: "
+                             "torchrun --nproc-per-node 3 -m lynx generate ...")
+        return None  # one process holds the whole sequence
+    if args.context_parallel and (args.memory or args.offload):
+        raise InputError("--context-parallel keeps each rank's transformer on its own GPU: drop --memory/--offload "
+                         "(the sequence split already divides the activations; `lynx plan` shows what fits)")
+    if args.context_parallel and args.speed == "fast":
+        raise InputError("--speed fast uses a step cache, which would decide on each rank's shard of the sequence "
+                         "(ranks could skip different blocks): use --speed exact or turbo with --context-parallel")
+    from ...models.loading import inspect_base_dir
+    from ...pipelines.parallel import plan
+    from ...pipelines.speed import TURBO
+
+    preset = TURBO if args.speed == "turbo" else {}
+    g = preset.get("guidance_scale", defaults.guidance_scale) if args.guidance is None else args.guidance
+    g_i = preset.get("guidance_scale_i", defaults.guidance_scale_i) if args.guidance_i is None \
+        else None if args.guidance_i < 0 else args.guidance_i
+    ref_scale = preset.get("ref_scale", defaults.ref_scale) if args.ref_scale is None else args.ref_scale
+    branches = 1 if g <= 1 else 2 if g_i is None else 3
+    return plan(world, args.context_parallel, args.cp_degree, args.guidance_parallel, branches,
+                inspect_base_dir(base).transformer_config, args.height or defaults.height,
+                args.width or defaults.width, min(args.frames or defaults.num_frames, windows.frames),
+                adapter_cfg.use_ref and ref_scale != 0)
+
+
+def _init_distributed(args) -> int:
+    """Join torchrun's process group, one GPU per rank. Returns the rank."""
     import os
 
     import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not args.guidance_parallel:
-        if world > 1:
-            raise InputError("started by torchrun with several processes: add --guidance-parallel so they share "
-                             "the work (or run one process)")
-        return None
-    if world < 2:
-        raise InputError("--guidance-parallel needs several processes: "
-                         "torchrun --nproc-per-node 3 -m lynx generate ...")
     import torch.distributed as dist
 
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available() and not (args.device or "").startswith("cpu")
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank()
 
 
@@ -245,6 +273,7 @@ def cmd_generate(args) -> int:
 
     windows = ContextWindows(frames=args.context_frames or defaults.num_frames, overlap=args.context_overlap,
                              blend=args.context_blend)
+    layout = _parallel_layout(args, adapter_cfg, defaults, base, windows)
     identity_kwargs = {}
     if args.image:
         from ...face import FaceAnalyzer
@@ -269,10 +298,10 @@ def cmd_generate(args) -> int:
         print(f"face: {record['source'] or '(in-memory image)'}: {describe_face(record)}", file=sys.stderr)
 
     memory = memory_choice(args.memory, args.offload)
+    rank = _init_distributed(args) if layout is not None else None
     device, dtype = device_and_dtype(args.device, args.dtype)
     gguf = [f for f in transformer_files(args).values() if f]
     check_model_options(memory, device, "gguf" if gguf else None)
-    rank = _init_distributed(args)
     gate = None if rank else load_safety_gate(args, device)  # the rank that writes the video checks it
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device}"
           f"{f', memory preset {memory}' if memory else ''}{', transformer from ' + ', '.join(gguf) if gguf else ''})",
@@ -280,6 +309,10 @@ def cmd_generate(args) -> int:
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
                          memory=memory, vae_tiling=args.vae_tiling, experts=args.experts,
                          base_transformer=args.base_transformer, base_transformer_2=args.base_transformer_2)
+    if layout is not None:
+        from ...pipelines.parallel import lay_out
+
+        lay_out(pipe, layout)
     video_windows = windows.video_windows(args.frames or defaults.num_frames)
     if len(video_windows) > 1:
         print(f"long video: {len(video_windows)} context windows of {windows.frames} frames, overlap "
@@ -289,8 +322,8 @@ def cmd_generate(args) -> int:
     started = time.time()
     result = pipe(args.prompt, **identity_kwargs, negative_prompt=args.negative_prompt, height=args.height,
                   width=args.width, num_frames=args.frames, seed=args.seed, output_type="np",
-                  guidance_parallel=True if rank is not None else None, guidance_scale_2=args.guidance_2,
-                  context_windows=windows, **speed_kwargs)
+                  guidance_parallel=True if rank is not None and args.guidance_parallel else None,
+                  guidance_scale_2=args.guidance_2, context_windows=windows, **speed_kwargs)
     frames = result.frames[0]
     if rank:  # every rank holds the same video; rank 0 writes it
         return 0
@@ -556,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="default 42")
     g.add_argument("--guidance-parallel", action="store_true",
                    help="under torchrun: run the guidance branches on different GPUs (3 for full, 2 for lite)")
+    g.add_argument("--context-parallel", choices=("ulysses", "ring"),
+                   help="under torchrun: split the video sequence over GPUs (docs/multigpu.md)")
+    g.add_argument("--cp-degree", type=int, help="GPUs per sequence (default: all, or all / branches with "
+                                                 "--guidance-parallel)")
     add_speed_options(g)
     g.set_defaults(func=cmd_generate)
 

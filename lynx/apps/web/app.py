@@ -101,10 +101,23 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("guidance_scale_i", "--guidance-i", "float?", _number("Identity guidance", "empty: two-way guidance")),
     Setting("ip_scale", "--ip-scale", "float", _number("ID scale")),
     Setting("ref_scale", "--ref-scale", "float", _number("Ref scale", "full model only")),
+    # Strength windows (docs/speed.md): fractions of the denoising steps; the defaults are the authors' sampling.
+    Setting("ip_start", "--ip-start", "float", _number("ID from", "fraction of the steps"), default=0.0),
+    Setting("ip_end", "--ip-end", "float", _number("ID until", "0.6: identity in the first 60%"), default=1.0),
+    Setting("guidance_i_end", "--guidance-i-end", "float",
+            _number("Identity guidance until", "later steps run 2 passes"), default=1.0),
+    Setting("ref_start", "--ref-start", "float", _number("Ref from", "full model only"), default=0.0),
+    Setting("ref_end", "--ref-end", "float", _number("Ref until", "full model only"), default=1.0),
+    Setting("ref_blocks", "--ref-blocks", "text",
+            lambda value: gr.Textbox(value, label="Ref blocks", info='e.g. "0-20,35-39"; empty: all', render=False),
+            default=""),
     Setting("format", None, "choice",
             lambda value: gr.Radio(list(VIDEO_FORMATS), value=value, label="Format", render=False),
             to_pipeline=False, choices=VIDEO_FORMATS, default=".mp4"),
 )
+
+
+STRENGTH_KEYS = ("ip_start", "ip_end", "guidance_i_end", "ref_start", "ref_end", "ref_blocks")
 
 
 def setting_defaults(d: SamplingConfig) -> dict:
@@ -393,6 +406,7 @@ class LynxWebApp:
         """Check a request against the model state and the settings (those not in `values` take the variant's
         defaults); the returned Run is ready to start."""
         from ...pipelines.pipeline_lynx import check_video_size
+        from ...pipelines.speed import Strength
 
         if self.model_state == "error":
             raise CheckpointError(self.model_error)
@@ -413,11 +427,12 @@ class LynxWebApp:
             elif kind in ("float", "float?") and value is not None:
                 value = float(value)
             elif kind == "float":
-                raise InputError(f"{key} needs a value (default {getattr(self.defaults, key)})")
+                raise InputError(f"{key} needs a value (default {setting_defaults(self.defaults)[key]})")
             elif kind == "choice" and value not in setting.choices:
                 raise InputError(f"{key} must be one of {', '.join(map(str, setting.choices))}, not {value!r}")
             s[key] = value
         check_video_size(s["height"], s["width"], s["num_frames"])
+        Strength(**{k: s[k] for k in ("ip_start", "ip_end", "ref_start", "ref_end", "guidance_i_end")})  # checks
         if s["num_inference_steps"] < 1 or s["seed"] < 0 or not 1 <= s["fps"] <= 240:
             raise InputError("steps must be at least 1, the seed 0 or more, and fps between 1 and 240")
         if person:
@@ -493,7 +508,7 @@ class LynxWebApp:
                     command=self.command(run), source="lynx serve",
                     identity={"identity_file": str(run.identity_file) if run.identity_file else None,
                               "faces": identity.faces_used()},
-                    provenance=mark, safety=safety)
+                    provenance=mark, safety=safety, speed=self.strength_record(s))
                 write_sidecar(run.out, run.record)
                 print(f"lynx serve: wrote {run.out}", file=sys.stderr, flush=True)
         except Cancelled:
@@ -519,14 +534,20 @@ class LynxWebApp:
             raise Cancelled
         return {}
 
+    def strength_record(self, s: dict) -> dict:
+        """The sidecar's "speed" entry, as `lynx generate` writes it: the strength windows not at their default."""
+        defaults = setting_defaults(self.defaults)
+        return {"preset": "exact", **{k: s[k] for k in STRENGTH_KEYS if s[k] not in (None, defaults[k])}}
+
     def command(self, run: Run) -> str:
         """The `lynx generate` line that makes the same video from a terminal."""
         s = run.settings
         who = ["--identity", str(run.identity_file)] if run.identity_file else ["--image", *map(str, run.photos)]
         argv = ["lynx", "generate", *who, "--prompt", s["prompt"], "--base", str(self.config.base),
                 "--adapter", str(self.config.adapter), *self.config.model_flags]
+        defaults = setting_defaults(self.defaults)
         for key, flag in ((k.key, k.flag) for k in SETTINGS if k.flag):
-            value, default = s[key], getattr(self.defaults, key, None)
+            value, default = s[key], defaults[key]
             if key == "guidance_scale_i" and value is None and default is not None:
                 value = -1  # the CLI's two-way guidance
             if value is not None and (value != default or key == "seed"):  # a default needs no flag
