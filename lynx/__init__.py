@@ -14,13 +14,16 @@ from .errors import (  # noqa: E402
     InputError,
     LynxError,
     NoFaceError,
+    OutputError,
+    SettingsError,
     UnsafeVideoError,
     WeightsNotFoundError,
 )
 from .models.adapters import Conditioning, LynxAttnProcessor  # noqa: E402
 from .models.resampler import Resampler  # noqa: E402
 from .pipelines.pipeline_lynx import Identity, LynxPipeline  # noqa: E402
+from .pipelines.settings import GenerationSettings  # noqa: E402
 
-__all__ = ["LynxPipeline", "LynxAttnProcessor", "Conditioning", "Identity", "Resampler", "AdapterConfig",
-           "ResamplerConfig", "SamplingConfig", "LynxError", "InputError", "CheckpointError", "NoFaceError",
-           "UnsafeVideoError", "WeightsNotFoundError"]
+__all__ = ["LynxPipeline", "GenerationSettings", "LynxAttnProcessor", "Conditioning", "Identity", "Resampler",
+           "AdapterConfig", "ResamplerConfig", "SamplingConfig", "LynxError", "InputError", "SettingsError",
+           "OutputError", "CheckpointError", "NoFaceError", "UnsafeVideoError", "WeightsNotFoundError"]

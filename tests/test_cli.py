@@ -90,7 +90,7 @@ def test_missing_weights_say_what_to_download(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--frames", "10"], "num_frames=10 is not 4k+1"),
+    (["--frames", "10"], "--frames 10 is not 4k+1"),
     (["--out", "x.avi"], "must end in .mp4, .webp or .gif"),
     (["--prompt", "@/nonexistent/prompt.txt"], "prompt file /nonexistent/prompt.txt does not exist"),
 ])
@@ -105,12 +105,12 @@ def test_bad_arguments_get_clear_errors(tiny_base, adapter_dirs, identity_files,
 def test_names_from_inputs_stay_inside_the_output_dir(tmp_path):
     args = Namespace(out=None, out_dir=str(tmp_path), image=["../../../etc/passwd"], identity=None,
                      prompt="../../x/../y", seed=1, format=".mp4", overwrite=False)
-    path = output_path(args, 16)
+    path = output_path(args)
     assert path.parent == tmp_path and path.name == "passwd-x-y-s1.mp4"
     args.out = str(tmp_path / "exists.mp4")
     (tmp_path / "exists.mp4").write_bytes(b"keep")
     with pytest.raises(InputError, match="already exists"):
-        output_path(args, 16)
+        output_path(args)
 
 
 def test_info_reports_models_and_problems(tiny_base, adapter_dirs, tmp_path):

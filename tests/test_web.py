@@ -215,8 +215,12 @@ def test_several_photos_make_one_identity(server, photos, tmp_path):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"frames": 6, "height": 30}, "invalid video size: num_frames=6 is not 4k+1 (try 5 or 9); height=30 is not a "
+    ({"frames": 6, "height": 30}, "invalid video size: frames=6 is not 4k+1 (try 5 or 9); height=30 is not a "
                                   "positive multiple of 16 (try 16 or 32)"),
+    ({"steps": 1000000}, "steps=1000000 is above the limit of 200"),
+    ({"fps": 0}, "fps=0 must be between 1 and 240"),
+    ({"guidance": "nan"}, "guidance=nan must be a finite number"),
+    ({"seed": -1}, "seed=-1 must be in [0, 2**63)"),
     ({"prompt": "  "}, "the prompt is empty"),
     ({"photos": []}, "no photo: upload a photo of the person first"),
     ({"photos": ["0123456789abcdef"]}, "photo 0123456789abcdef is not on the server"),

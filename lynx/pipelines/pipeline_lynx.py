@@ -30,6 +30,7 @@ from ..models.adapters import (
 )
 from ..models.loading import load_adapters, read_adapter_config, require_base_dir, save_adapters, transformer_shape
 from ..models.resampler import Resampler
+from .settings import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,13 @@ class Identity:
     reference_image: np.ndarray | None = None  # [256, 256, 3] uint8 RGB
 
 
+@dataclass
+class LynxPipelineOutput(WanPipelineOutput):
+    """`frames` as diffusers' Wan pipelines return them, and the resolved `settings` that made them."""
+
+    settings: GenerationSettings | None = None
+
+
 def _as_uint8_rgb(image, name: str) -> np.ndarray:
     """Any photo form (path, PIL, array, tensor) -> [H, W, 3] uint8 RGB, via the face module's robust reader."""
     from ..face import load_image
@@ -55,20 +63,6 @@ def _as_uint8_rgb(image, name: str) -> np.ndarray:
         return load_image(image)
     except InputError as e:
         raise InputError(f"{name}: {e}") from None
-
-
-def check_video_size(height: int, width: int, num_frames: int, temporal: int = 4, spatial: int = 16) -> None:
-    """Frames must be 4k+1 and sides multiples of 16 (VAE 8x and 2x2 patches); say the nearest valid values."""
-    problems = []
-    if num_frames < 1 or (num_frames - 1) % temporal:
-        lo = max(1, (num_frames - 1) // temporal * temporal + 1)
-        problems.append(f"num_frames={num_frames} is not {temporal}k+1 (try {lo} or {lo + temporal})")
-    for name, v in (("height", height), ("width", width)):
-        if v < spatial or v % spatial:
-            lo = max(spatial, v // spatial * spatial)
-            problems.append(f"{name}={v} is not a positive multiple of {spatial} (try {lo} or {lo + spatial})")
-    if problems:
-        raise InputError("invalid video size: " + "; ".join(problems))
 
 
 def flow_sigmas(num_inference_steps: int, start: float) -> np.ndarray:
@@ -340,10 +334,12 @@ class LynxPipeline(WanPipeline):
         num_frames: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        guidance_scale_i: float | None | str = "default",
+        guidance_scale_i: float | str | None = None,
         ip_scale: float | None = None,
         ref_scale: float | None = None,
         seed: int | None = None,
+        fps: int | None = None,
+        allow_large: bool = False,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -359,37 +355,31 @@ class LynxPipeline(WanPipeline):
         """Generate one video of the person in `image` (or the given identity) doing what `prompt` says.
 
         Unset knobs take the variant's defaults (`self.defaults`): full 81 frames, 3-way guidance
-        (guidance_scale 5, guidance_scale_i 2); lite 121 frames, 2-way guidance. `guidance_scale_i=None`
+        (guidance_scale 5, guidance_scale_i 2); lite 121 frames, 2-way guidance. `guidance_scale_i="two-way"`
         forces 2-way guidance. `seed` seeds the initial noise (CPU generator) and, as `seed + 1`, the VAE
         sample of the reference crop; `generator` may replace it. `output_type`: "np", "pil" or "latent".
         `guidance_parallel`: True (the default process group) or a process group: the guidance branches run
         on different ranks (see `predict_branches`); every rank returns the same video.
         """
+        # Every knob is a field of GenerationSettings, checked and resolved here before anything is computed.
+        knobs = {name: value for name, value in locals().items() if name in GenerationSettings.model_fields}
         config = self._require_adapters()
-        d = self.defaults
-        pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is a value, not unset)
-        height, width, num_frames = pick(height, d.height), pick(width, d.width), pick(num_frames, d.num_frames)
-        steps = pick(num_inference_steps, d.num_inference_steps)
-        g = pick(guidance_scale, d.guidance_scale)
-        g_i = d.guidance_scale_i if guidance_scale_i == "default" else guidance_scale_i
-        ip_scale, ref_scale = pick(ip_scale, d.ip_scale), pick(ref_scale, d.ref_scale)
-        if negative_prompt is None and negative_prompt_embeds is None:
-            negative_prompt = d.negative_prompt
+        settings = GenerationSettings(**knobs).resolve(self.variant)
         if output_type not in ("np", "pil", "latent"):
             raise InputError(f"output_type must be 'np', 'pil' or 'latent', not {output_type!r}")
         if (prompt is None) == (prompt_embeds is None):
             raise InputError("give exactly one of prompt (text) or prompt_embeds")
         if prompt is not None and not isinstance(prompt, str):
             raise InputError("prompt must be one string; call the pipeline once per video")
-        check_video_size(height, width, num_frames, self.vae_scale_factor_temporal, 2 * self.vae_scale_factor_spatial)
-        if steps < 1:
-            raise InputError(f"num_inference_steps must be at least 1, got {steps}")
         bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise InputError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}")
         if generator is None:
-            generator = torch.Generator().manual_seed(d.seed if seed is None else seed)
+            generator = torch.Generator().manual_seed(settings.seed)
+        else:  # the record says what seeded this video
+            settings = settings.model_copy(update={"seed": generator.initial_seed()})
         ref_seed = generator.initial_seed() + 1
+        g, ip_scale, ref_scale = settings.guidance_scale, settings.ip_scale, settings.ref_scale
 
         use_ref = config.use_ref and ref_scale != 0
         person = self.prepare_identity(image, face_embedding, reference_image, identity, need_reference=use_ref,
@@ -402,7 +392,7 @@ class LynxPipeline(WanPipeline):
             prompt_embeds = self.encode_text([prompt], max_sequence_length)
         use_cfg = g > 1.0
         if use_cfg and negative_prompt_embeds is None:
-            negative_prompt_embeds = self.encode_text([negative_prompt], max_sequence_length)
+            negative_prompt_embeds = self.encode_text([settings.negative_prompt], max_sequence_length)
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         if use_cfg:
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
@@ -419,12 +409,13 @@ class LynxPipeline(WanPipeline):
         uncond = Conditioning(no_tokens, no_ref, ip_scale, ref_scale)
 
         # Noise and schedule.
-        self.scheduler.set_timesteps(sigmas=flow_sigmas(steps, d.sigma_start), device=device)
+        self.scheduler.set_timesteps(sigmas=flow_sigmas(settings.num_inference_steps, self.defaults.sigma_start),
+                                     device=device)
         timesteps = self.scheduler.timesteps
-        latents = self.prepare_latents(1, self.transformer.config.in_channels, height, width, num_frames,
-                                       torch.float32, device, generator, latents)
+        latents = self.prepare_latents(1, self.transformer.config.in_channels, settings.height, settings.width,
+                                       settings.num_frames, torch.float32, device, generator, latents)
         self._num_timesteps = len(timesteps)
-        three_way = g_i is not None
+        three_way = not settings.two_way
 
         # Guidance branches, in the authors' order: c = (prompt, identity), u = (negative, no identity),
         # i = (negative, identity).
@@ -440,7 +431,7 @@ class LynxPipeline(WanPipeline):
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                noise = guide(self.predict_branches(latents, t, branches, group), g, g_i)
+                noise = guide(self.predict_branches(latents, t, branches, group), g, settings.guidance_scale_i)
                 latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     names = {"latents": latents, "prompt_embeds": prompt_embeds,
@@ -452,7 +443,7 @@ class LynxPipeline(WanPipeline):
 
         video = latents if output_type == "latent" else self.decode(latents, output_type)
         self.maybe_free_model_hooks()
-        return WanPipelineOutput(frames=video) if return_dict else (video,)
+        return LynxPipelineOutput(frames=video, settings=settings) if return_dict else (video,)
 
 
 def guide(preds: list[torch.Tensor], g: float, g_i: float | None) -> torch.Tensor:

@@ -3,15 +3,45 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from pathlib import Path
 
-from ...constants import sampling_defaults
 from ...errors import InputError, LynxError, WeightsNotFoundError
-from ...io.files import slug
+from ...io.files import check_writable, slug
+from ...pipelines.settings import GenerationSettings, flags, help_text, parse_text
+from ...pipelines.settings import flag as settings_flag
 from ...runtime import DTYPES, device_and_dtype
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`lynx generate: error: ...`); the usage is in --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def cli_flag(name: str) -> str:
+    """The flag of a call option an error message names (see `lynx.errors.option`)."""
+    if name in GenerationSettings.model_fields:
+        return settings_flag(name)
+    return {"base_dir": "--base"}.get(name, "--" + name.replace("_", "-"))
+
+
+def add_settings_options(p: argparse.ArgumentParser) -> None:
+    """The generation knobs, generated from `GenerationSettings`' fields (flags, help and defaults)."""
+    group = p.add_argument_group("generation settings (unset: the variant's default)")
+    for name, field in GenerationSettings.model_fields.items():
+        if field.annotation is bool:
+            group.add_argument(*flags(name), dest=name, action="store_true", help=help_text(name))
+        else:
+            group.add_argument(*flags(name), dest=name, metavar=name.upper(), help=help_text(name))
+
+
+def settings_from_args(args) -> GenerationSettings:
+    """The knobs as typed; the settings check them (`--steps 2.5 must be a whole number (try 2 or 3)`)."""
+    return GenerationSettings(**{name: parse_text(name, value) if isinstance(value, str) else value
+                                 for name, value in ((n, getattr(args, n)) for n in GenerationSettings.model_fields)})
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -70,22 +100,26 @@ def _inside(path: Path, directory: Path) -> bool:
         return False
 
 
-def output_path(args, variant_fps: int) -> Path:
-    """Where the video goes. Names built from inputs are sanitised and must stay inside --out-dir."""
+def output_path(args, seed: int | None = None) -> Path:
+    """Where the video goes. Names built from inputs (and the seed, default `args.seed`) are sanitised and must
+    stay inside --out-dir."""
     out_dir = Path(args.out_dir)
     if args.out:
         path = Path(args.out)
     else:
         source = (args.image or [None])[0] or args.identity or getattr(args, "embedding", None)
         stem = Path(source).stem if source else "person"
-        name = f"{slug(stem, 24)}-{slug(args.prompt)}-s{args.seed}{args.format}"
+        name = f"{slug(stem, 24)}-{slug(args.prompt)}-s{args.seed if seed is None else seed}{args.format}"
         path = out_dir / name
         if not _inside(path, out_dir):
             raise InputError(f"refusing to write {path}: names made from inputs must stay inside {out_dir}")
     if path.suffix.lower() not in (".mp4", ".webp", ".gif"):
         raise InputError(f"--out must end in .mp4, .webp or .gif, not {path.name!r}")
-    if path.exists() and not args.overwrite:
-        raise InputError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
+    side = path.with_name(path.name + ".json")
+    for p in (path, side):
+        if p.exists() and not p.is_dir() and not args.overwrite:
+            raise InputError(f"{p} already exists; pass --overwrite to replace it, or choose another --out")
+    check_writable(path, flag="--out" if args.out else "--out-dir")
     return path
 
 
@@ -121,9 +155,28 @@ def _init_distributed(args) -> int | None:
     return dist.get_rank()
 
 
-def cmd_generate(args) -> int:
+def _load_embedding(path: str):
+    """A .npy of 512 finite numbers (an ArcFace embedding), or an `InputError` saying what the file is instead."""
+    import numpy as np
+
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise InputError(f"--embedding {path} is not a NumPy .npy file (make one with numpy.save, or give the photo "
+                         "with --image)") from None
+    if emb.dtype.kind not in "fiu" or emb.size != 512 or not np.isfinite(emb).all():
+        raise InputError(f"--embedding {path} must hold 512 finite numbers (an ArcFace embedding), not "
+                         f"{emb.dtype} {list(emb.shape)}")
+    return emb.astype(np.float32).reshape(512)
+
+
+def check_generate_args(args):
+    """Everything `lynx generate` can check before loading a model, in the order a person fixes them.
+
+    Returns (base, adapter, adapter config, resolved settings, output path, device, dtype); raises a `LynxError`
+    (one line) on the first problem."""
     from ...models.loading import check_model_dirs
-    from ...runtime import default_adapter_dir, default_base_dir
+    from ...runtime import check_attention_backend, default_adapter_dir, default_base_dir
 
     args.prompt = _read_prompt(args.prompt)
     if not args.prompt.strip():
@@ -132,6 +185,10 @@ def cmd_generate(args) -> int:
     if sum(sources) != 1:
         raise InputError("give the person with exactly one of --image PHOTO..., --identity FILE (from `lynx face`) "
                          "or --embedding FILE.npy (+ --reference CROP.png for the full model)")
+    if args.reference and not args.embedding:
+        raise InputError("--reference goes with --embedding (photos and identity files bring their own crop)")
+    # The settings first: they need nothing from disk, and the variant only for their defaults.
+    typed = settings_from_args(args)
     base = Path(args.base or default_base_dir())
     adapter = Path(args.adapter or default_adapter_dir(args.variant))
     # Every missing download is reported at once, before anything else is checked or loaded.
@@ -146,18 +203,19 @@ def cmd_generate(args) -> int:
         missing += [m for m in [arcface_missing(args.face_models)] if m]
     if missing:
         raise WeightsNotFoundError("\n\n".join(missing))
+    settings = typed.resolve(adapter_cfg.variant)
     for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x]:
         if not Path(p).is_file():
             raise InputError(f"input file {p} does not exist")
-    defaults = sampling_defaults(adapter_cfg.variant)
-    args.seed = defaults.seed if args.seed is None else args.seed
-    fps = args.fps or defaults.fps
-    out = output_path(args, fps)
+    out = output_path(args, settings.seed)
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    if args.attention_backend:
+        check_attention_backend(args.attention_backend)
+    return base, adapter, adapter_cfg, settings, out, device, dtype
 
-    from ...pipelines.pipeline_lynx import check_video_size
 
-    check_video_size(args.height or defaults.height, args.width or defaults.width,
-                     args.frames or defaults.num_frames)
+def cmd_generate(args) -> int:
+    base, adapter, adapter_cfg, settings, out, device, dtype = check_generate_args(args)
     identity_kwargs = {}
     if args.image:
         from ... import face
@@ -169,49 +227,35 @@ def cmd_generate(args) -> int:
 
         identity_kwargs["identity"] = FaceIdentity.load(args.identity)
     else:
-        import numpy as np
-
-        identity_kwargs["face_embedding"] = np.load(args.embedding)
+        identity_kwargs["face_embedding"] = _load_embedding(args.embedding)
         if args.reference:
-            identity_kwargs["reference_image"] = args.reference
+            from ...face import load_image
+
+            identity_kwargs["reference_image"] = load_image(args.reference)
 
     rank = _init_distributed(args)
-    device, dtype = device_and_dtype(args.device, args.dtype)
     gate = None if rank else load_safety_gate(args, device)  # the rank that writes the video checks it
     print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
                          offload=args.offload, vae_tiling=args.vae_tiling)
-    g_i = "default"
-    if args.guidance_i is not None:
-        g_i = None if args.guidance_i < 0 else args.guidance_i
     started = time.time()
-    result = pipe(args.prompt, **identity_kwargs, negative_prompt=args.negative_prompt, height=args.height,
-                  width=args.width, num_frames=args.frames, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, guidance_scale_i=g_i, ip_scale=args.ip_scale,
-                  ref_scale=args.ref_scale, seed=args.seed, output_type="np",
+    result = pipe(args.prompt, **identity_kwargs, **settings.model_dump(), output_type="np",
                   guidance_parallel=True if rank is not None else None)
     frames = result.frames[0]
+    seconds = time.time() - started
     if rank:  # every rank holds the same video; rank 0 writes it
         return 0
 
-    from ...io.provenance import provenance_mark
     from ...io.safety import unchecked
-    from ...io.video import generation_record, save_video, write_sidecar
+    from ...pipelines.record import make_record, write_video
 
     # Refused frames raise UnsafeVideoError here, before any file or folder is made.
     safety = gate.check(frames) if gate else unchecked("switched off" if args.no_safety_check else "no classifier")
-    mark = provenance_mark(base=base, adapter=adapter, variant=adapter_cfg.variant, seed=args.seed)
-    save_video(frames, out, fps, mark=mark)
-    knobs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                 num_inference_steps=args.steps, guidance_scale=args.guidance, guidance_scale_i=g_i,
-                 ip_scale=args.ip_scale, ref_scale=args.ref_scale)
-    record = generation_record(
-        out, frames, fps, knobs, defaults, variant=adapter_cfg.variant, dtype=dtype, device=device, base=base,
-        adapter=adapter, photos=args.image or [], seconds=time.time() - started,
-        command=" ".join(shlex.quote(a) for a in sys.argv),
-        identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference},
-        provenance=mark, safety=safety)
-    write_sidecar(out, record)
+    record = make_record(
+        out, args.prompt, result.settings, variant=adapter_cfg.variant, base=base, adapter=adapter, dtype=dtype,
+        device=device, source="lynx generate", safety=safety, photos=args.image or [], identity_file=args.identity,
+        embedding_file=args.embedding, reference=args.reference, seconds=seconds)
+    write_video(frames, out, record)
     print(out)
     return 0
 
@@ -338,7 +382,7 @@ COMMAND_MODULES: tuple[str, ...] = ("lynx.apps.cli.evaluate", "lynx.apps.cli.tra
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lynx", description="Lynx personalized video generation")
+    parser = Parser(prog="lynx", description="Lynx personalized video generation")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="make a video of the person in a photo doing what the prompt says")
@@ -348,22 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--embedding", help=".npy with a 512-d ArcFace embedding")
     who.add_argument("--reference", help="256x256 aligned face crop (full model, with --embedding)")
     g.add_argument("--prompt", required=True, help="text, or @FILE to read it from a file")
-    g.add_argument("--negative-prompt", default=None, help="default: the authors' negative prompt")
     add_model_options(g)
     g.add_argument("--out", help="output file (.mp4, .webp or .gif); default: a name from the inputs in --out-dir")
     g.add_argument("--out-dir", default="outputs")
     g.add_argument("--format", choices=(".mp4", ".webp", ".gif"), default=".mp4", help="format of generated names")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite)")
-    g.add_argument("--fps", type=int, help="default 16 full, 24 lite")
-    g.add_argument("--steps", type=int, help="denoising steps (default 50)")
-    g.add_argument("--guidance", type=float, help="text guidance scale g (default 5.0)")
-    g.add_argument("--guidance-i", type=float, help="identity guidance g_i (full default 2.0; negative: 2-way)")
-    g.add_argument("--ip-scale", type=float)
-    g.add_argument("--ref-scale", type=float)
-    g.add_argument("--seed", type=int, help="default 42")
+    add_settings_options(g)
     g.add_argument("--guidance-parallel", action="store_true",
                    help="under torchrun: run the guidance branches on different GPUs (3 for full, 2 for lite)")
     g.set_defaults(func=cmd_generate)
@@ -396,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LynxError as e:
-        print(f"lynx {args.command}: error: {e}", file=sys.stderr)
+        print(f"lynx {args.command}: error: {e.render(cli_flag)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was overwritten", file=sys.stderr)

@@ -53,16 +53,11 @@ def _evaluator_kwargs(args) -> dict:
 
 
 def _sidecar_photos(video: str) -> list[str]:
-    from ...io.video import sidecar_path
+    """The photos a video's generation record names (none when it has no readable record)."""
+    from ...pipelines.record import read_record
 
-    side = sidecar_path(video)
-    try:
-        ident = json.loads(side.read_text()).get("identity", {})
-    except (OSError, ValueError):
-        return []
-    # `lynx generate` records {"images": [{"path": ...}]}, `lynx bench` {"photos": [...]}.
-    photos = [i["path"] for i in ident.get("images", []) if isinstance(i, dict) and i.get("path")]
-    return photos + list(ident.get("photos", []))
+    record = read_record(video)
+    return [] if record is None else [i.path for i in record.identity.images]
 
 
 def cmd_eval(args) -> int:

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 0 (pick a free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535; 0 picks a free port)")
+    return port
 
 
 def cmd_serve(args) -> int:
     from pathlib import Path
 
-    from ...runtime import default_adapter_dir, default_base_dir
+    from ...io.files import check_writable
+    from ...runtime import check_attention_backend, default_adapter_dir, default_base_dir, device_and_dtype
     from .server import LynxWebApp, ServeConfig, make_server
+
+    # The machine and the output folder are checked before the port is bound or anything loads.
+    device_and_dtype(args.device, args.dtype)
+    if args.attention_backend:
+        check_attention_backend(args.attention_backend)
+    check_writable(Path(args.out_dir) / "photos" / "probe", flag="--out-dir")
 
     config = ServeConfig(base=Path(args.base or default_base_dir()),
                          adapter=Path(args.adapter or default_adapter_dir(args.variant)),
@@ -46,5 +65,5 @@ def register(subparsers) -> None:
     add_model_options(s)
     s.add_argument("--out-dir", default="outputs", help="videos, sidecars and uploaded photos (photos/) go here")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=7860, help="default 7860; 0 picks a free port")
+    s.add_argument("--port", type=port_number, default=7860, help="default 7860; 0 picks a free port")
     s.set_defaults(func=cmd_serve)

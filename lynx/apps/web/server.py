@@ -21,10 +21,8 @@ import base64
 import hashlib
 import io
 import json
-import math
 import os
 import re
-import shlex
 import sys
 import threading
 import time
@@ -41,9 +39,11 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from ...constants import SamplingConfig, sampling_defaults
-from ...errors import CheckpointError, InputError, LynxError, WeightsNotFoundError
+from ...errors import CheckpointError, InputError, LynxError, SettingsError, WeightsNotFoundError
 from ...io.video import VIDEO_FORMATS, sidecar_path
+from ...pipelines.record import read_record
+from ...pipelines.settings import GenerationSettings, parse_text
+from ...pipelines.settings import flag as settings_flag
 from ...runtime import DTYPES, device_and_dtype
 from ..cli import load_pipeline, output_path, slug
 
@@ -53,11 +53,17 @@ MAX_PHOTOS = 8
 PHOTO_ID = re.compile(r"^[0-9a-f]{16}$")
 CONTENT_TYPES = {".mp4": "video/mp4", ".webp": "image/webp", ".gif": "image/gif", ".json": "application/json",
                  ".html": "text/html; charset=utf-8"}
-# Settings a generate request may carry, with their types; anything else is refused so a typo is not ignored.
-INT_KNOBS = ("frames", "height", "width", "steps", "seed", "fps")
-FLOAT_KNOBS = ("guidance", "guidance_i", "ip_scale", "ref_scale")
-TEXT_KNOBS = ("prompt", "negative_prompt", "format")
+# The knobs a generate request may carry, named as the CLI's flags (`steps`, `guidance_i`): the fields of
+# GenerationSettings except `allow_large` (a request stays within the limits). Anything else is refused.
+KNOBS = {settings_flag(name)[2:].replace("-", "_"): name for name in GenerationSettings.model_fields
+         if name != "allow_large"}
+TEXT_KNOBS = ("prompt", "format")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def web_name(name: str) -> str:
+    """How an error message names a setting in a request: its request key (`steps`, `guidance_i`)."""
+    return next((key for key, field in KNOBS.items() if field == name), name)
 
 
 class BusyError(LynxError):
@@ -211,10 +217,6 @@ class LynxWebApp:
     def wait_until_loaded(self, timeout: float | None = None) -> bool:
         return self._loaded.wait(timeout)
 
-    @property
-    def defaults(self) -> SamplingConfig:
-        return sampling_defaults(self.variant)
-
     def _arcface_missing(self) -> str | None:
         from ...face import arcface_missing
 
@@ -227,7 +229,7 @@ class LynxWebApp:
         return "\n\n".join(parts) or None
 
     def status(self) -> dict:
-        d = self.defaults
+        d = GenerationSettings().resolve(self.variant)
         with self._lock:
             job = self._busy.to_json() if self._busy else None
         return {
@@ -236,10 +238,7 @@ class LynxWebApp:
                       "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")},
             "missing": self.missing(),
             "face": {"detector": self.config.detector, "embedding": self._arcface_missing() is None},
-            "defaults": {"frames": d.num_frames, "height": d.height, "width": d.width,
-                         "steps": d.num_inference_steps, "guidance": d.guidance_scale,
-                         "guidance_i": d.guidance_scale_i, "ip_scale": d.ip_scale, "ref_scale": d.ref_scale,
-                         "seed": d.seed, "fps": d.fps, "format": ".mp4", "negative_prompt": d.negative_prompt},
+            "defaults": {**{key: getattr(d, name) for key, name in KNOBS.items()}, "format": ".mp4"},
             "formats": list(VIDEO_FORMATS),
             "out_dir": str(self.out_dir),
             "job": job,
@@ -354,34 +353,28 @@ class LynxWebApp:
         """A generate request -> checked settings with the variant's defaults filled in (InputError if bad)."""
         if not isinstance(body, dict):
             raise InputError("the request body must be a JSON object")
-        known = {"photos", *INT_KNOBS, *FLOAT_KNOBS, *TEXT_KNOBS}
+        known = {"photos", *KNOBS, *TEXT_KNOBS}
         unknown = sorted(set(body) - known)
         if unknown:
             raise InputError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        d = self.defaults
-        s: dict = {}
-        for key in INT_KNOBS + FLOAT_KNOBS:
+        knobs: dict = {}
+        for key, name in KNOBS.items():
             value = body.get(key)
-            if value is None or value == "":
-                s[key] = None
-                continue
+            if isinstance(value, str):  # a form sends text: "30" is the number 30
+                value = parse_text(name, value.strip()) if value.strip() else None
+            if value is None:
+                continue  # the variant's default
             try:
-                number = float(value)
-            except (TypeError, ValueError):
-                raise InputError(f"{key} must be a number, got {value!r}") from None
-            if not math.isfinite(number):
-                raise InputError(f"{key} must be a finite number, got {value!r}")
-            if key in INT_KNOBS:
-                if number != int(number):
-                    raise InputError(f"{key} must be a whole number, got {value!r}")
-                number = int(number)
-            s[key] = number
+                GenerationSettings(**{name: value})
+            except SettingsError:
+                if isinstance(value, str):  # text this knob cannot take at all; ranges are checked below, together
+                    raise InputError(f"{key} must be a number, got {body[key]!r}") from None
+            knobs[name] = value
+        s: dict = {}
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("the prompt is empty: describe what the person should do")
         s["prompt"] = prompt.strip()
-        negative = body.get("negative_prompt")
-        s["negative_prompt"] = negative.strip() if isinstance(negative, str) and negative.strip() else None
         fmt = str(body.get("format") or ".mp4").lower()
         fmt = fmt if fmt.startswith(".") else "." + fmt
         if fmt not in VIDEO_FORMATS:
@@ -394,23 +387,8 @@ class LynxWebApp:
         if len(photos) > MAX_PHOTOS:
             raise InputError(f"at most {MAX_PHOTOS} photos of one person, got {len(photos)}")
         s["photos"] = [str(p) for p in photos]
-
-        # Filled-in values, exactly as `lynx generate` resolves them.
-        s["frames"] = d.num_frames if s["frames"] is None else s["frames"]
-        s["height"] = d.height if s["height"] is None else s["height"]
-        s["width"] = d.width if s["width"] is None else s["width"]
-        s["steps"] = d.num_inference_steps if s["steps"] is None else s["steps"]
-        s["seed"] = d.seed if s["seed"] is None else s["seed"]
-        s["fps"] = d.fps if s["fps"] is None else s["fps"]
-        from ...pipelines.pipeline_lynx import check_video_size
-
-        check_video_size(s["height"], s["width"], s["frames"])
-        if s["steps"] < 1:
-            raise InputError(f"steps must be at least 1, got {s['steps']}")
-        if not 1 <= s["fps"] <= 240:
-            raise InputError(f"fps must be between 1 and 240, got {s['fps']}")
-        if s["seed"] < 0:
-            raise InputError(f"seed must be 0 or more, got {s['seed']}")
+        # Filled-in values, exactly as `lynx generate` and the pipeline resolve them.
+        s["generation"] = GenerationSettings(**knobs).resolve(self.variant)
         return s
 
     def generate(self, body: dict) -> Job:
@@ -427,7 +405,7 @@ class LynxWebApp:
                 raise BusyError(f"busy: another video is being made ({self._busy.message}, prompt "
                                 f"{self._busy.settings['prompt'][:60]!r}); one video at a time, try again when "
                                 "it is done")
-            job = Job(uuid.uuid4().hex[:12], settings, photos, total=settings["steps"])
+            job = Job(uuid.uuid4().hex[:12], settings, photos, total=settings["generation"].num_inference_steps)
             self._jobs[job.id] = job
             self._busy = job
         threading.Thread(target=self._run, args=(job,), name=f"lynx-job-{job.id}", daemon=True).start()
@@ -457,10 +435,11 @@ class LynxWebApp:
     def _reserve_output(self, job: Job) -> Path:
         """The CLI's name for the video inside --out-dir, made unique (-2, -3, ...) and claimed at once."""
         s = job.settings
+        # overwrite=True: uniqueness is handled here, an existing file gets a new name.
         args = Namespace(out=None, out_dir=str(self.out_dir), image=[self._shown_name(job.photos[0])],
-                         identity=None, embedding=None, prompt=s["prompt"], seed=s["seed"], format=s["format"],
-                         overwrite=True)  # uniqueness is handled here: an existing file gets a new name
-        first = output_path(args, s["fps"])
+                         identity=None, embedding=None, prompt=s["prompt"], seed=s["generation"].seed,
+                         format=s["format"], overwrite=True)
+        first = output_path(args)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for n in range(1, 10_000):
             path = first if n == 1 else first.with_name(f"{first.stem}-{n}{first.suffix}")
@@ -511,12 +490,10 @@ class LynxWebApp:
         return self._gate
 
     def _make_video(self, job: Job, identity, out: Path) -> dict:
-        from ...io.provenance import provenance_mark
         from ...io.safety import unchecked
-        from ...io.video import generation_record, save_video, write_sidecar
+        from ...pipelines.record import make_record, write_video
 
-        s, d, pipe = job.settings, self.defaults, self.pipe
-        g_i = "default" if s["guidance_i"] is None else (None if s["guidance_i"] < 0 else s["guidance_i"])
+        s, pipe, cfg = job.settings, self.pipe, self.config
 
         def on_step(_pipe, i, _t, _tensors):
             job.step = i + 1
@@ -526,58 +503,26 @@ class LynxWebApp:
 
         job.phase = "preparing (text, identity, reference)"
         started = time.time()
-        frames = pipe(s["prompt"], identity=identity, negative_prompt=s["negative_prompt"], height=s["height"],
-                      width=s["width"], num_frames=s["frames"], num_inference_steps=s["steps"],
-                      guidance_scale=s["guidance"], guidance_scale_i=g_i, ip_scale=s["ip_scale"],
-                      ref_scale=s["ref_scale"], seed=s["seed"], output_type="np",
-                      callback_on_step_end=on_step).frames[0]
+        result = pipe(s["prompt"], identity=identity, **s["generation"].model_dump(), output_type="np",
+                      callback_on_step_end=on_step)
+        frames = result.frames[0]
         seconds = time.time() - started
         job.phase = "safety check"
         gate = self._safety_gate()  # a refusal (UnsafeVideoError) ends the job before anything is written
         safety = gate.check(frames) if gate else \
             unchecked("no classifier" if self.config.safety_check else "switched off")
         job.phase = "writing the video"
-        mark = provenance_mark(base=self.config.base, adapter=self.config.adapter, variant=self.variant,
-                               seed=s["seed"])
-        save_video(frames, out, s["fps"], mark=mark)
         # The same record as `lynx generate` writes, so eval/bench tools read web videos too.
-        knobs = dict(prompt=s["prompt"], negative_prompt=s["negative_prompt"], seed=s["seed"],
-                     num_inference_steps=s["steps"], guidance_scale=s["guidance"], guidance_scale_i=g_i,
-                     ip_scale=s["ip_scale"], ref_scale=s["ref_scale"])
-        record = generation_record(
-            out, frames, s["fps"], knobs, d, variant=self.variant, dtype=self.dtype, device=self.device,
-            base=self.config.base, adapter=self.config.adapter, photos=job.photos, seconds=seconds,
-            command=self._equivalent_command(job, out), source="lynx serve",
-            identity={"identity_file": None, "embedding_file": None, "reference": None},
-            provenance=mark, safety=safety)
-        write_sidecar(out, record)
-        return record
-
-    def _equivalent_command(self, job: Job, out: Path) -> str:
-        """The `lynx generate` line that makes the same video, for the sidecar's "command"."""
-        s = job.settings
-        cfg = self.config
-        argv = ["lynx", "generate", "--image", *map(str, job.photos), "--prompt", s["prompt"],
-                "--base", str(cfg.base), "--adapter", str(cfg.adapter), "--out", str(out),
-                "--seed", str(s["seed"]), "--height", str(s["height"]), "--width", str(s["width"]),
-                "--frames", str(s["frames"]), "--steps", str(s["steps"]), "--fps", str(s["fps"])]
-        for key, flag in (("negative_prompt", "--negative-prompt"), ("guidance", "--guidance"),
-                          ("guidance_i", "--guidance-i"), ("ip_scale", "--ip-scale"), ("ref_scale", "--ref-scale")):
-            if s[key] is not None:
-                argv += [flag, str(s[key])]
-        if cfg.dtype:
-            argv += ["--dtype", cfg.dtype]
-        if cfg.device:
-            argv += ["--device", cfg.device]
-        if cfg.face_models:
-            argv += ["--face-models", str(cfg.face_models)]
-        if cfg.detector != "auto":
-            argv += ["--detector", cfg.detector]
-        if not cfg.safety_check:
-            argv += ["--no-safety-check"]
-        elif cfg.safety_model:
-            argv += ["--safety-model", str(cfg.safety_model)]
-        return " ".join(shlex.quote(a) for a in argv)
+        extra = (["--face-models", str(cfg.face_models)] if cfg.face_models else []) + \
+            (["--detector", cfg.detector] if cfg.detector != "auto" else []) + \
+            (["--no-safety-check"] if not cfg.safety_check else
+             ["--safety-model", str(cfg.safety_model)] if cfg.safety_model else [])
+        record = make_record(
+            out, s["prompt"], result.settings, variant=self.variant, base=cfg.base, adapter=cfg.adapter,
+            dtype=self.dtype, device=self.device, source="lynx serve", safety=safety, photos=job.photos,
+            seconds=seconds, command_extra=extra)
+        write_video(frames, out, record)
+        return record.model_dump(mode="json")
 
     def close(self) -> None:
         """On shutdown: give back the name a running job claimed but never filled (its thread dies with us)."""
@@ -595,16 +540,12 @@ class LynxWebApp:
         for path in self.out_dir.iterdir():
             if path.suffix.lower() not in VIDEO_FORMATS or path.name.startswith(".") or not path.is_file():
                 continue
-            side = sidecar_path(path)
-            try:
-                record = json.loads(side.read_text())
-            except (OSError, ValueError):
-                continue
-            if path.stat().st_size == 0:
+            record = read_record(path)  # a missing or broken sidecar hides its video only (with a warning)
+            if record is None or path.stat().st_size == 0:
                 continue
             found.append((path.stat().st_mtime, {"name": path.name, "url": "/files/" + path.name,
                                                   "kind": "video" if path.suffix.lower() == ".mp4" else "image",
-                                                  "sidecar": record}))
+                                                  "sidecar": record.model_dump(mode="json")}))
         found.sort(key=lambda x: -x[0])
         return [item for _, item in found[:limit]]
 
@@ -700,7 +641,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._post(path)
             return self._get(path)
         except LynxError as e:
-            self._error(_status_for(e), str(e))
+            self._error(_status_for(e), e.render(web_name, sep="="))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the browser went away (a seek in a video, a closed tab)
         except Exception as e:
