@@ -84,8 +84,8 @@ def test_missing_weights_say_what_to_download(tmp_path):
              env={"LYNX_MODELS": str(tmp_path / "models"), "LYNX_FACE_MODELS": str(tmp_path / "face")})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "recognition_arcface_ir_se50.pth" in r.stderr and str(tmp_path / "face") in r.stderr
-    assert "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir" in r.stderr
-    assert "huggingface-cli download ByteDance/lynx --include 'lynx_full/*'" in r.stderr
+    assert "hf download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir" in r.stderr
+    assert "hf download ByteDance/lynx --include 'lynx_full/*'" in r.stderr
     assert str(tmp_path / "models" / "Wan2.1-T2V-14B-Diffusers") in r.stderr
 
 
@@ -119,4 +119,4 @@ def test_info_reports_models_and_problems(tiny_base, adapter_dirs, tmp_path):
     assert "transformer: 4 blocks, 2 heads x 12 = 24 wide" in r.stdout
     assert "variant full: ID branch on 4 blocks" in r.stdout and "variant lite: ID branch on 2 blocks" in r.stdout
     r = lynx("info", "--base", tmp_path / "none")
-    assert r.returncode == 1 and "does not exist" in r.stdout and "huggingface-cli download" in r.stdout
+    assert r.returncode == 1 and "does not exist" in r.stdout and "hf download" in r.stdout

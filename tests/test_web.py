@@ -273,8 +273,8 @@ def test_serve_without_weights_says_what_to_download_and_checks_faces(photos, tm
         status, s = call(url + "api/status")
         assert status == 200 and s["model"]["state"] == "missing"
         missing = s["missing"]
-        assert "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir" in missing
-        assert "huggingface-cli download ByteDance/lynx --include 'lynx_full/*'" in missing
+        assert "hf download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir" in missing
+        assert "hf download ByteDance/lynx --include 'lynx_full/*'" in missing
         assert str(tmp_path / "models" / "Wan2.1-T2V-14B-Diffusers") in missing
         assert "recognition_arcface_ir_se50.pth" in missing and str(tmp_path / "face") in missing
 
@@ -294,7 +294,7 @@ def test_serve_without_weights_says_what_to_download_and_checks_faces(photos, tm
                 b.open(url)
                 text = b.wait_for("document.getElementById('model-status').dataset.state === 'missing' && "
                                   "document.getElementById('missing').textContent")
-                assert "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers" in text
+                assert "hf download Wan-AI/Wan2.1-T2V-14B-Diffusers" in text
                 assert "recognition_arcface_ir_se50.pth" in text
     finally:
         proc.send_signal(signal.SIGINT)
