@@ -3,27 +3,32 @@
     python benchmarks/train_throughput.py                         # tiny and small models on CPU + memory table
     python benchmarks/train_throughput.py --device cuda --dtype bf16 --measure-blocks 2   # on a GPU
 
-Throughput: one training step as the trainer runs it (reference pass, packed forward with per-block
-checkpointing, backward, AdamW on the adapters) on packs of images and clips filling a token budget, with
-random weights (speed only, never quality). Memory: parameters, gradients and optimizer state counted on the
-real Wan2.1-14B and lynx_full definitions, activations measured with autograd's saved-tensor hooks on a
-full-width block (lynx/training/memory.py); for 1, 8 and 128 GPUs, stage 1 (21 images of 480x832) and stage 2
-(one 81-frame 480x832 clip). `--measure-blocks k` on CUDA runs a real step of a k-block, full-width model and
-prints measured peak memory next to the model's estimate for the same configuration.
+Throughput: one training step as the trainer runs it (FSDP2 even in one process, reference pass, packed forward
+with per-block checkpointing, backward, global clipping and finiteness check, AdamW on the adapters) on packs
+of images and clips filling a token budget, with random weights (speed only, never quality).
+
+Memory: parameters, gradients and optimizer state counted on the real Wan2.1-14B and lynx_full definitions,
+activations measured with autograd's saved-tensor hooks on a full-width block (lynx/training/memory.py); for
+1, 8 and 128 GPUs, stage 1 (21 images of 480x832) and stage 2 (one 81-frame 480x832 clip). `--measure-blocks k`
+on CUDA runs a real step of a k-block, full-width model and prints measured peak memory next to the model's
+estimate for the same configuration.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 
 import torch
+import torch.distributed as dist
 
 from lynx.constants import ResamplerConfig, full_adapter_config
 from lynx.models.adapters import adapter_parameters, install_adapters
 from lynx.models.resampler import Resampler
+from lynx.runtime import DTYPES
 from lynx.testing import TinyModelConfig, tiny_components
 from lynx.training.memory import (
     GIB,
@@ -34,7 +39,9 @@ from lynx.training.memory import (
     meta_model,
     parameter_counts,
 )
+from lynx.training.model import Runtime, cast_backbone, shard_model, teardown_runtime
 from lynx.training.objective import LynxTrainModel, PackedLynxAttnProcessor, flow_matching_loss, token_count
+from lynx.training.trainer import clip_gradients, parameter_groups
 
 SIZES = {
     # name: (model, latent shapes [C, F, H, W] of one pack)
@@ -51,24 +58,25 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def build(cfg: TinyModelConfig, device, dtype):
-    from lynx.pipelines.pipeline_lynx import _cast_like_reference
-
-    transformer = tiny_components(cfg)["transformer"].to(device).requires_grad_(False)
-    _cast_like_reference(transformer, dtype)  # as training loads the base
+def build(cfg: TinyModelConfig, runtime: Runtime, dtype):
+    transformer = tiny_components(cfg)["transformer"].requires_grad_(False)
+    cast_backbone(transformer, dtype)  # as training loads the base
     res = ResamplerConfig(dim=64, depth=2, heads=2, dim_head=32, num_queries=16, output_dim=cfg.hidden_dim)
-    return _trainable(transformer, full_adapter_config(cfg.num_layers, cfg.hidden_dim, resampler=res), device)
+    return _trainable(transformer, full_adapter_config(cfg.num_layers, cfg.hidden_dim, resampler=res), runtime, dtype)
 
 
-def _trainable(transformer, config, device):
-    """`transformer` with new fp32 trainable adapters (training's processors) and resampler, as one model."""
-    with torch.device(device):
+def _trainable(transformer, config, runtime: Runtime, dtype):
+    """`transformer` with new fp32 trainable adapters (training's processors) and resampler, sharded by FSDP2 as
+    `lynx train` shards it (one process: the same numeric path as many)."""
+    with torch.device(runtime.device):
         install_adapters(transformer, config, PackedLynxAttnProcessor)
         resampler = Resampler(config.resampler)
-    for q in adapter_parameters(transformer):
+    for q in [*adapter_parameters(transformer), *resampler.parameters()]:
         q.data = q.data.float()
         q.requires_grad_(True)
-    return LynxTrainModel(transformer, resampler.train().requires_grad_(True), "auto", True)
+    model = LynxTrainModel(transformer.to(runtime.device), resampler.train(), "auto", True)
+    shard_model(model, runtime, dtype)
+    return model
 
 
 def step_inputs(shapes, text_dim, device, dtype, seed=0):
@@ -83,34 +91,31 @@ def step_inputs(shapes, text_dim, device, dtype, seed=0):
                 reference_text=torch.randn(1, 512, text_dim, generator=g).to(device, dtype))
 
 
-def train_step(model, optimizer, p, normaliser, autocast):
-    with autocast():
-        preds = model(p["noisy"], p["timesteps"], p["text"], p["embeddings"], p["reference"], p["reference_text"])
+def train_step(model, optimizer, p, normaliser):
+    """What `Trainer.train_step` does for one pack: forward, backward, global clip + finiteness, AdamW."""
+    preds = model(p["noisy"], p["timesteps"], p["text"], p["embeddings"], p["reference"], p["reference_text"])
     loss = flow_matching_loss(preds, p["targets"], normaliser)
     loss.backward()
-    optimizer.step()
+    if math.isfinite(clip_gradients(model.trainable_parameters(), 1.0, loss.detach())):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
 
 
-def throughput(name, device, dtype, steps, warmup) -> dict:
+def throughput(name, runtime, dtype, steps, warmup) -> dict:
     cfg, shapes = SIZES[name]
-    model = build(cfg, device, dtype)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, weight_decay=0.01)
+    device = runtime.device
+    model = build(cfg, runtime, dtype)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-5)
     p = step_inputs(shapes, cfg.text_dim, device, dtype)
     tokens = sum(token_count(s) for s in shapes)
     normaliser = float(sum(t.numel() for t in p["targets"]))
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
     for _ in range(warmup):
-        train_step(model, optimizer, p, normaliser, autocast)
+        train_step(model, optimizer, p, normaliser)
     times = []
     for _ in range(steps):
         _sync(device)
         t = time.perf_counter()
-        train_step(model, optimizer, p, normaliser, autocast)
+        train_step(model, optimizer, p, normaliser)
         _sync(device)
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
@@ -137,23 +142,22 @@ def memory_table(gpus=(1, 8, 128), gpu_gib: float = 80.0) -> list[dict]:
              "block_activation_bytes_per_sample": activations.per_sample}] + rows
 
 
-def measure_gpu(blocks: int, tokens: int = 32760) -> dict:
+def measure_gpu(runtime: Runtime, blocks: int, tokens: int = 32760) -> dict:
     """A real step of a `blocks`-deep, full-width (5120) model on one GPU, against the estimate for it."""
-    device = torch.device("cuda")
     kwargs = dict(WAN_14B, num_layers=blocks)
     from diffusers import WanTransformer3DModel
 
-    transformer = WanTransformer3DModel(**kwargs).to(device, torch.bfloat16).requires_grad_(False)
-    model = _trainable(transformer, full_adapter_config(blocks, 5120), device)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
+    transformer = WanTransformer3DModel(**kwargs).to(runtime.device).requires_grad_(False)
+    cast_backbone(transformer, torch.bfloat16)
+    model = _trainable(transformer, full_adapter_config(blocks, 5120), runtime, torch.bfloat16)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-5)
     shapes = [(16, 21, 60, 104)]
-    p = step_inputs(shapes, 4096, device, torch.bfloat16)
+    p = step_inputs(shapes, 4096, runtime.device, torch.bfloat16)
     torch.cuda.reset_peak_memory_stats()
-    train_step(model, optimizer, p, float(sum(t.numel() for t in p["targets"])),
-               lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+    train_step(model, optimizer, p, float(sum(t.numel() for t in p["targets"])))
     measured = torch.cuda.max_memory_allocated() / GIB
     mt, ma = meta_model(kwargs)
-    est = fsdp_memory_per_gpu(parameter_counts(mt, ma), ActivationModel.measure(mt, ma), gpus=1,
+    est = fsdp_memory_per_gpu(parameter_counts(mt, ma), ActivationModel.measure(mt), gpus=1,
                               tokens=token_count(shapes[0]), samples=1, blocks=blocks, hidden=5120)
     return {"blocks": blocks, "measured_peak_gib": measured, "estimated_gib": est["total"] / GIB}
 
@@ -168,14 +172,18 @@ def main():
     parser.add_argument("--measure-blocks", type=int, default=0, help="CUDA: real step of a k-block 14B-width model")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    # One process as its own FSDP2 group, exactly as `lynx train` runs on one device.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    runtime = Runtime(0, 1, device, owns_group=True)
     results = {"device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(), "throughput": []}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     print(f"training throughput on {device} ({args.dtype}, {torch.get_num_threads()} threads), median of "
           f"{args.steps} steps:")
     for name in args.sizes:
-        r = throughput(name, device, dtype, args.steps, args.warmup)
+        r = throughput(name, runtime, dtype, args.steps, args.warmup)
         results["throughput"].append(r)
         print(f"  {name:6s} {r['blocks']} blocks x {r['width']} wide, {r['samples_per_pack']} samples/pack, "
               f"{r['tokens_per_step']} tokens/step: {r['seconds_per_step'] * 1000:.1f} ms/step, "
@@ -194,13 +202,14 @@ def main():
     if args.measure_blocks:
         if device.type != "cuda":
             raise SystemExit("--measure-blocks needs --device cuda")
-        m = measure_gpu(args.measure_blocks)
+        m = measure_gpu(runtime, args.measure_blocks)
         results["measured"] = m
         print(f"\nmeasured on {results['gpu']}: {m['blocks']} blocks, peak {m['measured_peak_gib']:.1f} GiB; "
               f"estimate {m['estimated_gib']:.1f} GiB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    teardown_runtime(runtime)
 
 
 if __name__ == "__main__":

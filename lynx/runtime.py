@@ -99,3 +99,9 @@ def check_attention_backend(name: str) -> str:
         raise EnvironmentProblem(f"{option('attention_backend', name)} cannot run here: {e} (or leave "
                                  f"{option('attention_backend')} out for PyTorch's own attention)") from None
     return name
+
+
+def launcher_ranks() -> tuple[int, int, int]:
+    """(rank, local rank, world size) as `torchrun` sets them in the environment; (0, 0, 1) without it."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")))

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def config(ds, cache, base, **data):
     values = {"manifest": str(ds.manifest), "cache_dir": str(cache), "buckets": [[64, 64], [48, 80]],
-              "frames": [5], "cache_dtype": "float32", "dtype": "fp32", "device": "cpu", **data}
+              "frames": [5], "cache_dtype": "fp32", "dtype": "fp32", "device": "cpu", **data}
     return training_config_from_dict({"data": values, "train": {"base": str(base)},
                                       "validation": {"prompts": ["a person dancing in rain"]}})
 
@@ -182,3 +182,73 @@ def test_pack_stream_runs_over_epochs_and_leaves_out_oversized_samples():
     assert sorted(i for g in range(4, 8) for i in stream[g]) == list(range(10))
     with pytest.raises(InputError, match="token_budget"):
         D.PackStream([5000, 6000], 300, seed=0)
+
+
+# ----- long high-resolution videos ------------------------------------------------------------------------------
+def _write_long_1080p(path, frames: int, fps: int = 30):
+    """An H.264 1080p clip of alternating checkerboards, encoded fast (two pictures, converted once)."""
+    import av
+
+    h, w = 1080, 1920
+    yy, xx = np.mgrid[:h, :w]
+    pictures = []
+    for k in range(2):
+        f = np.empty((h, w, 3), np.uint8)
+        f[...] = (180, 120, 90)
+        f[(yy // 60 + xx // 60 + k) % 2 == 0] = 200
+        pictures.append(av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p"))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "30"}
+        for i in range(frames):
+            picture = pictures[i % 2]
+            picture.pts = None
+            container.mux(stream.encode(picture))
+        container.mux(stream.encode())
+    return h * w * 3
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_prepare_decodes_only_the_frames_it_keeps(tiny_base, tmp_path):
+    """A 15 s 1080p30 clip: decoding it whole would take 2.6 GiB; prepare keeps 81 frames at bucket size and one
+    full-size reference frame, decoded one at a time, so its peak memory stays far below even 81 full frames."""
+    from lynx.training.synthetic import pixel_encoders
+
+    frame_bytes = _write_long_1080p(tmp_path / "long.mp4", frames=450)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "long.mp4", "caption": "a person", "id": "long"}) + "\n")
+    cfg = training_config_from_dict({
+        "data": {"manifest": str(tmp_path / "m.jsonl"), "cache_dir": str(tmp_path / "cache"), "buckets": [[240, 432]],
+                 "frames": [81], "cache_dtype": "fp32", "dtype": "fp32", "device": "cpu"},
+        "train": {"base": str(tiny_base)}, "validation": {"prompts": []}})
+    encoders = pixel_encoders(tiny_base)
+    seen = []
+
+    def identity(frame):
+        seen.append(frame.shape)
+        return np.full(512, 512 ** -0.5, np.float32), np.full((256, 256, 3), 128, np.uint8)
+
+    D.prepare(cfg, identity_fn=identity, encoders=encoders, progress=False)  # shared tensors, warm code paths
+    (tmp_path / "cache" / "samples" / "long.safetensors").unlink()
+
+    def status(key):
+        return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+    before = status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    report = D.prepare(cfg, identity_fn=identity, encoders=encoders, progress=False)
+    peak = status("VmHWM:") - before
+    clip = 81 * 240 * 432 * 3
+    whole = 450 * frame_bytes
+    print(f"prepare of a 450-frame 1080p clip: peak {peak / 2**20:.0f} MiB; the whole clip decoded would be "
+          f"{whole / 2**30:.2f} GiB, its 81 kept frames at full size {81 * frame_bytes / 2**20:.0f} MiB")
+    assert report.prepared == 1
+    sample = D.load_sample(tmp_path / "cache", "long")
+    assert tuple(sample["latent_mean"].shape) == (16, 21, 30, 54)  # 81 frames of 240x432
+    meta = D._metadata(tmp_path / "cache" / "samples" / "long.safetensors")
+    assert meta["reference_frame"] >= 81 and seen[-1] == (1080, 1920, 3)  # a full-size frame after the clip
+    # What prepare holds: the clip at bucket size, as uint8 and as float32 for the encoder, and a few frames of
+    # the decoder at full size; nothing grows with the clip's length.
+    budget = clip * (1 + 4 + 4) + 16 * frame_bytes
+    assert peak < budget < 81 * frame_bytes

@@ -39,7 +39,7 @@ def identity_data(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("identity")
     ds = make_dataset(root / "data", identities=4, images_per_identity=4, bad_samples=False)
     data = {"manifest": str(ds.manifest), "cache_dir": str(root / "cache"), "buckets": [[64, 64]], "frames": [1],
-            "cache_dtype": "float32", "dtype": "fp32", "device": "cpu"}
+            "cache_dtype": "fp32", "dtype": "fp32", "device": "cpu"}
     prepare(make_config(data, tiny_base, root / "unused"), identity_fn=ds.identity_fn,
             encoders=pixel_encoders(tiny_base), progress=False)
     return data
@@ -185,3 +185,64 @@ def test_clear_errors(identity_data, tiny_base, tmp_path):
               progress=False)
     with pytest.raises(InputError, match="--resume"):
         train(make_config(identity_data, tiny_base, tmp_path), resume=str(tmp_path / "nothing"), progress=False)
+
+
+def test_a_nan_step_is_skipped_without_touching_the_weights(identity_data, tiny_base, tmp_path):
+    from lynx.training.data import PackDataset
+    from lynx.training.model import setup_runtime, teardown_runtime
+    from lynx.training.trainer import Trainer
+
+    def state(trainer):
+        weights = ckpt.full_adapter_state(trainer.model)
+        moments = {(i, k): v.full_tensor().clone() if hasattr(v, "full_tensor") else v.clone()
+                   for i, s in enumerate(trainer.optimizer.state.values()) for k, v in s.items()}
+        return weights, moments
+
+    def same(a, b):
+        return a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and \
+            a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+    runtime = setup_runtime()
+    try:
+        trainer = Trainer(make_config(identity_data, tiny_base, tmp_path / "run", steps=3), runtime, progress=False)
+        packs = PackDataset(trainer.index, trainer.stream)
+        first = trainer.train_step(0, [packs[0]])
+        assert not first.skipped and first.grad_norm > 0
+        before = state(trainer)
+        g, samples = packs[1]
+        poisoned = [dict(s) for s in samples]
+        poisoned[0]["latent_mean"] = poisoned[0]["latent_mean"].clone()
+        poisoned[0]["latent_mean"][0, 0, 0, 0] = float("nan")  # one element of one sample
+        bad = trainer.train_step(1, [(g, poisoned)])
+        assert bad.skipped and not torch.isfinite(bad.loss)
+        assert same(state(trainer), before)  # weights and AdamW's moments and step counts untouched
+        assert all(p.grad is None for p in trainer.params)  # and nothing carried into the next step
+        after = trainer.train_step(2, [packs[2]])
+        assert not after.skipped and not same(state(trainer), before)
+    finally:
+        teardown_runtime(runtime)
+
+
+def test_non_finite_steps_are_logged_and_too_many_stop_the_run(identity_data, tiny_base, tmp_path, monkeypatch):
+    from lynx.training import trainer as T
+
+    real = T.make_step_inputs
+
+    def nan_in_pack(bad_packs):
+        def make(samples, shared, pack_index, *args, **kwargs):
+            inputs = real(samples, shared, pack_index, *args, **kwargs)
+            if pack_index in bad_packs:
+                inputs.targets[0] = inputs.targets[0] * float("nan")
+            return inputs
+        return make
+
+    monkeypatch.setattr(T, "make_step_inputs", nan_in_pack({1}))
+    result = train(make_config(identity_data, tiny_base, tmp_path / "one", steps=4), progress=False)
+    assert result.skipped_steps == [2]
+    rows = read_metrics(tmp_path / "one")
+    assert [r["skipped"] for r in rows] == [0, 1, 0, 0] and np.isnan(rows[1]["loss"])
+    assert np.isfinite([r["loss"] for i, r in enumerate(rows) if i != 1]).all()
+
+    monkeypatch.setattr(T, "make_step_inputs", nan_in_pack({1, 2}))
+    with pytest.raises(LynxError, match="2 steps in a row up to step 3.*max_bad_steps = 1"):
+        train(make_config(identity_data, tiny_base, tmp_path / "two", steps=4, max_bad_steps=1), progress=False)

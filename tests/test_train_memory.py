@@ -1,5 +1,7 @@
 """The FSDP memory model: parameter counts of the real 14B definitions, measured activations, sharding arithmetic."""
 
+from pathlib import Path
+
 import pytest
 
 from lynx.testing import TinyModelConfig
@@ -71,3 +73,61 @@ def test_tiny_model_counts_match_the_live_modules():
     resampler = add_tiny_adapters(live, "full", cfg)
     assert counts.adapters == sum(p.numel() for p in live.parameters()) - counts.backbone + \
         sum(p.numel() for p in resampler.parameters())
+
+
+# ----- host memory of the sharded start ------------------------------------------------------------------------
+PROBE = '''
+import json, sys
+from pathlib import Path
+import accelerate, diffusers, torch, torch.distributed.checkpoint, torch.distributed.fsdp  # imported before measuring
+from diffusers import WanTransformer3DModel
+from lynx.training.config import training_config_from_dict
+from lynx.training.model import build_model, setup_runtime, teardown_runtime
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+
+base, adapters = sys.argv[1], Path(sys.argv[2])
+runtime = setup_runtime()
+config = training_config_from_dict({"train": {"base": base, "precision": "fp32", "init": str(adapters)}})
+before = status("VmRSS:")
+open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
+model = build_model(config, runtime, adapters)
+peak = status("VmHWM:") - before
+local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+full = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"rank": runtime.rank, "peak": peak, "local": local, "full": full}), flush=True)
+teardown_runtime(runtime)
+'''
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+def test_two_ranks_start_with_their_shards_only(tmp_path):
+    """Meta-device construction, FSDP2 sharding, then each rank reads only its rows of the files: the peak
+    host memory a rank adds while building the model stays near its half, far below one full copy."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from lynx.testing import save_tiny_adapters, save_tiny_base
+
+    # Wide enough (185 MB in fp32) that a full copy stands far above the allocator's noise.
+    cfg = TinyModelConfig(num_layers=4, num_heads=8, head_dim=96, ffn_dim=3072)
+    base = save_tiny_base(tmp_path / "base", cfg)
+    adapters = save_tiny_adapters(tmp_path / "adapters", "full", cfg)
+    (tmp_path / "probe.py").write_text(PROBE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(tmp_path / "probe.py"), str(base), str(adapters)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    mib = 2 ** 20
+    for r in ranks:
+        print(f"rank {r['rank']}: peak host memory added while building {r['peak'] / mib:.1f} MiB; its shards "
+              f"{r['local'] / mib:.1f} MiB; one full copy {r['full'] / mib:.1f} MiB")
+        assert r["local"] == pytest.approx(r["full"] / 2, rel=0.02)
+        assert r["peak"] < r["full"]  # below one full copy (every rank held a full copy before sharding)
+        assert r["peak"] < r["local"] + 0.25 * r["full"]  # near its shard: what it keeps plus transients

@@ -140,10 +140,19 @@ def transformer_shape(base_dir) -> tuple[int, int]:
 
 
 # ----- adapters ---------------------------------------------------------------------------------------
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a whole safetensors file; a truncated or foreign file becomes a CheckpointError naming it."""
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
+    """Read a whole safetensors file (`meta`: only its header, as meta tensors of the stored shapes and dtypes);
+    a truncated or foreign file becomes a CheckpointError naming it."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
+            if meta:
+                slices = {k: f.get_slice(k) for k in f.keys()}
+                return {k: torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES.get(s.get_dtype(), torch.float32),
+                                       device="meta") for k, s in slices.items()}
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for every kind of damage
         raise CheckpointError(f"{path} could not be read as safetensors ({e}). The file is damaged or "
@@ -163,12 +172,14 @@ def _keys_by_block(state: dict, names: tuple[str, ...], path: Path) -> dict[int,
     return blocks
 
 
-def read_adapter_config(adapter_dir, num_blocks: int, hidden_dim: int) -> tuple[AdapterConfig, dict]:
+def read_adapter_config(adapter_dir, num_blocks: int, hidden_dim: int, meta: bool = False
+                        ) -> tuple[AdapterConfig, dict]:
     """Inspect an adapter directory against a transformer of `num_blocks` x `hidden_dim`.
 
     Returns the detected config and the three state dicts. Raises with the file name and the
     expected shape on every mismatch (lite adapters on a base of another width, ref layers for another
-    depth, missing files, corrupt files).
+    depth, missing files, corrupt files). `meta`: read only the files' headers (the states hold meta tensors),
+    for a loader that reads each rank's shard itself.
     """
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
@@ -180,9 +191,9 @@ def read_adapter_config(adapter_dir, num_blocks: int, hidden_dim: int) -> tuple[
                                        f"{RESAMPLER_FILE}, {IP_LAYERS_FILE} (and {REF_LAYERS_FILE} for lynx_full).\n"
                                        + download_instructions(adapter_dir=adapter_dir))
     ip_path, res_path, ref_path = (adapter_dir / n for n in (IP_LAYERS_FILE, RESAMPLER_FILE, REF_LAYERS_FILE))
-    ip_state = read_safetensors(ip_path)
-    res_state = read_safetensors(res_path)
-    ref_state = read_safetensors(ref_path) if ref_path.is_file() else None
+    ip_state = read_safetensors(ip_path, meta)
+    res_state = read_safetensors(res_path, meta)
+    ref_state = read_safetensors(ref_path, meta) if ref_path.is_file() else None
 
     extra = {}
     if (adapter_dir / ADAPTER_CONFIG_FILE).is_file():

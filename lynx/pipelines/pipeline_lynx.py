@@ -11,7 +11,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,16 +25,19 @@ from ..models.adapters import (
     adapter_config,
     conditioning,
     plain_state_dict,
-    recording,
     uninstall_adapters,
 )
 from ..models.loading import load_adapters, read_adapter_config, require_base_dir, save_adapters, transformer_shape
 from ..models.resampler import Resampler
 from .settings import GenerationSettings
 
+if TYPE_CHECKING:
+    from ..face import FaceIdentity
+    from ..face.image import ImageLike
+from .reference import REFERENCE_SIZE, denormalize_latents, normalize_latents, reference_features, reference_latents
+
 logger = logging.getLogger(__name__)
 
-REFERENCE_SIZE = 256
 SAVED_ADAPTER_DIR = "lynx_adapter"
 
 
@@ -247,43 +250,20 @@ class LynxPipeline(WanPipeline):
         The VAE sample uses `generator` (the authors seed it with `seed + 1`).
         """
         self._require_adapters()
-        device, vae = self._execution_device, self.vae
-        if reference_image is None:
-            pixels = torch.zeros(1, 3, 1, REFERENCE_SIZE, REFERENCE_SIZE)
-        else:
-            pixels = torch.tensor(_as_uint8_rgb(reference_image, "reference_image")) / 255.0 * 2 - 1
-            pixels = pixels.permute(2, 0, 1)[None, :, None]
-        latents = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
-        latents = self._normalize_latents(latents)
+        crop = None if reference_image is None else _as_uint8_rgb(reference_image, "reference_image")
+        latents = reference_latents(self.vae, crop, generator, self._execution_device)
         if prompt_embeds is None:
             prompt_embeds = self.encode_text([REFERENCE_PROMPT])
         # A context of its own, used once: a step cache (FirstBlockCache, ...) has nothing to reuse in it,
         # so every block runs and is recorded.
         self._reference_passes = getattr(self, "_reference_passes", 0) + 1
-        with recording(self.transformer) as recorded, \
-                self.transformer.cache_context(f"reference-{self._reference_passes}"):
-            self.transformer(hidden_states=latents.to(self.transformer.dtype),
-                             timestep=torch.zeros(1, dtype=torch.long, device=device),
-                             encoder_hidden_states=prompt_embeds.to(self.transformer.dtype), return_dict=False)
-        if len(recorded) != len(self.transformer.blocks):
-            raise RuntimeError(f"the reference pass recorded {len(recorded)} of {len(self.transformer.blocks)} "
-                               "blocks; a hook on the transformer skipped blocks")
-        return list(recorded)
-
-    def _latent_stats(self, like: torch.Tensor):
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(like.device, like.dtype)
-        return mean, inv_std
+        return reference_features(self.transformer, latents, prompt_embeds, f"reference-{self._reference_passes}")
 
     def _normalize_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        mean, inv_std = self._latent_stats(latents)
-        return (latents - mean) * inv_std
+        return normalize_latents(latents, self.vae.config)
 
     def decode(self, latents: torch.Tensor, output_type: str = "np"):
-        latents = latents.to(self.vae.dtype)
-        mean, inv_std = self._latent_stats(latents)
-        video = self.vae.decode(latents / inv_std + mean, return_dict=False)[0]
+        video = self.vae.decode(denormalize_latents(latents.to(self.vae.dtype), self.vae.config), return_dict=False)[0]
         return self.video_processor.postprocess_video(video, output_type=output_type)
 
     def predict(self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
@@ -323,11 +303,11 @@ class LynxPipeline(WanPipeline):
     def __call__(
         self,
         prompt: str | None = None,
-        image=None,
+        image: ImageLike | Sequence[ImageLike] | None = None,
         *,
-        face_embedding=None,
-        reference_image=None,
-        identity=None,
+        face_embedding: np.ndarray | torch.Tensor | Sequence[float] | None = None,
+        reference_image: ImageLike | torch.Tensor | None = None,
+        identity: FaceIdentity | Identity | None = None,
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -344,22 +324,60 @@ class LynxPipeline(WanPipeline):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        reference_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         max_sequence_length: int = MAX_TEXT_TOKENS,
         face_options: dict | None = None,
-        guidance_parallel=None,
-    ):
+        guidance_parallel: bool | torch.distributed.ProcessGroup | None = None,
+    ) -> LynxPipelineOutput | tuple:
         """Generate one video of the person in `image` (or the given identity) doing what `prompt` says.
 
-        Unset knobs take the variant's defaults (`self.defaults`): full 81 frames, 3-way guidance
-        (guidance_scale 5, guidance_scale_i 2); lite 121 frames, 2-way guidance. `guidance_scale_i="two-way"`
-        forces 2-way guidance. `seed` seeds the initial noise (CPU generator) and, as `seed + 1`, the VAE
-        sample of the reference crop; `generator` may replace it. `output_type`: "np", "pil" or "latent".
-        `guidance_parallel`: True (the default process group) or a process group: the guidance branches run
-        on different ranks (see `predict_branches`); every rank returns the same video.
+        The generation knobs (`negative_prompt` to `allow_large`) are the fields of `GenerationSettings`: `None`
+        takes the variant's default, every value is checked before anything is computed (`SettingsError`,
+        one line), and the output carries the resolved settings.
+
+        Args:
+            prompt (`str`): what the person does; one string, one video. Give this or `prompt_embeds`.
+            image (path, PIL image, RGB array, or a list of them): photo(s) of the person; the face is found,
+                aligned and embedded (`lynx.face.analyze`), several photos averaged into one identity.
+            face_embedding (`[512]` array): an ArcFace embedding instead of a photo.
+            reference_image (`[256, 256, 3]` uint8 RGB crop): the aligned face for the Ref-adapter, with
+                `face_embedding` (full model; the lite model has no Ref-adapter).
+            identity (`FaceIdentity` or `Identity`): a prepared identity (`lynx face`, `FaceIdentity.load`).
+            negative_prompt (`str`): what the video should not show (default: the authors' negative prompt).
+            height, width (`int`): video size in pixels, multiples of 16 (default 480 x 832).
+            num_frames (`int`): 4k+1 frames (default 81 full, 121 lite).
+            num_inference_steps (`int`): denoising steps (default 50).
+            guidance_scale (`float`): text guidance g (default 5); 1 or less turns text guidance off.
+            guidance_scale_i (`float` or `"two-way"`): identity guidance g_i of three-way guidance (default 2.0
+                full); `"two-way"` drops the identity branch (lite's default).
+            ip_scale, ref_scale (`float`): strengths of the ID- and Ref-adapters (default 1); `ref_scale=0`
+                skips the reference passes.
+            seed (`int`): seeds the initial noise (CPU generator) and, as `seed + 1`, the VAE sample of the
+                reference crop (default 42), in [0, 2**63).
+            fps (`int`): frame rate recorded for the video (default 16 full, 24 lite); the frames do not depend
+                on it.
+            allow_large (`bool`): lift the limits on steps, frames and sides (typo guards), on purpose.
+            generator (`torch.Generator`): replaces `seed`; the output's settings record its initial seed.
+            latents (`torch.Tensor`): initial noise `[1, 16, (F - 1) / 4 + 1, H / 8, W / 8]` instead of drawing it.
+            prompt_embeds, negative_prompt_embeds, reference_prompt_embeds (`torch.Tensor`): T5 embeddings that
+                replace the text encoder (which may then be absent; training samples from cached embeddings);
+                `reference_prompt_embeds` is that of "image of a face".
+            output_type (`str`): `"np"` (float frames in [0, 1]), `"pil"` or `"latent"`.
+            return_dict (`bool`): a `LynxPipelineOutput`, or the tuple `(frames,)`.
+            callback_on_step_end (callable): `f(pipe, step, timestep, tensors) -> dict` after every step, as in
+                diffusers; `callback_on_step_end_tensor_inputs` names the tensors it receives.
+            max_sequence_length (`int`): T5 tokens of the prompt (default 512).
+            face_options (`dict`): keyword arguments for the face analysis of `image` (detector, models_dir,
+                face_index, ...).
+            guidance_parallel (`True` or a process group): run the guidance branches on different ranks of the
+                default (or this) process group; every rank returns the same video (see `predict_branches`).
+
+        Returns:
+            `LynxPipelineOutput` with `frames` (`[1, F, H, W, 3]` for "np") and the resolved `settings`.
         """
         # Every knob is a field of GenerationSettings, checked and resolved here before anything is computed.
         knobs = {name: value for name, value in locals().items() if name in GenerationSettings.model_fields}
@@ -402,7 +420,8 @@ class LynxPipeline(WanPipeline):
         no_tokens = self.identity_tokens(torch.zeros_like(person.embedding).to(device))
         ref = no_ref = None
         if use_ref:  # with ref_scale 0 the branch adds nothing: skip the reference passes altogether
-            ref_text = self.encode_text([REFERENCE_PROMPT])
+            ref_text = self.encode_text([REFERENCE_PROMPT]) if reference_prompt_embeds is None \
+                else reference_prompt_embeds
             ref = self.reference_features(person.reference_image, torch.Generator().manual_seed(ref_seed), ref_text)
             no_ref = self.reference_features(None, torch.Generator().manual_seed(ref_seed), ref_text)
         cond = Conditioning(tokens, ref, ip_scale, ref_scale)

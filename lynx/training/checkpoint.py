@@ -3,9 +3,10 @@
 A checkpoint is a directory `checkpoints/step-00000100/` holding the adapters in the official layout
 (`resampler.safetensors`, `ip_layers.safetensors`, `ref_layers.safetensors`, fp32 master weights, loadable by
 `LynxPipeline.from_pretrained(base, adapter=DIR)`), the optimizer state (torch.distributed.checkpoint, sharded
-per rank, reloadable on another world size), every rank's RNG state and `trainer_state.json` (step, data
-position, LR schedule). It is written under a temporary name and renamed when complete, and only then does
-`checkpoints/latest` point at it: a kill during a save leaves the previous checkpoint untouched.
+per rank, reloadable on another world size), every rank's RNG state and `trainer_state.json` (the step, from
+which the data position and the learning rate follow, and the count of non-finite steps in a row). It is
+written under a temporary name and renamed when complete, and only then does `checkpoints/latest` point at it:
+a kill during a save leaves the previous checkpoint untouched.
 """
 
 from __future__ import annotations

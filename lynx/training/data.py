@@ -21,7 +21,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -33,17 +33,18 @@ from safetensors.torch import save_file
 from ..constants import MAX_TEXT_TOKENS, REFERENCE_PROMPT
 from ..errors import CheckpointError, InputError, LynxError, NoFaceError
 from ..io.files import atomic_write
+from ..io.video import VideoInfo
 from ..models.loading import read_safetensors
-from ..runtime import face_models_dir
-from .config import DataConfig, TrainingConfig, ValidationConfig
+from ..pipelines.reference import encode_posterior, reference_pixels
+from ..runtime import DTYPES, face_models_dir
+from .config import INDEX_FILE, DataConfig, TrainingConfig, ValidationConfig, check_files
 
 log = logging.getLogger("lynx.training")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".gif", ".m4v")
 REFERENCE_SIZE = 256
-SAMPLES_DIR, INDEX_FILE, SKIPPED_FILE, SHARED_FILE, PREPARE_FILE = (
-    "samples", "index.jsonl", "skipped.jsonl", "shared.safetensors", "prepare.json")
+SAMPLES_DIR, SKIPPED_FILE, SHARED_FILE, PREPARE_FILE = "samples", "skipped.jsonl", "shared.safetensors", "prepare.json"
 CACHE_FORMAT = 1
 
 # Why a sample was left out; the keys appear in skipped.jsonl and in the prepare summary.
@@ -124,30 +125,66 @@ class SkipSample(LynxError):
         self.reason, self.detail = reason, detail
 
 
-def load_frames(path: Path, fps: float) -> np.ndarray:
-    """uint8 [N, H, W, 3] RGB frames: an image as one frame, a video subsampled to about `fps`."""
-    from PIL import Image, UnidentifiedImageError
-
+def _check_suffix(path: Path) -> str:
     if not path.is_file():
         raise SkipSample("unreadable", f"{path} does not exist")
     suffix = path.suffix.lower()
-    if suffix in IMAGE_SUFFIXES:
-        try:
-            with Image.open(path) as im:
-                return np.asarray(im.convert("RGB"))[None]
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise SkipSample("unreadable", f"{path}: {e}") from None
-    if suffix not in VIDEO_SUFFIXES:
+    if suffix not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
         raise SkipSample("unreadable", f"{path}: unknown file type {suffix!r} (images: {', '.join(IMAGE_SUFFIXES)}; "
                                        f"videos: {', '.join(VIDEO_SUFFIXES)})")
-    from ..io.video import read_video
+    return suffix
+
+
+def load_image(path: Path) -> np.ndarray:
+    """uint8 [1, H, W, 3] RGB: an image as a one-frame video."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        frames, source_fps = read_video(path)
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))[None]
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise SkipSample("unreadable", f"{path}: {e}") from None
+
+
+@dataclass
+class VideoPlan:
+    """Which source frames a video sample keeps, decided from its headers before any frame is decoded."""
+
+    info: VideoInfo
+    stride: int  # source frames per kept frame (to about data.fps)
+    available: int  # frames after subsampling
+
+    def source_index(self, i: int) -> int:
+        return i * self.stride
+
+
+def plan_video(path: Path, fps: float) -> VideoPlan:
+    from ..io.video import probe_video
+
+    try:
+        info = probe_video(path)
     except (InputError, OSError) as e:
         raise SkipSample("unreadable", str(e)) from None
-    stride = max(1, round(source_fps / fps)) if source_fps else 1
-    return frames[::stride]
+    stride = max(1, round(info.fps / fps)) if info.fps else 1
+    return VideoPlan(info, stride, -(-info.frames // stride))
+
+
+def load_frames(path: Path, fps: float, limit: int | None = None) -> np.ndarray:
+    """uint8 [N, H, W, 3] RGB frames: an image as one frame, a video subsampled to about `fps` (its first
+    `limit` kept frames; only those are decoded)."""
+    if _check_suffix(path) in IMAGE_SUFFIXES:
+        return load_image(path)
+    from ..io.video import iter_frames
+
+    plan = plan_video(path, fps)
+    count = plan.available if limit is None else min(limit, plan.available)
+    try:
+        frames = [f for _, f in iter_frames(path, [plan.source_index(i) for i in range(count)])]
+    except (InputError, OSError) as e:
+        raise SkipSample("unreadable", str(e)) from None
+    if not frames:
+        raise SkipSample("unreadable", f"{path} holds no video frames")
+    return np.stack(frames)
 
 
 def choose_bucket(height: int, width: int, buckets) -> tuple[int, int]:
@@ -177,16 +214,23 @@ def choose_reference_frame(total: int, clip_start: int, clip_length: int) -> tup
     return before // 2, False
 
 
+def bucket_scale(height: int, width: int, bucket: tuple[int, int], max_upscale: float) -> float:
+    """How much a picture is enlarged (or shrunk) to cover `bucket`; too_small past `max_upscale`."""
+    bh, bw = bucket
+    scale = max(bh / height, bw / width)
+    if scale > max_upscale + 1e-9:
+        raise SkipSample("too_small", f"{width}x{height} would need {scale:.2f}x enlargement for the {bw}x{bh} "
+                                      f"bucket (data.max_upscale = {max_upscale})")
+    return scale
+
+
 def fit_to_bucket(frames: np.ndarray, bucket: tuple[int, int], max_upscale: float) -> np.ndarray:
     """Resize (covering the bucket, aspect kept) and centre-crop frames to exactly `bucket` = (height, width)."""
     from PIL import Image
 
     h, w = frames.shape[1:3]
     bh, bw = bucket
-    scale = max(bh / h, bw / w)
-    if scale > max_upscale + 1e-9:
-        raise SkipSample("too_small", f"{w}x{h} would need {scale:.2f}x enlargement for the {bw}x{bh} bucket "
-                                      f"(data.max_upscale = {max_upscale})")
+    scale = bucket_scale(h, w, bucket, max_upscale)
     nh, nw = max(bh, round(h * scale)), max(bw, round(w * scale))
     top, left = (nh - bh) // 2, (nw - bw) // 2
     out = np.empty((len(frames), bh, bw, 3), np.uint8)
@@ -228,25 +272,26 @@ def _check_identity(embedding, crop) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ----- the encoders -----------------------------------------------------------------------------------------------
 class Encoders:
-    """Text encoder + VAE of the base, loaded once for prepare (the transformer is not needed)."""
+    """Text encoder + VAE of the base, loaded once for prepare (the transformer is not needed).
+
+    Captions go through diffusers' own Wan text encoding (`WanPipeline.encode_prompt`), pixels through the VAE
+    and Wan's latent normalisation as the pipeline applies them (`lynx.pipelines.reference`)."""
 
     def __init__(self, base, device: str | None = None, dtype: str = "bf16"):
-        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         from ..models.loading import require_base_dir
-        from ..pipelines.pipeline_lynx import LynxPipeline
 
         base = require_base_dir(base)  # names what is missing and what to download
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.dtype = DTYPES[dtype]
         tokenizer = AutoTokenizer.from_pretrained(base / "tokenizer")
         text_encoder = UMT5EncoderModel.from_pretrained(base / "text_encoder", torch_dtype=self.dtype)
         vae = AutoencoderKLWan.from_pretrained(base / "vae", torch_dtype=self.dtype)
         scheduler = UniPCMultistepScheduler.from_pretrained(base / "scheduler")
-        # The pipeline's own text encoding and latent normalisation, without a transformer.
-        self.pipe = LynxPipeline(tokenizer, text_encoder.eval().requires_grad_(False),
-                                 vae.eval().requires_grad_(False), scheduler, None)
+        self.pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder.eval().requires_grad_(False),
+                                vae=vae.eval().requires_grad_(False), scheduler=scheduler, transformer=None)
         self.pipe.to(self.device)
         # Captions and reference photos recur (one 'reference' photo per person, stock captions); encode once.
         self._memo: dict = {}
@@ -266,13 +311,14 @@ class Encoders:
     def reference(self, crop: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents of a 256x256 reference crop."""
         key = ("crop", hashlib.sha1(np.ascontiguousarray(crop).tobytes()).hexdigest())
-        return self._remember(key, lambda: self.latents(crop[None]))
+        return self._remember(key, lambda: self.encode_pixels(reference_pixels(crop)))
 
     @torch.no_grad()
     def _text(self, caption: str) -> tuple[torch.Tensor, bool]:
         tokens = len(self.pipe.tokenizer(caption, add_special_tokens=True).input_ids)
-        emb = self.pipe._get_t5_prompt_embeds([caption], max_sequence_length=MAX_TEXT_TOKENS, device=self.device,
-                                              dtype=torch.float32)[0]
+        emb = self.pipe.encode_prompt([caption], do_classifier_free_guidance=False,
+                                      max_sequence_length=MAX_TEXT_TOKENS, device=self.device,
+                                      dtype=torch.float32)[0][0]
         nonzero = emb.abs().sum(-1).nonzero()
         length = int(nonzero[-1]) + 1 if len(nonzero) else 1
         return emb[:length].cpu(), tokens > MAX_TEXT_TOKENS
@@ -283,14 +329,12 @@ class Encoders:
 
     def zero_reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents of the pipeline's 'no reference' input: an all-zero crop in [-1, 1] space."""
-        return self.encode_pixels(torch.zeros(1, 3, 1, REFERENCE_SIZE, REFERENCE_SIZE))
+        return self.encode_pixels(reference_pixels(None))
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.pipe.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        mean = self.pipe._normalize_latents(dist.mean.float())
-        _, inv_std = self.pipe._latent_stats(dist.std.float())
-        return mean[0].cpu(), (dist.std.float() * inv_std)[0].cpu()
+        mean, std = encode_posterior(self.pipe.vae, pixels)
+        return mean[0].cpu(), std[0].cpu()
 
 
 # ----- prepare ----------------------------------------------------------------------------------------------------
@@ -332,13 +376,6 @@ def _read_skipped(path: Path) -> dict[str, dict]:
     return out
 
 
-def _storage_dtype(name: str) -> torch.dtype:
-    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-    if name not in dtypes:
-        raise InputError(f"data.cache_dtype must be one of {', '.join(dtypes)}, not {name!r}")
-    return dtypes[name]
-
-
 def prepare(config: TrainingConfig, identity_fn: IdentityFn | None = None, encoders: Encoders | None = None,
             limit: int | None = None, shard: tuple[int, int] = (0, 1), retry_skipped: bool = False,
             progress: bool = True) -> PrepareReport:
@@ -349,15 +386,8 @@ def prepare(config: TrainingConfig, identity_fn: IdentityFn | None = None, encod
     entry starting at i, so n processes can share one manifest and one cache.
     """
     data, started = config.data, time.time()
-    if not data.manifest or not data.cache_dir:
-        raise InputError("data.manifest and data.cache_dir must be set in the training config")
-    for n in data.frames:
-        if n < 1 or (n - 1) % 4:
-            raise InputError(f"data.frames: {n} is not 4k+1 (the VAE compresses time 4x)")
-    for h, w in data.buckets:
-        if h % 16 or w % 16:
-            raise InputError(f"data.buckets: {h}x{w} is not a multiple of 16 on both sides")
-    storage = _storage_dtype(data.cache_dtype)
+    check_files(config, "prepare")  # before any encoder or face model loads
+    storage = DTYPES[data.cache_dtype]
     cache = Path(data.cache_dir)
     (cache / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
     _check_or_write_prepare_record(cache, config)
@@ -413,7 +443,7 @@ def _log_skip(path: Path, record: dict) -> None:
 
 def _check_or_write_prepare_record(cache: Path, config: TrainingConfig) -> None:
     record = {"format": CACHE_FORMAT, "base": str(Path(config.train.base).resolve()) if config.train.base else "",
-              "data": {k: v for k, v in asdict(config.data).items() if k not in ("device", "dtype")}}
+              "data": {k: v for k, v in config.data.model_dump(mode="json").items() if k not in ("device", "dtype")}}
     path = cache / PREPARE_FILE
     if path.is_file():
         old = json.loads(path.read_text())
@@ -428,18 +458,32 @@ def _check_or_write_prepare_record(cache: Path, config: TrainingConfig) -> None:
 
 def _prepare_one(entry: ManifestEntry, data: DataConfig, encoders: Encoders, identity_fn: IdentityFn,
                  storage: torch.dtype, target: Path) -> dict:
-    frames = load_frames(entry.path, data.fps)
-    length = choose_clip_length(len(frames), data.frames)
-    if length is None:
-        raise SkipSample("too_short", f"{len(frames)} frames at {data.fps:g} fps; the shortest clip is "
-                                      f"{min(data.frames)} frames")
-    bucket = choose_bucket(frames.shape[1], frames.shape[2], data.buckets)
-    clip = fit_to_bucket(frames[:length], bucket, data.max_upscale)
-    if entry.reference is not None:
-        ref_frame, ref_index, from_target = load_frames(entry.reference, data.fps)[0], -1, False
+    # Sizes come from the headers, so a sample that is too short or too small is skipped before decoding.
+    image = _check_suffix(entry.path) in IMAGE_SUFFIXES
+    if image:
+        frames = load_image(entry.path)
+        total, height, width = 1, frames.shape[1], frames.shape[2]
     else:
-        ref_index, from_target = choose_reference_frame(len(frames), 0, length)
-        ref_frame = frames[ref_index]
+        plan = plan_video(entry.path, data.fps)
+        total, height, width = plan.available, plan.info.height, plan.info.width
+    length = choose_clip_length(total, data.frames)
+    if length is None:
+        raise SkipSample("too_short", f"{total} frames at {data.fps:g} fps; the shortest clip is "
+                                      f"{min(data.frames)} frames")
+    bucket = choose_bucket(height, width, data.buckets)
+    bucket_scale(height, width, bucket, data.max_upscale)
+    ref_frame, ref_index, from_target = None, -1, False
+    if entry.reference is not None:
+        ref_frame = load_frames(entry.reference, data.fps, limit=1)[0]
+    else:
+        ref_index, from_target = choose_reference_frame(total, 0, length)
+    if image:
+        clip = fit_to_bucket(frames[:length], bucket, data.max_upscale)
+        ref_frame = frames[ref_index] if ref_frame is None else ref_frame
+    else:
+        clip, decoded_ref = decode_clip(entry.path, plan, length, bucket, data.max_upscale,
+                                        ref_index if ref_frame is None else None)
+        ref_frame = decoded_ref if ref_frame is None else ref_frame
     try:
         embedding, crop = _check_identity(*identity_fn(ref_frame))
     except NoFaceError as e:
@@ -456,6 +500,31 @@ def _prepare_one(entry: ManifestEntry, data: DataConfig, encoders: Encoders, ide
     atomic_write(target, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                                                metadata={"lynx_sample": json.dumps(meta)}))
     return meta
+
+
+def decode_clip(path: Path, plan: VideoPlan, length: int, bucket: tuple[int, int], max_upscale: float,
+                reference: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first `length` kept frames, each fitted to `bucket` as soon as it is decoded, and kept frame
+    `reference` at full size: memory holds the bucket-sized clip and one full-size frame, whatever the video."""
+    from ..io.video import iter_frames
+
+    wanted = {plan.source_index(i): i for i in range(length)}
+    ref_source = None if reference is None else plan.source_index(reference)
+    clip = np.empty((length, *bucket, 3), np.uint8)
+    filled, ref_frame = 0, None
+    try:
+        for source, frame in iter_frames(path, [*wanted, *([] if ref_source is None else [ref_source])]):
+            if source in wanted:
+                clip[wanted[source]] = fit_to_bucket(frame[None], bucket, max_upscale)[0]
+                filled += 1
+            if source == ref_source:
+                ref_frame = frame
+    except (InputError, OSError) as e:
+        raise SkipSample("unreadable", str(e)) from None
+    if filled < length or (ref_source is not None and ref_frame is None):
+        raise SkipSample("unreadable", f"{path}: decoding ended before frame {max(wanted)} of the "
+                                       f"{plan.info.frames} its header announces")
+    return clip, ref_frame
 
 
 def _prepare_shared(cache: Path, config: TrainingConfig, encoders: Encoders, identity_fn: IdentityFn,
@@ -479,7 +548,7 @@ def _prepare_shared(cache: Path, config: TrainingConfig, encoders: Encoders, ide
         changed = True
     ident = config.validation.identity
     if ident and meta.get("validation_identity") != ident:
-        frames = load_frames(Path(ident), config.data.fps)
+        frames = load_frames(Path(ident), config.data.fps, limit=1)
         try:
             emb, crop = _check_identity(*identity_fn(frames[0]))
         except NoFaceError as e:

@@ -12,18 +12,19 @@ give the same loss and gradients (tests/test_train_objective.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.distributed._composable import checkpoint as composable_checkpoint
 
 from ..errors import InputError
-from ..models.adapters import Conditioning, LynxAttnProcessor, adapter_config, conditioning, processors, recording
-
-ATTENTION_MODES = ("auto", "varlen", "split", "mask")
+from ..models.adapters import Conditioning, LynxAttnProcessor, adapter_config, conditioning, processors
+from ..pipelines.reference import reference_features
+from .config import ATTENTION_MODES
 
 
 # ----- flow matching -------------------------------------------------------------------------------------------
@@ -262,6 +263,33 @@ class PackedLynxAttnProcessor(LynxAttnProcessor):
         return self.packing(query, key, value, kind, lambda q, k, v, m=None: plain(q, k, v, m, kind))
 
 
+def checkpoint_block(block: nn.Module) -> None:
+    """Activation checkpointing as a wrapper around one transformer block (torch's composable `checkpoint`:
+    module names unchanged, FSDP2 on top). The recomputation in backward sees the Lynx processors' per-call
+    inputs as they were in forward: they are attributes set by `conditioning`, long gone by then."""
+    procs = list(processors(block))
+
+    def contexts():
+        saved = [(p, {a: getattr(p, a) for a in p.call_attributes}) for p in procs]
+        return contextlib.nullcontext(), _bound(saved)
+
+    composable_checkpoint(block, context_fn=contexts)
+
+
+@contextlib.contextmanager
+def _bound(saved):
+    current = [(p, {a: getattr(p, a) for a in attrs}) for p, attrs in saved]
+    for p, attrs in saved:
+        for name, value in attrs.items():
+            setattr(p, name, value)
+    try:
+        yield
+    finally:
+        for p, attrs in current:
+            for name, value in attrs.items():
+                setattr(p, name, value)
+
+
 class LynxTrainModel(nn.Module):
     """The frozen Wan transformer, whose blocks own the trainable Lynx layers, plus the resampler: one module
     FSDP shards one block at a time (each block's frozen weights and adapter weights in one unit).
@@ -279,6 +307,9 @@ class LynxTrainModel(nn.Module):
         self.resampler = resampler
         self.attention = attention
         self.gradient_checkpointing = gradient_checkpointing
+        if gradient_checkpointing:
+            for block in transformer.blocks:
+                checkpoint_block(block)
 
     @property
     def adapter_config(self):
@@ -287,14 +318,9 @@ class LynxTrainModel(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
-    @torch.no_grad()
     def reference_features(self, reference: torch.Tensor, reference_text: torch.Tensor) -> list[torch.Tensor]:
         """Per-block features of the reference latents [n, C, 1, h, w]: the pipeline's frozen t=0 pass, batched."""
-        n = reference.shape[0]
-        with recording(self.transformer) as recorded:
-            self.transformer(hidden_states=reference, timestep=torch.zeros(n, device=reference.device),
-                             encoder_hidden_states=reference_text.expand(n, -1, -1), return_dict=False)
-        return list(recorded)
+        return reference_features(self.transformer, reference, reference_text)
 
     def forward(self, noisy: list[torch.Tensor], timesteps: torch.Tensor, text: torch.Tensor,
                 embeddings: torch.Tensor, reference: torch.Tensor | None, reference_text: torch.Tensor,
@@ -304,22 +330,16 @@ class LynxTrainModel(nn.Module):
                              "processor_class=PackedLynxAttnProcessor")
         features = None
         if reference is not None and self.adapter_config.use_ref:
-            features = self.reference_features(reference, reference_text)
+            features = reference_features(self.transformer, reference, reference_text)
         tokens = self.resampler(embeddings[:, None].to(next(self.resampler.parameters()).dtype))
         patch = tuple(self.transformer.config.patch_size)
         attention = PackedAttention([token_count(x.shape, patch) for x in noisy], self.attention)
         # The adapter keys depend on trainable weights, so nothing is cached between blocks or passes.
         cond = Conditioning(tokens, features, ip_scale, ref_scale, cache_kv=False, packing=attention)
 
-        def in_context(block, *args):
-            # Entered again when checkpointing recomputes the block during backward.
+        def run_block(block, *args):
             with conditioning(block, cond):
                 return block(*args)
-
-        def run_block(block, *args):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                return checkpoint(in_context, block, *args, use_reentrant=False)
-            return in_context(block, *args)
 
         return packed_transformer_forward(self.transformer, noisy, timesteps, text, run_block)
 

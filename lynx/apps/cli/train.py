@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 from ...errors import InputError
@@ -47,10 +46,13 @@ def cmd_train(args) -> int:
 
     config = _config(args)
     result = train(config, resume=args.resume, progress=not args.no_progress)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+    if not result.main:  # under torchrun, rank 0 reports
         return 0
     if result.losses:
         print(f"trained to step {result.steps}; last loss {result.losses[-1]:.5f}", file=sys.stderr)
+    if result.skipped_steps:
+        print(f"{len(result.skipped_steps)} steps were skipped (non-finite): {result.skipped_steps[:10]}",
+              file=sys.stderr)
     print(result.final_dir)
     return 0
 
@@ -60,7 +62,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("prepare", help="cache face embeddings, reference crops, text embeddings and VAE "
                                               "latents of a training manifest")
     p.add_argument("--config", required=True, **common)
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.add_argument("--set", action="append", metavar="TABLE.KEY=VALUE",
+                   help="override a config value, typed as TOML (repeatable; nested: train.resampler.dim=64)")
     p.add_argument("--base", help="Wan2.1-T2V diffusers directory (overrides train.base)")
     p.add_argument("--limit", type=int, help="prepare at most this many samples (of this shard)")
     p.add_argument("--shard", help="I/N: prepare every N-th sample starting at I (run N of these in parallel)")
@@ -73,7 +76,8 @@ def register(subparsers) -> None:
 
     t = subparsers.add_parser("train", help="train the Lynx adapters on a prepared cache (torchrun for many GPUs)")
     t.add_argument("--config", required=True, **common)
-    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    t.add_argument("--set", action="append", metavar="TABLE.KEY=VALUE",
+                   help="override a config value, typed as TOML (repeatable; nested: train.resampler.dim=64)")
     t.add_argument("--base", help="Wan2.1-T2V diffusers directory (overrides train.base)")
     t.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in train.output_dir, or from the one given")
