@@ -18,9 +18,13 @@ from lynx.io.video import read_video
 TINY = ["--height", "32", "--width", "48", "--frames", "9", "--steps", "2"]
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def lynx(*args, cwd=None, env=None):
+    # PYTHONPATH: this checkout's package, whatever the working directory (and an installed copy) would give.
     return subprocess.run([sys.executable, "-m", "lynx", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=300)
 
 
 @pytest.fixture(scope="module")
