@@ -1,8 +1,11 @@
-"""Time one denoising step of LynxPipeline against diffusers' plain WanPipeline on the same model, in one process.
+"""Time one denoising step of LynxPipeline against diffusers' plain WanPipeline on the same model, in one process,
+beside the ratio the FLOP count predicts (docs/benchmarks.md).
 
-    python benchmarks/step_time.py                      # tiny and small random models on CPU
+    python benchmarks/step_time.py                      # small and medium random models on CPU
+    python benchmarks/step_time.py --breakdown --profile  # where the FLOPs and (CPU) the time go
     python benchmarks/step_time.py --sizes small --device cuda --dtype bf16
     python benchmarks/step_time.py --sizes real --device cuda --dtype bf16 --steps 2 --repeats 1   # 14B size, random
+    python benchmarks/step_time.py --sizes real --device cuda --dtype bf16 --clip --speed fast --peak-tflops 989
 
 The "real" size is Wan2.1-14B's shape (40 blocks, 5120 wide) at 81x480x832 with random weights built on
 the device: the time and peak memory of a step need no download. Its pipelines share one transformer
@@ -20,19 +23,25 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import diffusers
 import torch
 
 from lynx import LynxPipeline
-from lynx.constants import ResamplerConfig
+from lynx.constants import MAX_TEXT_TOKENS, ResamplerConfig
 from lynx.models.adapters import processors
-from lynx.testing import TinyModelConfig, add_tiny_adapters, tiny_components
+from lynx.pipelines.pipeline_lynx import REFERENCE_SIZE
+from lynx.testing import TinyModelConfig, add_tiny_adapters, tiny_adapter_config, tiny_components
 
+# CPU sizes where operators, not Python, take the time (the tiny test models of 24 channels are all per-op
+# overhead and predict nothing); at "small" a third of the step is still work the FLOP count leaves out
+# (norms, activations, copies), at "medium" matrix products and attention dominate (docs/benchmarks.md).
 SIZES = {
-    "tiny": (TinyModelConfig(), dict(height=32, width=32, num_frames=5)),
-    "small": (TinyModelConfig(num_layers=8, num_heads=8, head_dim=48, ffn_dim=1024, text_dim=64),
+    "small": (TinyModelConfig(num_layers=4, num_heads=8, head_dim=48, ffn_dim=1536, text_dim=64),
               dict(height=128, width=128, num_frames=9)),
+    "medium": (TinyModelConfig(num_layers=4, num_heads=8, head_dim=64, ffn_dim=2048, text_dim=64),
+               dict(height=256, width=256, num_frames=9)),
     "real": (TinyModelConfig(num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, text_dim=4096, freq_dim=256,
                              resampler=ResamplerConfig(output_dim=2048)),
              dict(height=480, width=832, num_frames=81)),
@@ -41,40 +50,93 @@ SIZES = {
 SHARED_TRANSFORMER = {"real"}
 
 
+@dataclass(frozen=True)
+class Tokens:
+    video: int  # L: latent frames x (height / 16) x (width / 16)
+    text: int = MAX_TEXT_TOKENS  # T: prompts are always padded to 512 tokens
+    reference: int = (REFERENCE_SIZE // 16) ** 2  # S: the 256x256 crop -> 32x32 latent -> 16x16 patches
+
+
+def tokens(video: dict) -> Tokens:
+    frames = (video["num_frames"] - 1) // 4 + 1  # the VAE keeps the first frame and packs 4 per latent after it
+    return Tokens(frames * (video["height"] // 16) * (video["width"] // 16))
+
+
+def flop_parts(cfg: TinyModelConfig, video: dict, variant: str | None = None) -> dict[str, float]:
+    """FLOPs (multiply-adds x 2) of one transformer pass in a denoising step after the first, by where they go:
+    the formula of docs/benchmarks.md. `variant` None is diffusers' Wan; "full"/"lite" Lynx, whose text and
+    adapter keys/values were computed at the first step and are reused."""
+    n, D, F, C = cfg.num_layers, cfg.hidden_dim, cfg.ffn_dim, cfg.vae_z_dim
+    t = tokens(video)
+    L, T, S = t.video, t.text, t.reference
+    parts = {
+        # time embedder (freq -> D -> D) and its 6 modulations: once per pass, for the whole batch
+        "patchify, head, embedders": 2 * L * (4 * C) * D * 2 + 2 * T * (cfg.text_dim * D + D * D)
+        + 2 * (cfg.freq_dim * D + D * D + D * 6 * D),
+        "self-attention q/k/v/out": n * 8 * L * D * D,
+        "self-attention scores, values": n * 4 * L * L * D,
+        "cross-attention q/out": n * 4 * L * D * D,
+        "cross-attention scores, values": n * 4 * L * T * D,
+        "cross-attention text k/v": n * 4 * T * D * D if variant is None else 0,  # Lynx: once per prompt
+        "feed-forward": n * 4 * L * D * F,
+    }
+    if variant is not None:
+        adapters = tiny_adapter_config(variant, cfg)
+        q = adapters.resampler.num_queries + adapters.num_registers
+        parts["ID-adapter attention"] = len(adapters.ip_blocks) * 4 * L * q * D
+        parts["Ref-adapter attention"] = n * 4 * L * S * D if adapters.use_ref else 0
+    return parts
+
+
+def pass_flops(cfg: TinyModelConfig, video: dict, variant: str | None = None) -> float:
+    return sum(flop_parts(cfg, video, variant).values())
+
+
+def predicted_ratio(cfg: TinyModelConfig, video: dict, variant: str) -> float:
+    """Lynx step / Wan step by the FLOP count: passes x per-pass FLOPs (full 3 passes, lite and Wan 2)."""
+    passes = 3 if variant == "full" else 2
+    return passes * pass_flops(cfg, video, variant) / (2 * pass_flops(cfg, video))
+
+
+# CPU: the process's own CPU time on one thread, not wall time: the development machine is shared, and a
+# neighbour's load stretches wall time (by 3x and more) but not the CPU time this process is given.
+# CUDA: wall time after a synchronize.
+clock = time.perf_counter
+
+
 def _sync(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def step_times(pipe, call_kwargs, steps, device) -> list[float]:
+def step_times(pipe, call_kwargs, steps, device, profiler=None) -> list[float]:
+    """Seconds of each denoising step after the first; `profiler` (started after step 0) records those steps."""
     stamps = []
 
     def stamp(p, i, t, tensors):
         _sync(device)
-        stamps.append(time.perf_counter())
+        if i == 0 and profiler is not None:
+            profiler.start()
+        stamps.append(clock())
         return {}
 
     pipe.set_progress_bar_config(disable=True)
     _sync(device)
-    stamps.append(time.perf_counter())
+    stamps.append(clock())
     pipe(**call_kwargs, num_inference_steps=steps, output_type="latent", callback_on_step_end=stamp)
+    if profiler is not None:
+        profiler.stop()
     # The first interval also holds text encoding and (Lynx) the reference pass: drop it.
     return [b - a for a, b in zip(stamps[1:], stamps[2:])]
 
 
-def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int) -> dict:
+def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int, profile: bool = False) -> dict:
     import copy
 
     from diffusers import WanPipeline
 
     cfg, video = SIZES[size]
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in place on the device, in the run's dtype: no fp32 copy of 14B
-    try:
-        with torch.device(device):
-            parts = tiny_components(cfg)
-    finally:
-        torch.set_default_dtype(default_dtype)
+    parts = build(cfg, device, dtype)
     emb = torch.nn.functional.normalize(torch.randn(512), dim=0)
     ref = (torch.rand(256, 256, 3) * 255).to(torch.uint8).numpy()
     common = dict(prompt="a person walks", negative_prompt="", **video)
@@ -96,11 +158,14 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int) 
             proc.to(dtype)
 
     def run(name, n):
+        return run_profiled(name, n, None)
+
+    def run_profiled(name, n, profiler):
         pipe, variant, kw = runs[name]
         if variant is not None and (shared or pipe.resampler is None):
             install(pipe, variant)
         try:
-            return step_times(pipe, {**common, **kw}, n, device)
+            return step_times(pipe, {**common, **kw}, n, device, profiler)
         finally:
             if variant is not None and shared:
                 pipe.unload_lynx_adapters()  # the shared transformer gets diffusers' processors back
@@ -113,44 +178,237 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int) 
         for name in runs:
             if str(device).startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            results[name].append(statistics.median(run(name, steps)))
+            # Every step sample, and the fastest kept: a neighbour's load only ever adds time.
+            results[name].extend(run(name, steps))
             if str(device).startswith("cuda"):
                 peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+    if profile:
+        for name in runs:
+            where[name] = time_by_kind(lambda prof: run_profiled(name, steps, prof))
     full, _, _ = runs["lynx full (3 passes)"]
     if full.resampler is None:
         install(full, "full")
-    t0 = time.perf_counter()
+    t0 = clock()
     full.reference_features(ref, torch.Generator().manual_seed(1))
     _sync(device)
-    results["lynx full reference pass (once per video)"] = [time.perf_counter() - t0]
+    results["lynx full reference pass (once per video)"] = [clock() - t0]
     return {k: min(v) for k, v in results.items()}
 
 
 peaks: dict[str, float] = {}  # CUDA peak memory of each pipeline's timed run, GiB
+where: dict[str, dict[str, float]] = {}  # --profile: seconds per step by kind of operator
+MATRIX_OPS = ("addmm", "mm", "bmm", "baddbmm")
+
+
+def kind_of(op: str) -> str:
+    op = op.removeprefix("aten::")
+    if "scaled_dot_product" in op or "flash_attention" in op:
+        return "attention kernels"
+    if op in MATRIX_OPS or "conv" in op:
+        return "matrix products"
+    return "other operators"
+
+
+def time_by_kind(run) -> dict[str, float]:
+    """Shares of a step's operator time in matrix products, attention kernels and other operators (norms,
+    activations, copies, rotary embedding), by torch's profiler. Shares, because the profiler clocks wall
+    time, which a neighbour's load stretches; the printout scales them to the measured CPU time of a step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+    run(prof)
+    out = {"matrix products": 0.0, "attention kernels": 0.0, "other operators": 0.0}
+    for event in prof.key_averages():
+        out[kind_of(event.key)] += event.self_cpu_time_total
+    total = sum(out.values())
+    return {k: v / total for k, v in out.items()}
+
+
+STEP_FLOPS = {"wan (2 passes)": (None, 2), "lynx full (3 passes)": ("full", 3), "lynx lite (2 passes)": ("lite", 2)}
+
+
+def build(cfg, device, dtype) -> dict:
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in place on the device, in the run's dtype: no fp32 copy of 14B
+    try:
+        with torch.device(device):
+            return tiny_components(cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def random_lora(transformer, rank: int) -> dict:
+    """A random LoRA in diffusers' layout on every attention and feed-forward projection (the layers
+    lightx2v's step-distill LoRAs cover): its cost, not its effect, is what a random model can measure."""
+    state = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".processor." not in name and \
+                any(f".{part}" in name for part in ("attn1.to_", "attn2.to_", "ffn.net")):
+            state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, module.in_features) * 0.01
+            state[f"transformer.{name}.lora_B.weight"] = torch.zeros(module.out_features, rank)
+    return state
+
+
+def clip(size: str, speed: str, memory: str | None, steps: int | None, device: str, dtype, lora_rank: int) -> dict:
+    """One whole video of Lynx full with a speed (and memory) preset: seconds, s/step, peak memory."""
+    from lynx.pipelines import speed as speeds
+
+    cfg, video = SIZES[size]
+    parts = build(cfg, "cpu" if memory not in (None, "max") else device, dtype)
+    pipe = LynxPipeline(**parts)
+    with torch.device(parts["transformer"].device):
+        pipe.register_modules(resampler=add_tiny_adapters(pipe.transformer, "full", cfg).to(dtype))
+    for proc in processors(pipe.transformer):
+        proc.to(dtype)
+    if memory not in (None, "max"):
+        try:
+            from lynx.pipelines.memory import enable_memory_preset
+        except ImportError:
+            raise SystemExit("--memory needs lynx.pipelines.memory (the memory presets)") from None
+        enable_memory_preset(pipe, memory, device)
+    else:
+        pipe.to(device)
+    loras = []
+    if speed == "turbo":
+        pipe.load_lora_weights(random_lora(pipe.transformer, lora_rank), adapter_name="distill")
+        loras = [("random step-distill LoRA", 1.0)]
+    kwargs, lines = speeds.apply_speed(pipe, speed, loras)
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+        if "sigmas" in kwargs:
+            kwargs["sigmas"] = speeds.turbo_sigmas(steps)
+    pipe.set_progress_bar_config(disable=True)
+    emb = torch.nn.functional.normalize(torch.randn(512), dim=0)
+    ref = (torch.rand(256, 256, 3) * 255).to(torch.uint8).numpy()
+    stamps, passes = [], [0]  # passes: video-sized transformer samples so far (the reference passes excluded)
+    video_tokens = tokens(video).video
+
+    def count(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        if x is not None and x.shape[2] * x.shape[3] * x.shape[4] // 4 == video_tokens:
+            passes[0] += x.shape[0]
+
+    def callback(p, i, t, d):
+        _sync(device)
+        stamps.append((clock(), passes[0]))
+        return {}
+
+    hook = pipe.transformer.register_forward_pre_hook(count, with_kwargs=True)
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    t0 = clock()
+    pipe("a person walks", face_embedding=emb, reference_image=ref, **video, **kwargs, output_type="np",
+         callback_on_step_end=callback)
+    _sync(device)
+    total = clock() - t0
+    hook.remove()
+    later = list(zip(stamps, stamps[1:]))  # the steps after the first (which holds text and reference work)
+    per_step = statistics.median([b[0] - a[0] for a, b in later]) if later else float("nan")
+    # The work the steps after the first asked of the transformer, by the FLOP count (a cache's skipped
+    # blocks still counted: with a cache this is the uncached-equivalent rate, above what the device did).
+    work = sum(b[1] - a[1] for a, b in later) * pass_flops(cfg, video, "full")
+    tflops = work / sum(b[0] - a[0] for a, b in later) / 1e12 if later else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda") else float("nan")
+    return dict(lines=lines, seconds=total, per_step=per_step, steps=len(stamps), peak=peak, tflops=tflops,
+                passes=stamps[-1][1] if stamps else 0)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=list(SIZES))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU time is measured, so 1 is exact)")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak (H100/H200 bf16: 989) for MFU")
+    parser.add_argument("--breakdown", action="store_true", help="print where each step's FLOPs go")
+    parser.add_argument("--profile", action="store_true",
+                        help="CPU: print where each step's time goes (matrix products, attention, other operators)")
+    parser.add_argument("--clip", action="store_true",
+                        help="time one whole video of Lynx full with --speed (and --memory) instead of steps")
+    parser.add_argument("--speed", default="exact", choices=("exact", "fast", "turbo"))
+    parser.add_argument("--memory", help="a memory preset of lynx.pipelines.memory (max, 48gb, 24gb, ...)")
+    parser.add_argument("--clip-steps", type=int, help="override the preset's step count (e.g. 5 for a quick look)")
+    parser.add_argument("--lora-rank", type=int, default=64, help="rank of turbo's random step-distill LoRA")
     args = parser.parse_args()
+    if args.profile and args.device != "cpu":
+        parser.error("--profile reads operators' CPU time: use it with --device cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    global clock
+    if not args.device.startswith("cuda"):
+        torch.set_num_threads(args.threads)
+        clock = time.process_time
     torch.manual_seed(0)
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
-    print(f"device {args.device}, dtype {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(f"device {args.device} ({device_name}), dtype {args.dtype}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
     for size in args.sizes:
-        r = bench(size, args.steps, args.device, dtype, args.repeats)
+        cfg, video = SIZES[size]
+        if args.clip:
+            r = clip(size, args.speed, args.memory, args.clip_steps, args.device, dtype, args.lora_rank)
+            print(f"\n{size}: {video}, lynx full, speed {args.speed}, memory {args.memory or 'max'}")
+            for line in r["lines"]:
+                print(f"  {line}")
+            mfu = f" (MFU {r['tflops'] / args.peak_tflops:.1%})" if args.peak_tflops else ""
+            print(f"  whole clip {r['seconds']:.1f} s, {r['steps']} steps, {r['passes']} transformer passes, "
+                  f"median step {r['per_step']:.2f} s, {r['tflops']:.3f} TFLOP/s{mfu}, peak {r['peak']:.1f} GiB")
+            continue
+        r = bench(size, args.steps, args.device, dtype, args.repeats, args.profile)
         base = r["wan (2 passes)"]
-        print(f"\n{size}: {SIZES[size][1]}")
+        print(f"\n{size}: {video}, {tokens(video).video} video tokens, {cfg.num_layers} blocks x {cfg.hidden_dim} wide")
         for name, seconds in r.items():
-            peak = f"   peak {peaks[name]:.1f} GiB" if name in peaks else ""
-            print(f"  {name:45s} {seconds * 1e3:9.2f} ms   x{seconds / base:5.2f} of Wan's step{peak}")
-        print(f"  per transformer pass: full x{r['lynx full (3 passes)'] / 3 / (base / 2):.2f}, "
-              f"lite x{r['lynx lite (2 passes)'] / 2 / (base / 2):.2f} of a plain Wan pass")
+            line = f"  {name:45s} {seconds * 1e3:9.2f} ms   x{seconds / base:5.2f} of Wan's step"
+            if name in STEP_FLOPS:
+                variant, passes = STEP_FLOPS[name]
+                tflops = passes * pass_flops(cfg, video, variant) / seconds / 1e12
+                if variant is not None:
+                    predicted = predicted_ratio(cfg, video, variant)
+                    off = seconds / base / predicted - 1
+                    line += f"   predicted x{predicted:5.2f} ({off:+5.1%}{'' if abs(off) <= 0.05 else ' > 5%'})"
+                line += f"   {tflops:7.3f} TFLOP/s"
+                if args.peak_tflops:
+                    line += f" (MFU {tflops / args.peak_tflops:.1%})"
+            if name in peaks:
+                line += f"   peak {peaks[name]:.1f} GiB"
+            print(line)
+        if args.breakdown:
+            print_breakdown(cfg, video)
+        if args.profile:
+            print_where(cfg, video, r)
+
+
+def print_breakdown(cfg, video) -> None:
+    """Where a step's FLOPs go, per pipeline (share of that pipeline's step)."""
+    steps = {name: {k: v * passes for k, v in flop_parts(cfg, video, variant).items()}
+             for name, (variant, passes) in STEP_FLOPS.items()}
+    names = list(dict.fromkeys(k for parts in steps.values() for k in parts))
+    print(f"  {'FLOPs per step':32s}" + "".join(f"{n.split(' (')[0]:>18s}" for n in steps))
+    for k in names:
+        print(f"  {k:32s}" + "".join(f"{parts.get(k, 0) / sum(parts.values()):17.1%} " for parts in steps.values()))
+    print(f"  {'total (GFLOP)':32s}" + "".join(f"{sum(p.values()) / 1e9:18.2f}" for p in steps.values()))
+
+
+ATTENTION_PARTS = ("self-attention scores, values", "cross-attention scores, values", "ID-adapter attention",
+                   "Ref-adapter attention")
+
+
+def print_where(cfg, video, measured: dict[str, float]) -> None:
+    """Where a step's time goes (profiled shares x measured step), and the rate each kind of FLOP ran at."""
+    print(f"  {'time per step (profiled shares)':32s}" + "".join(f"{n.split(' (')[0]:>18s}" for n in where))
+    for kind in next(iter(where.values())):
+        print(f"  {kind:32s}" + "".join(f"{w[kind] * measured[n] * 1e3:9.1f} ms ({w[kind]:4.0%})"
+                                        for n, w in where.items()))
+    for kind, attention in (("matrix products", False), ("attention kernels", True)):
+        rates = []
+        for name, w in where.items():
+            variant, passes = STEP_FLOPS[name]
+            flops = sum(v for k, v in flop_parts(cfg, video, variant).items() if (k in ATTENTION_PARTS) == attention)
+            rates.append(passes * flops / (w[kind] * measured[name]) / 1e9)
+        print(f"  {kind + ' GFLOP/s':32s}" + "".join(f"{r:18.1f}" for r in rates))
 
 
 if __name__ == "__main__":

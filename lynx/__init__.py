@@ -15,15 +15,19 @@ from .errors import (  # noqa: E402
     LynxError,
     NoFaceError,
     OutputError,
+    ParallelError,
     SettingsError,
     UnsafeVideoError,
     WeightsNotFoundError,
 )
+from .face import FaceAnalyzer, FaceIdentity  # noqa: E402
 from .models.adapters import Conditioning, LynxAttnProcessor  # noqa: E402
 from .models.resampler import Resampler  # noqa: E402
-from .pipelines.pipeline_lynx import Identity, LynxPipeline  # noqa: E402
+from .pipelines.parallel import parallelize  # noqa: E402
+from .pipelines.pipeline_lynx import LynxPipeline  # noqa: E402
 from .pipelines.settings import GenerationSettings  # noqa: E402
 
-__all__ = ["LynxPipeline", "GenerationSettings", "LynxAttnProcessor", "Conditioning", "Identity", "Resampler",
-           "AdapterConfig", "ResamplerConfig", "SamplingConfig", "LynxError", "InputError", "SettingsError",
-           "OutputError", "CheckpointError", "NoFaceError", "UnsafeVideoError", "WeightsNotFoundError"]
+__all__ = ["LynxPipeline", "GenerationSettings", "parallelize", "LynxAttnProcessor", "Conditioning", "FaceAnalyzer",
+           "FaceIdentity", "Resampler", "AdapterConfig", "ResamplerConfig", "SamplingConfig", "LynxError",
+           "InputError", "SettingsError", "OutputError", "CheckpointError", "NoFaceError", "ParallelError",
+           "UnsafeVideoError", "WeightsNotFoundError"]

@@ -35,6 +35,19 @@ RESAMPLER_FILE = "resampler.safetensors"
 IP_LAYERS_FILE = "ip_layers.safetensors"
 REF_LAYERS_FILE = "ref_layers.safetensors"
 
+# The released configs of Wan2.1-T2V-14B-Diffusers' three models (transformer/, text_encoder/, vae/ config.json;
+# the VAE's are AutoencoderKLWan's defaults): what `lynx plan` builds on the meta device to count bytes.
+WAN_14B_TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024)
+UMT5_XXL_CONFIG = dict(
+    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6, tie_word_embeddings=False, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+WAN_VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True])
+
 # Where the released weights are published, for "what to download" messages.
 BASE_MODEL_REPO = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 ADAPTER_REPO = "ByteDance/lynx"
@@ -158,3 +171,26 @@ SAMPLING_PRESETS: dict[str, SamplingConfig] = {
 
 def sampling_defaults(variant: str) -> SamplingConfig:
     return SAMPLING_PRESETS[variant]
+
+
+# ----- bases other than Wan2.1-T2V-14B ------------------------------------------------------------------------
+# Wan transformers by (blocks, width, latent channels in): what a refusal names. The released adapters fit the
+# 14B shape, which Wan2.2-T2V-A14B's two experts (high-noise `transformer`, low-noise `transformer_2`) share.
+KNOWN_BASES: dict[tuple[int, int, int], str] = {
+    (40, 5120, 16): "Wan2.1-T2V-14B / Wan2.2-T2V-A14B",
+    (40, 5120, 36): "Wan2.1-I2V-14B / Wan2.2-I2V-A14B",
+    (30, 1536, 16): "Wan2.1-T2V-1.3B",
+    (30, 3072, 48): "Wan2.2-TI2V-5B",
+}
+BASES_THAT_FIT = "Wan-AI/Wan2.1-T2V-14B-Diffusers or Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+
+# Which experts of a two-expert (Wan2.2 A14B) base carry the adapters: the high-noise one only (what the
+# Wan2GP / ComfyUI users found matters), or both.
+EXPERTS = ("high", "both")
+
+# ----- long videos: context windows over latent frames --------------------------------------------------------
+# A window is one model window (81 video frames = 21 latent frames, what Wan was trained on); neighbouring
+# windows share 16 video frames (4 latent frames), blended with linear ramps (ComfyUI's / Wan2GP's defaults).
+CONTEXT_WINDOW_FRAMES = 81
+CONTEXT_OVERLAP_FRAMES = 16
+CONTEXT_BLENDS = ("linear", "uniform")

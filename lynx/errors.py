@@ -77,6 +77,11 @@ class NoFaceError(InputError):
     """No usable face was found in a photo."""
 
 
+class ParallelError(InputError):
+    """A multi-process layout that cannot work: a world size that does not factor into the requested mesh,
+    a sequence that does not split evenly over its ranks, a process-group backend without a needed collective."""
+
+
 class UnsafeVideoError(LynxError):
     """The safety classifier flagged a generated video, so it was not written; `verdict` holds the scores."""
 

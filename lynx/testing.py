@@ -99,17 +99,26 @@ def tiny_components(cfg: TinyModelConfig = TinyModelConfig(), seed: int = 0) -> 
                 transformer=transformer.eval(), scheduler=scheduler)
 
 
-def save_tiny_base(directory, cfg: TinyModelConfig = TinyModelConfig(), seed: int = 0) -> Path:
-    """Save a tiny base in the diffusers layout of Wan2.1-T2V-14B-Diffusers."""
+def save_tiny_base(directory, cfg: TinyModelConfig = TinyModelConfig(), seed: int = 0, two_experts: bool = False,
+                   boundary_ratio: float = 0.875, expand_timesteps: bool = False) -> Path:
+    """Save a tiny base in the diffusers layout of Wan2.1-T2V-14B-Diffusers, or with `two_experts` of
+    Wan2.2-T2V-A14B-Diffusers: a second transformer of the same shape (other weights) in `transformer_2` and
+    `boundary_ratio` in model_index.json. `expand_timesteps` writes TI2V-5B's flag (a base Lynx refuses)."""
     directory = Path(directory)
     parts = tiny_components(cfg, seed)
+    if two_experts:
+        parts["transformer_2"] = tiny_components(cfg, seed + 1000)["transformer"]
     for name, obj in parts.items():
         obj.save_pretrained(directory / name)
-    (directory / "model_index.json").write_text(json.dumps({
+    index = {
         "_class_name": "WanPipeline", "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", "UniPCMultistepScheduler"], "text_encoder": ["transformers", "UMT5EncoderModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"], "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"]}, indent=2))
+        "vae": ["diffusers", "AutoencoderKLWan"]}
+    if two_experts or expand_timesteps:  # the Wan2.2 releases list every field, null where unused
+        index.update(transformer_2=["diffusers", "WanTransformer3DModel"] if two_experts else [None, None],
+                     boundary_ratio=boundary_ratio if two_experts else None, expand_timesteps=expand_timesteps)
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2))
     return directory
 
 

@@ -1,5 +1,9 @@
 """Shared fixtures: tiny random Wan bases and Lynx adapters, saved once per session in the real layouts."""
 
+import os
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -69,5 +73,34 @@ def one_thread():
     yield
     torch.set_num_threads(n)
 
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium: the system's browser, driven by playwright (which downloads nothing this way);
+    None when there is no chromium (Debian: apt-get install -y chromium). Per module: playwright's loop
+    does not outlive the tests that use it."""
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if binary is None:
+        yield None
+        return
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=binary,
+                              args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+        yield b
+        b.close()
+
+
+
+@pytest.fixture
+def screenshots(tmp_path):
+    """Where the browser tests put their screenshots: docs/images when LYNX_DOCS_SCREENSHOTS=1 (how the ones in
+    docs/web.md are made), else a temporary directory."""
+    if os.environ.get("LYNX_DOCS_SCREENSHOTS") == "1":
+        folder = Path(__file__).resolve().parent.parent / "docs" / "images"
+        folder.mkdir(exist_ok=True)
+        return folder
+    return tmp_path
 
 SMALL = dict(height=32, width=32, num_frames=5, num_inference_steps=3)

@@ -117,7 +117,7 @@ def test_id_branch_matches_hand_computation(transformer, variant, registers):
         layer = attn.processor
         tokens = cond.ip_tokens
         if registers:
-            tokens = torch.cat([tokens, layer.registers], 1)
+            tokens = torch.cat([tokens, layer.registers.tokens], 1)
         k = layer.to_k_ip(tokens)
         if variant == "full":
             k = attn.norm_k(k)

@@ -7,17 +7,23 @@ Keypoint coordinates below were read by eye from zoomed crops of these photos.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
+import json
 import logging
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from skimage import data as skdata
+from skimage import transform as sktransform
 
 import lynx.face as lf
 from lynx.errors import CheckpointError, InputError, NoFaceError, WeightsNotFoundError
@@ -350,6 +356,34 @@ def test_scrfd_input_blob_matches_insightface_preprocessing():
     np.testing.assert_allclose(rec.blob[0, :, 100, 100], [0.5 / 128, -127.5 / 128, 127.5 / 128], atol=1e-6)
 
 
+def test_scrfd_letterbox_is_opencv_bilinear_as_insightface():
+    # insightface shrinks with cv2.resize (bilinear, no antialiasing): at exactly half size each network
+    # pixel is the mean of a 2x2 block (Pillow's antialiased bilinear would blend a 4x4 neighbourhood).
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (1280, 1280, 3), dtype=np.uint8)
+    canvas, scale = ScrfdDetector(session=_Recorder(), channels="rgb")._letterbox(photo)
+    assert scale == 0.5 and canvas.shape == (640, 640, 3)
+    blocks = photo.reshape(640, 2, 640, 2, 3).astype(float).mean(axis=(1, 3))
+    assert np.abs(canvas - blocks).max() <= 0.75  # the mean's quarter fractions, rounded by fixed point
+
+
+class _Recorder:
+    """An onnxruntime session stand-in with SCRFD's 9 outputs (strides 8/16/32) that keeps its input."""
+
+    def __init__(self):
+        self.blob = None
+
+    def get_inputs(self):
+        return [type("I", (), {"name": "input.1", "shape": [1, 3, "?", "?"]})()]
+
+    def get_outputs(self):
+        return [None] * 9
+
+    def run(self, names, feeds):
+        self.blob = feeds["input.1"]
+        return _fake_scrfd_outputs()
+
+
 def test_auto_detector_uses_insightface_models_when_present(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -371,6 +405,108 @@ def test_real_scrfd_model_if_available(astro):
     assert np.abs(faces[0].keypoints[:2] - ASTRO_KPS[:2]).max() < 4.0
 
 
+# ------------------------------------------------------------------------------------ choosing a face
+
+
+def test_several_faces_warn_and_the_chosen_face_is_recorded(t1_path, dlib_detector, model, tmp_path):
+    analyzer = lf.FaceAnalyzer(dlib_detector, model)
+    faces = sorted(dlib_detector.detect(lf.load_image(t1_path)), key=lambda f: -f.area)
+    expected = (r"t1.jpg: 6 faces found; using face 0 of 6 \(the largest\).*"
+                r"pass face_index=N \(0 = the largest \.\.\. 5 = the smallest\)")
+    with pytest.warns(lf.SeveralFacesWarning, match=expected) as w:
+        largest = analyzer.analyze(t1_path)
+    assert w[0].filename == __file__  # the caller's line, not one inside lynx
+    with pytest.warns(lf.SeveralFacesWarning) as w:
+        lf.analyze(t1_path, detector=dlib_detector, arcface_weights=model)
+    assert w[0].filename == __file__
+    assert largest.face_index == 0 and largest.num_faces == 6
+    np.testing.assert_array_equal(largest.box, faces[0].box)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a face chosen on purpose: no warning
+        third = analyzer.analyze(t1_path, face_index=2)
+    np.testing.assert_array_equal(third.box, faces[2].box)
+    (record,) = third.faces_used()
+    x1, y1, x2, y2 = (float(v) for v in faces[2].box)
+    assert record["face_index"] == 2 and record["num_faces"] == 6 and record["image_size"] == [1280, 886]
+    assert record["box"] == [round(v, 1) for v in (x1, y1, x2, y2)]
+    assert record["size"] == round(max(x2 - x1, y2 - y1), 1)
+    json.dumps(record, allow_nan=False)
+    assert "faces found: 6; using face 2 (0 is the largest)" in lf.describe(third)
+    back = lf.FaceIdentity.load(third.save(tmp_path / "third.identity"))
+    assert back.face_index == 2 and back.faces_used() == third.faces_used()
+    for bad in (6, -1):
+        with pytest.raises(InputError, match=r"face index -?\d is out of range: .*t1.jpg has 6 face\(s\); "
+                                             r"valid: 0 \(the largest\) to 5 \(the smallest\)"):
+            analyzer.analyze(t1_path, face_index=bad)
+    # Several photos: each photo's face is recorded.
+    both = analyzer.analyze([t1_path, t1_path], face_index=1)
+    assert [r["face_index"] for r in both.faces_used()] == [1, 1]
+
+
+def test_detection_runs_on_a_smaller_copy_and_crops_come_from_the_photo(astro, dlib_detector, model):
+    analyzer = lf.FaceAnalyzer(dlib_detector, model, detect_max_side=256)
+    found = analyzer.find(astro)
+    # Detected at half size, mapped back to the photo's pixels.
+    assert np.abs(found.face.keypoints - ASTRO_KPS).max() < 4.0
+    np.testing.assert_array_equal(found.arcface_crop, lf.align_arcface(astro, found.face.keypoints))
+    np.testing.assert_array_equal(found.reference_crop, lf.align_reference(astro, found.face.keypoints))
+
+
+def test_analyzer_owns_its_models(dlib_detector, model, tmp_path):
+    analyzer = lf.FaceAnalyzer(dlib_detector, model)
+    assert analyzer.detector is dlib_detector and analyzer.arcface is model
+    no_embedding = lf.FaceAnalyzer(dlib_detector, embedding=False, models_dir=tmp_path)
+    assert no_embedding.arcface is None
+    with pytest.raises(InputError, match="embedding=False"):
+        no_embedding.analyze(skdata.astronaut())
+    with pytest.raises(WeightsNotFoundError, match="recognition_arcface_ir_se50.pth"):
+        lf.FaceAnalyzer(dlib_detector, models_dir=tmp_path)
+
+
+_LARGE_PHOTO_SCRIPT = """
+import logging, resource, sys, warnings
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+warnings.simplefilter("default")
+import numpy as np, torch
+from PIL import Image
+import lynx.face as lf
+Image.MAX_IMAGE_PIXELS = 20_000_000  # the 27 MP photo is then past Pillow's warning limit (below its error)
+torch.manual_seed(0)
+analyzer = lf.FaceAnalyzer("dlib", lf.ArcFaceIRSE50())
+analyzer.analyze(sys.argv[1])  # everything allocated once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ident = analyzer.analyze(sys.argv[2])
+grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+np.save(sys.argv[3], ident.keypoints)
+print("grown", grown)
+"""
+
+
+def test_large_photo_is_detected_small_and_cropped_full_with_bounded_memory(astro, tmp_path):
+    w, h = 6000, 4500
+    big = np.full((h, w, 3), 90, np.uint8)
+    big[1000:3048, 2000:4048] = np.asarray(Image.fromarray(astro).resize((2048, 2048), Image.BICUBIC))
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=92)
+    del big
+    Image.fromarray(astro).save(tmp_path / "small.png")
+    r = subprocess.run([sys.executable, "-c", _LARGE_PHOTO_SCRIPT, str(tmp_path / "small.png"),
+                        str(tmp_path / "big.jpg"), str(tmp_path / "kps.npy")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    grown = int(r.stdout.split("grown")[1])
+    # Pillow's decoded image (4 bytes a pixel), our RGB array (3), the detection copy (at most 4096 px on the
+    # longer side, 3 bytes a pixel), Pillow's 16 MB band and the models' own working memory (small photos).
+    dw, dh = lf.DETECT_MAX_SIDE, round(h * lf.DETECT_MAX_SIDE / w)
+    bound = w * h * 4 + w * h * 3 + dw * dh * 3 + (48 << 20)
+    assert grown < bound, f"reading and analysing a {w}x{h} photo grew the process by {grown / 2**20:.0f} MB"
+    # Keypoints in the full photo's pixels (the astronaut was enlarged 4x: x -> 4x + 1.5).
+    expected = ASTRO_KPS * 4 + 1.5 + np.array([2000, 1000])
+    assert np.abs(np.load(tmp_path / "kps.npy") - expected).max() < 12.0
+    # Pillow's own warning is replaced by one line of ours.
+    assert "DecompressionBomb" not in r.stderr
+    assert "big.jpg is a very large photo (6000x4500, 27 megapixels" in r.stderr
+
+
 # ---------------------------------------------------------------------------------------- alignment
 
 
@@ -382,6 +518,74 @@ def test_templates():
     np.testing.assert_allclose(ref[0], [95.62441, 138.41609], atol=1e-3)
     np.testing.assert_allclose(ref[4], [((70.7299 - 56) * 0.8 + 56) * 256 / 112,
                                         ((92.2041 + 10 - 56) * 0.8 + 56) * 256 / 112], atol=1e-3)
+
+
+# The authors' crops, written out from their published code: insightface's estimate_norm/norm_crop for the
+# 112x112 ArcFace crop, their face_utils.align_face(extend_face_crop=True, face_size=256) for the reference.
+def _authors_template(extend: bool) -> np.ndarray:
+    dst = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+                    [70.7299, 92.2041]], dtype=np.float32)
+    if extend:
+        dst[:, 1] = dst[:, 1] + 10
+        dst = (dst - 112 / 2) * 0.8 + 112 / 2
+    return dst
+
+
+def _authors_crop(image: np.ndarray, kps: np.ndarray, size: int) -> np.ndarray:
+    dst = _authors_template(size == 256) * (float(size) / 112.0)
+    tform = sktransform.SimilarityTransform()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # estimate() is deprecated in scikit-image 0.26
+        tform.estimate(kps, dst)
+    if size == 112:  # norm_crop: straight on the RGB array
+        return cv2.warpAffine(image, tform.params[0:2, :], (size, size), borderValue=0.0)
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)  # align_face goes through BGR and back
+    return cv2.cvtColor(cv2.warpAffine(bgr, tform.params[0:2, :], (size, size), borderValue=0.0), cv2.COLOR_BGR2RGB)
+
+
+def _keypoint_sets() -> dict[str, np.ndarray]:
+    kps = ASTRO_KPS.astype(np.float32)  # detectors give float32 keypoints
+    theta, centre = 0.3, kps.mean(axis=0)
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    return {
+        "astronaut": kps,
+        # Turned, enlarged and moved: the crop resamples between pixels everywhere.
+        "rotated": ((kps - centre) @ rot.T * 1.7 + centre + [13.25, -40.6]).astype(np.float32),
+        # The face at the photo's corner: the crops run past its edges into the black border.
+        "border": (kps - [200, 95]).astype(np.float32),
+    }
+
+
+# sha256 of the crops of skimage's astronaut made by the authors' recipe above with opencv-python-headless
+# 4.11.0.86, the version in their requirements.txt (4.10 to 4.14 give the same bytes; OpenCV 5.0 does not).
+AUTHORS_CROP_SHA256 = {
+    ("astronaut", 112): "f315d0bcc271e1342514733450ca9c2912b69b8dcad31dd3c0d8308693693a15",
+    ("astronaut", 256): "964de92d1187c9d842af4def87e22989f25c924f293348e980b9accb63911102",
+    ("rotated", 112): "ef107a87ee6de42155448a162ecb7d7f042845ed5f7f833e5b7a36f35b8b70d5",
+    ("rotated", 256): "20a1981247d3bd41afbcb39f0c7bd50e51793640aa6b3be774baa26c88b284ab",
+    ("border", 112): "cf6e41b8f5ca3e142fd691076d3338f0ad5aedd1cef95b0583696bfabbd79870",
+    ("border", 256): "620fa1dd26bb7188e2414d7e3b3668747cdee3c90745e2ff2f80e28354cf2544",
+}
+
+
+def test_crops_equal_the_authors_pixel_for_pixel(astro, t1_path, dlib_detector):
+    cases = [(astro, name, kps) for name, kps in _keypoint_sets().items()]
+    t1 = lf.load_image(t1_path)
+    cases += [(t1, f"t1 face {i}", f.keypoints) for i, f in enumerate(dlib_detector.detect(t1))]
+    for image, name, kps in cases:
+        for size, ours in ((112, lf.align_arcface(image, kps)), (256, lf.align_reference(image, kps))):
+            theirs = _authors_crop(image, kps, size)
+            diff = np.abs(ours.astype(int) - theirs.astype(int))
+            assert diff.max() == 0, f"{name} {size}: {(diff > 0).mean():.1%} of values differ, by up to {diff.max()}"
+
+
+def test_crops_equal_the_authors_opencv_4_bytes(astro):
+    assert int(cv2.__version__.split(".")[0]) == 4, \
+        f"OpenCV {cv2.__version__} resamples differently from the authors' 4.x: pip install 'opencv-python-headless<5'"
+    for name, kps in _keypoint_sets().items():
+        for size, crop in ((112, lf.align_arcface(astro, kps)), (256, lf.align_reference(astro, kps))):
+            digest = hashlib.sha256(np.ascontiguousarray(crop).tobytes()).hexdigest()
+            assert digest == AUTHORS_CROP_SHA256[(name, size)], (name, size)
 
 
 def test_crops_put_the_eyes_on_the_template(astro, astro_identity):
@@ -564,7 +768,7 @@ def test_same_face_twice_and_shifted_copy(astro, astro_identity, model, dlib_det
     np.testing.assert_allclose(moved.keypoints - [37, 0], astro_identity.keypoints, atol=2.0)
     # Landmark jitter of up to a pixel turns the crop slightly; it stays the same picture.
     assert np.abs(moved.arcface_crop.astype(int) - astro_identity.arcface_crop).mean() < 10
-    other = lf.analyze(t1_path, detector=dlib_detector, arcface_weights=model)
+    other = lf.analyze(t1_path, detector=dlib_detector, arcface_weights=model, face_index=0)
     same, different = astro_identity.similarity(moved), astro_identity.similarity(other)
     # Even with random weights the shifted copy stays much closer than another person's face.
     assert same > 0.97 and different < 0.8, (same, different)

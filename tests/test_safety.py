@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import imageio_ffmpeg
 import numpy as np
@@ -222,7 +221,7 @@ def test_cli_passes_marks_and_records(tiny_base, adapter_dirs, embedding_file, c
 
 def test_web_app_refuses_without_leaving_a_file(tiny_base, adapter_dirs, face_models, classifiers, photos, tmp_path):
     from lynx.apps.cli import load_pipeline
-    from lynx.apps.web import LynxWebApp, ServeConfig
+    from lynx.apps.web.app import LynxWebApp, ServeConfig
 
     pipe = load_pipeline(tiny_base, adapter_dirs["full"], device="cpu", dtype=torch.float32)
     results = {}
@@ -231,22 +230,19 @@ def test_web_app_refuses_without_leaving_a_file(tiny_base, adapter_dirs, face_mo
         app = LynxWebApp(ServeConfig(base=tiny_base, adapter=adapter_dirs["full"], out_dir=out,
                                      face_models=face_models, detector="dlib", safety_model=classifiers[verdict]),
                          pipeline=pipe)
-        app.start()
-        photo_id, _ = app.store_photo("astronaut.jpg", (photos / "astronaut.jpg").read_bytes())
-        job = app.generate({"photos": [photo_id], "prompt": "a woman smiling", "height": 32, "width": 48,
-                            "frames": 5, "steps": 2})
-        deadline = time.time() + 120
-        while job.finished is None and time.time() < deadline:
-            time.sleep(0.1)
-        results[verdict] = job, sorted(p.name for p in out.iterdir())
-    job, listing = results["nsfw"]
-    assert job.state == "error" and job.error.startswith("video not saved: the safety classifier")
+        run = app.prepare([str(photos / "astronaut.jpg")], "", "a woman smiling",
+                          {"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": 2})
+        app.run(run)  # what the page's event starts in a thread
+        results[verdict] = run, sorted(p.name for p in out.iterdir())
+    run, listing = results["nsfw"]
+    assert run.error.startswith("video not saved: the safety classifier") and run.record is None
     assert listing == ["photos"]  # the claimed name is given back; no video, no sidecar
-    job, listing = results["normal"]
-    assert job.state == "done", job.error
-    assert listing == ["astronaut-a-woman-smiling-s42.mp4", "astronaut-a-woman-smiling-s42.mp4.json", "photos"]
-    side = job.video["sidecar"]
-    assert side["safety"]["checked"] and read_mark(tmp_path / "normal" / listing[0]) == side["provenance"]
+    run, listing = results["normal"]
+    assert run.error is None
+    assert listing == ["person-a-woman-smiling-s42.mp4", "person-a-woman-smiling-s42.mp4.json", "photos"]
+    side = json.loads((tmp_path / "normal" / listing[1]).read_text())
+    assert side == run.record and side["safety"]["checked"]
+    assert read_mark(tmp_path / "normal" / listing[0]) == side["provenance"]
 
 
 def test_bench_counts_refused_cases_and_goes_on(tiny_base, adapter_dirs, classifiers, tmp_path, face_embedding,

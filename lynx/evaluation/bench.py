@@ -380,9 +380,11 @@ IdentitySource = Callable[[Subject], dict]
 PipelineFactory = Callable[..., Any]
 
 
-def default_identity_source(detector: str = "auto", models_dir=None) -> IdentitySource:
-    """Subject -> LynxPipeline identity kwargs: its identity file, its embedding (+ crop), else its photos."""
+def default_identity_source(detector: str = "auto", models_dir=None, face_analyzer=None) -> IdentitySource:
+    """Subject -> LynxPipeline identity kwargs: its identity file, its embedding (+ crop), else its photos
+    (analysed by `face_analyzer`, or by one FaceAnalyzer built when the first subject needs it)."""
     cache: dict[str, dict] = {}
+    analyzer = face_analyzer
 
     def source(subject: Subject) -> dict:
         if subject.id not in cache:
@@ -398,11 +400,13 @@ def default_identity_source(detector: str = "auto", models_dir=None) -> Identity
                     kw["reference_image"] = load_image(subject.reference)
                 cache[subject.id] = kw
             else:
-                from .. import face
+                from ..face import FaceAnalyzer
 
+                nonlocal analyzer
+                if analyzer is None:
+                    analyzer = FaceAnalyzer(detector, models_dir=models_dir)
                 photos = [str(p) for p in subject.photos]
-                cache[subject.id] = {"identity": face.analyze(photos if len(photos) > 1 else photos[0],
-                                                               detector=detector, models_dir=models_dir)}
+                cache[subject.id] = {"identity": analyzer.analyze(photos if len(photos) > 1 else photos[0])}
         return cache[subject.id]
 
     return source

@@ -209,6 +209,8 @@ def load_recognizer(name: str, models_dir=None, arcface_weights=None, insightfac
                     device: str = "cpu") -> Recognizer:
     """One recogniser by column name; raises WeightsNotFoundError (with what to download) when files are missing."""
     if name == "facexlib":
+        if arcface_weights is not None and not isinstance(arcface_weights, (str, os.PathLike)):
+            return FacexlibRecognizer(model=arcface_weights)  # a loaded network (e.g. a FaceAnalyzer's)
         return FacexlibRecognizer(arcface_weights, models_dir, device)
     if name == "insightface":
         return InsightfaceRecognizer(insightface_model, models_dir)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputError, WeightsNotFoundError
+from ..runtime import face_models_dir
 
 ARCFACE_FILE = "recognition_arcface_ir_se50.pth"
 ARCFACE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/recognition_arcface_ir_se50.pth"
@@ -158,11 +159,22 @@ def load_state_dict_strict(model: ArcFaceIRSE50, state: Mapping[str, torch.Tenso
     model.eval()
 
 
+def arcface_path(models_dir: str | os.PathLike | None = None) -> Path:
+    """Where the ArcFace weight file is expected: <models_dir or face_models_dir()>/recognition_arcface_ir_se50.pth."""
+    return Path(models_dir or face_models_dir()).expanduser() / ARCFACE_FILE
+
+
+def arcface_missing(models_dir: str | os.PathLike | None = None) -> str | None:
+    """What to download and where when the ArcFace file is absent; None when it is there."""
+    path = arcface_path(models_dir)
+    return None if path.is_file() else str(missing_weights_error(path))
+
+
 def missing_weights_error(path: Path) -> WeightsNotFoundError:
     return WeightsNotFoundError(
         f"ArcFace weights not found: {path}. Download {ARCFACE_FILE} from {ARCFACE_URL} and save it as "
-        f"{path} (the directory is {path.parent}; set LYNX_FACE_MODELS or pass arcface_weights= to use "
-        f"another place). Nothing is downloaded automatically.")
+        f"{path} (or set LYNX_FACE_MODELS to another directory that holds it). Nothing is downloaded "
+        f"automatically.")
 
 
 def load_arcface(path: str | os.PathLike, device: str | torch.device = "cpu") -> ArcFaceIRSE50:
@@ -184,18 +196,3 @@ def load_arcface(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     model = ArcFaceIRSE50()
     load_state_dict_strict(model, state, source=str(path))
     return model.to(device)
-
-
-_CACHE: dict[tuple[str, float, str], ArcFaceIRSE50] = {}
-
-
-def load_arcface_cached(path: str | os.PathLike, device: str | torch.device = "cpu") -> ArcFaceIRSE50:
-    """Like load_arcface, but keeps the last model so analysing many photos reads the 170 MB file once."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise missing_weights_error(p)
-    key = (str(p.resolve()), p.stat().st_mtime, str(device))
-    if key not in _CACHE:
-        _CACHE.clear()
-        _CACHE[key] = load_arcface(p, device)
-    return _CACHE[key]

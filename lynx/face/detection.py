@@ -11,7 +11,8 @@ the ``face-recognition-models`` package, so detection works offline with nothing
 The five ArcFace points are derived from the 68: eye centres are the means of the eye contours,
 the nose tip is point 30, the mouth corners points 48 and 54.
 
-Both return faces in source-image pixels, largest first.
+Both return faces in source-image pixels, largest first. A detector object holds its loaded models;
+build it once (``FaceAnalyzer`` does) and reuse it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -77,12 +79,17 @@ class FaceDetector:
         return f"{type(self).__name__}({self.name!r})"
 
 
-def _sort_largest_first(faces: list[DetectedFace]) -> list[DetectedFace]:
+def sort_largest_first(faces: list[DetectedFace]) -> list[DetectedFace]:
     return sorted(faces, key=lambda f: (-f.area, -f.score))
 
 
 def _resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def shrink(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """An area-averaged smaller copy; reads the array in place, so a large photo is never copied whole."""
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
 
 # --------------------------------------------------------------------------------------------- dlib
@@ -122,9 +129,6 @@ def _import_dlib():
     return dlib
 
 
-_DLIB_CACHE: dict[tuple, object] = {}
-
-
 class DlibDetector(FaceDetector):
     """dlib HOG boxes confirmed by the MMOD CNN (or CNN boxes alone) + 68-point landmarks -> 5 points.
 
@@ -146,21 +150,11 @@ class DlibDetector(FaceDetector):
         self.name = "dlib-cnn" if cnn else "dlib"
         self.max_side = int(max_side)
         dlib = _import_dlib()
-        landmarks = dlib_model_path(DLIB_LANDMARKS_FILE, models_dir)
-        key = ("predictor", str(landmarks))
-        if key not in _DLIB_CACHE:
-            _DLIB_CACHE[key] = dlib.shape_predictor(str(landmarks))
-        self._predictor = _DLIB_CACHE[key]
+        self._predictor = dlib.shape_predictor(str(dlib_model_path(DLIB_LANDMARKS_FILE, models_dir)))
         self._cnn = None
         if cnn or self.verify:
-            path = dlib_model_path(DLIB_CNN_FILE, models_dir)
-            key = ("cnn", str(path))
-            if key not in _DLIB_CACHE:
-                _DLIB_CACHE[key] = dlib.cnn_face_detection_model_v1(str(path))
-            self._cnn = _DLIB_CACHE[key]
-        if not cnn and ("hog",) not in _DLIB_CACHE:
-            _DLIB_CACHE[("hog",)] = dlib.get_frontal_face_detector()
-        self._hog = None if cnn else _DLIB_CACHE[("hog",)]
+            self._cnn = dlib.cnn_face_detection_model_v1(str(dlib_model_path(DLIB_CNN_FILE, models_dir)))
+        self._hog = None if cnn else dlib.get_frontal_face_detector()
         self._dlib = dlib
 
     def _boxes(self, work: np.ndarray, upsample: int) -> list[tuple[float, float, float, float, float]]:
@@ -199,7 +193,7 @@ class DlibDetector(FaceDetector):
     def detect(self, image: np.ndarray) -> list[DetectedFace]:
         h, w = image.shape[:2]
         scale = min(1.0, self.max_side / max(h, w))
-        work = image if scale == 1.0 else _resize(image, max(1, round(w * scale)), max(1, round(h * scale)))
+        work = image if scale == 1.0 else shrink(image, max(1, round(w * scale)), max(1, round(h * scale)))
         work = np.ascontiguousarray(work)
         boxes = self._boxes(work, 0)
         if not boxes:
@@ -213,7 +207,7 @@ class DlibDetector(FaceDetector):
             shape = self._predictor(image, rect)
             pts = np.array([(shape.part(i).x, shape.part(i).y) for i in range(68)], dtype=np.float64)
             faces.append(DetectedFace(box.astype(np.float32), five_points_from_68(pts), score))
-        return _sort_largest_first(faces)
+        return sort_largest_first(faces)
 
 
 def five_points_from_68(landmarks: np.ndarray) -> np.ndarray:
@@ -335,7 +329,8 @@ class ScrfdDetector(FaceDetector):
             new_w, new_h = in_w, int(in_w * (h / w))
         new_w, new_h = max(new_w, 1), max(new_h, 1)
         canvas = np.zeros((in_h, in_w, 3), dtype=np.uint8)
-        canvas[:new_h, :new_w] = _resize(image, new_w, new_h)
+        # insightface's own resize (OpenCV bilinear, no antialiasing), so the keypoints are the authors'.
+        canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
         return canvas, new_h / h
 
     def blob(self, image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -381,7 +376,7 @@ class ScrfdDetector(FaceDetector):
         keep = _nms(boxes, scores, self.nms_thresh)
         faces = [DetectedFace(boxes[k].astype(np.float32), kps[k].astype(np.float32), float(scores[k]))
                  for k in keep]
-        return _sort_largest_first(faces)
+        return sort_largest_first(faces)
 
     def detect(self, image: np.ndarray) -> list[DetectedFace]:
         blob, scale = self.blob(image)
@@ -392,12 +387,12 @@ class ScrfdDetector(FaceDetector):
 # ------------------------------------------------------------------------------------------ choosing
 
 DETECTORS = ("auto", "insightface", "dlib", "dlib-cnn")
-_DETECTOR_CACHE: dict[tuple, FaceDetector] = {}
 
 
 def create_detector(detector: str | FaceDetector = "auto",
                     models_dir: str | os.PathLike | None = None) -> FaceDetector:
-    """A detector by name; ``auto`` is insightface when an SCRFD model and onnxruntime are present, else dlib."""
+    """A new detector by name (its models loaded now); ``auto`` is insightface when an SCRFD model and
+    onnxruntime are present, else dlib. A FaceDetector object is returned as it is."""
     if isinstance(detector, FaceDetector):
         return detector
     if detector not in DETECTORS:
@@ -411,40 +406,47 @@ def create_detector(detector: str | FaceDetector = "auto",
             if scrfd is not None:
                 log.warning("found %s but onnxruntime is not installed; using the dlib detector", scrfd)
             name = "dlib"
-    key = (name, str(scrfd) if name == "insightface" else str(models_dir))
-    if key not in _DETECTOR_CACHE:
-        if name == "insightface":
-            if scrfd is None:
-                roots = " or ".join(str(r) for r in insightface_model_roots(models_dir))
-                raise WeightsNotFoundError(
-                    f"SCRFD face detector model (buffalo_l/det_10g.onnx) not found in {roots}. Download "
-                    f"buffalo_l.zip from {BUFFALO_L_URL} and unpack it there (giving buffalo_l/det_10g.onnx), "
-                    f"and `pip install onnxruntime`; or use detector='dlib', which needs no download.")
-            _DETECTOR_CACHE[key] = ScrfdDetector(scrfd)
-        else:
-            _DETECTOR_CACHE[key] = DlibDetector(cnn=(name == "dlib-cnn"), models_dir=models_dir)
-    return _DETECTOR_CACHE[key]
+    if name != "insightface":
+        return DlibDetector(cnn=(name == "dlib-cnn"), models_dir=models_dir)
+    if scrfd is None:
+        roots = " or ".join(str(r) for r in insightface_model_roots(models_dir))
+        raise WeightsNotFoundError(
+            f"SCRFD face detector model (buffalo_l/det_10g.onnx) not found in {roots}. Download "
+            f"buffalo_l.zip from {BUFFALO_L_URL} and unpack it there (giving buffalo_l/det_10g.onnx), "
+            f"and `pip install onnxruntime`; or use detector='dlib', which needs no download.")
+    return ScrfdDetector(scrfd)
 
 
 def select_face(faces: list[DetectedFace], *, face_index: int | None = None,
                 min_face_size: float = MIN_FACE_SIZE, source: str = "") -> DetectedFace:
-    """The largest face (or faces[face_index], largest first), checked against the minimum size."""
+    """faces[face_index] of the faces sorted largest first (the largest when face_index is None),
+    checked against the minimum size."""
     where = f" in {source}" if source else " in the image"
     if not faces:
         raise NoFaceError(f"no face found{where}; use a photo where one face is clearly visible "
                           f"(frontal, at least {int(min_face_size)} px wide)")
-    faces = _sort_largest_first(list(faces))
-    if face_index is not None:
-        if not -len(faces) <= face_index < len(faces):
-            raise InputError(f"face_index={face_index} but {len(faces)} face(s) were found{where} "
-                             f"(index 0 is the largest)")
-        face = faces[face_index]
-    else:
-        face = faces[0]
+    faces = sort_largest_first(list(faces))
+    index = check_face_index(face_index, len(faces), source)
+    face = faces[index]
     if face.size < min_face_size:
         raise NoFaceError(
             f"the face{where} is only {face.size:.0f} px wide; at least {int(min_face_size)} px is needed "
             f"(112 px or more gives a sharp ArcFace crop). Use a larger photo or a closer shot.")
-    if len(faces) > 1 and face_index is None:
-        log.info("%d faces found%s; using the largest (pass face_index to pick another)", len(faces), where)
+    if len(faces) > 1:
+        log.info("%d faces found%s; using face %d%s", len(faces), where, index,
+                 " (the largest)" if index == 0 else "")
     return face
+
+
+def check_face_index(face_index, num_faces: int, source: str = "") -> int:
+    """The index to use (0 when None); an out-of-range or negative index is an InputError giving the valid range."""
+    if face_index is None:
+        return 0
+    if isinstance(face_index, bool) or not isinstance(face_index, (int, np.integer)):
+        raise InputError(f"the face index must be a whole number (0 = the largest face), not {face_index!r}")
+    where = f"{source} has" if source else "the image has"
+    valid = "0 (the only face)" if num_faces == 1 else f"0 (the largest) to {num_faces - 1} (the smallest)"
+    if not 0 <= face_index < num_faces:
+        raise InputError(f"face index {face_index} is out of range: {where} {num_faces} face(s); "
+                         f"valid: {valid}")
+    return int(face_index)

@@ -1,8 +1,9 @@
 """A person's face identity: what Lynx's two adapters need from a photo, computed once and reused.
 
-``analyze`` turns one or several photos into a ``FaceIdentity`` (ArcFace embedding for the
-ID-adapter, 256x256 reference crop for the Ref-adapter, plus the keypoints and crops they came from);
-``FaceIdentity.save`` / ``load`` keep it on disk as a small safetensors file with JSON metadata.
+``FaceIdentity`` is the one identity type of the package: the ArcFace embedding for the ID-adapter, the
+256x256 reference crop for the Ref-adapter, and which face of which photo they come from. A
+``FaceAnalyzer`` makes one from photos; ``FaceIdentity.from_embedding`` wraps an embedding made
+elsewhere; ``save`` / ``load`` keep it on disk as a small safetensors file with JSON metadata.
 """
 
 from __future__ import annotations
@@ -16,14 +17,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from ..errors import CheckpointError, InputError
-from ..runtime import face_models_dir
-from .alignment import ARCFACE_SIZE, REFERENCE_SIZE, align_arcface, align_reference
-from .arcface import ARCFACE_FILE, EMBEDDING_DIM, embed, load_arcface_cached, missing_weights_error
-from .detection import MIN_FACE_SIZE, FaceDetector, create_detector, select_face
-from .image import ImageLike, describe_source, load_image
+from .alignment import ARCFACE_SIZE, REFERENCE_SIZE
+from .arcface import EMBEDDING_DIM
+from .image import load_image
 
 log = logging.getLogger("lynx.face")
 
@@ -37,17 +35,6 @@ class IdentityMismatchWarning(UserWarning):
     """Photos combined into one identity look like different people."""
 
 
-def arcface_path(models_dir: str | os.PathLike | None = None) -> Path:
-    """Where the ArcFace weight file is expected: <models_dir or face_models_dir()>/recognition_arcface_ir_se50.pth."""
-    return Path(models_dir or face_models_dir()).expanduser() / ARCFACE_FILE
-
-
-def arcface_missing(models_dir: str | os.PathLike | None = None) -> str | None:
-    """What to download and where when the ArcFace file is absent; None when it is there."""
-    path = arcface_path(models_dir)
-    return None if path.is_file() else str(missing_weights_error(path))
-
-
 def _unit(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float32).reshape(-1)
     norm = float(np.linalg.norm(v))
@@ -58,14 +45,16 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 @dataclass
 class FaceIdentity:
-    """The face inputs of one person.
+    """The face inputs of one person, and where they come from.
 
-    embedding: (512,) float32, unit norm (ArcFace IR-SE50). keypoints: (5, 2) float32 in source pixels.
-    arcface_crop: (112, 112, 3) uint8 RGB. reference_crop: (256, 256, 3) uint8 RGB or None (then the
-    Ref-adapter has no input). image_size: (width, height) of the source photo. score: detector score.
-    source: file name of the photo the crops come from ("" for in-memory images). num_faces: faces
-    found in that photo. box: (4,) face box x1, y1, x2, y2. detector: backend name. num_images: photos
-    combined into this identity.
+    embedding: (512,) float32 ArcFace IR-SE50 embedding (unit norm when made from a photo or by
+    ``from_embedding``; kept exactly as given otherwise, as the pipeline's ``face_embedding=`` is).
+    keypoints: (5, 2) float32 in source pixels. arcface_crop: (112, 112, 3) uint8 RGB. reference_crop:
+    (256, 256, 3) uint8 RGB or None (then the Ref-adapter has no input). image_size: (width, height) of
+    the source photo. score: detector score. source: file name of the photo the crops come from (""
+    for in-memory images). num_faces: faces found in that photo. box: (4,) face box x1, y1, x2, y2.
+    face_index: which of those faces, largest first (0 = the largest). detector: backend name.
+    num_images: photos combined into this identity (then ``extra["faces"]`` holds each photo's face).
     """
 
     embedding: np.ndarray
@@ -80,12 +69,17 @@ class FaceIdentity:
     detector: str = ""
     num_images: int = 1
     extra: dict = field(default_factory=dict)
+    face_index: Optional[int] = None
 
     def __post_init__(self):
+        if hasattr(self.embedding, "detach"):  # a torch tensor, wherever it lives
+            self.embedding = self.embedding.detach().float().cpu().numpy()
         emb = np.asarray(self.embedding, dtype=np.float32).reshape(-1)
-        if emb.shape != (EMBEDDING_DIM,):
-            raise InputError(f"face embedding must have {EMBEDDING_DIM} values, got {emb.size}")
-        self.embedding = _unit(emb)
+        if emb.shape != (EMBEDDING_DIM,) or not np.all(np.isfinite(emb)):
+            got = f"{emb.size} values" if emb.shape != (EMBEDDING_DIM,) else "NaN or infinite values"
+            raise InputError(f"face embedding must be {EMBEDDING_DIM} finite numbers (an ArcFace embedding), "
+                             f"got {got}")
+        self.embedding = emb
         if self.keypoints is not None:
             self.keypoints = np.asarray(self.keypoints, dtype=np.float32).reshape(5, 2)
         if self.box is not None:
@@ -93,6 +87,8 @@ class FaceIdentity:
         self.arcface_crop = _check_crop(self.arcface_crop, ARCFACE_SIZE, "arcface_crop")
         self.reference_crop = _check_crop(self.reference_crop, REFERENCE_SIZE, "reference_crop")
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+        if self.face_index is not None:
+            self.face_index = int(self.face_index)
 
     @classmethod
     def from_embedding(cls, embedding, reference_crop=None) -> "FaceIdentity":
@@ -104,7 +100,7 @@ class FaceIdentity:
             if ref.shape[:2] != (REFERENCE_SIZE, REFERENCE_SIZE):
                 raise InputError(f"reference_crop must be {REFERENCE_SIZE}x{REFERENCE_SIZE}, got "
                                  f"{ref.shape[1]}x{ref.shape[0]}; make it with lynx.face.align_reference")
-        return cls(embedding=np.asarray(embedding), reference_crop=ref, detector="precomputed")
+        return cls(embedding=_unit(embedding), reference_crop=ref, detector="precomputed")
 
     # -------------------------------------------------------------------------------- storage
 
@@ -127,6 +123,7 @@ class FaceIdentity:
             "num_faces": int(self.num_faces),
             "detector": self.detector,
             "num_images": int(self.num_images),
+            "face_index": self.face_index,
             "extra": self.extra,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +139,8 @@ class FaceIdentity:
         if not path.is_file() and path.with_name(path.name + ".safetensors").is_file():
             path = path.with_name(path.name + ".safetensors")
         if not path.is_file():
-            raise InputError(f"face identity file not found: {path} (make one with lynx.face.analyze(...).save)")
+            raise InputError(f"face identity file not found: {path} (make one with `lynx face PHOTO` or "
+                             f"FaceAnalyzer().analyze(PHOTO).save(PATH))")
         try:
             with safe_open(str(path), framework="numpy") as f:
                 meta_text = (f.metadata() or {}).get("lynx_face")
@@ -168,12 +166,42 @@ class FaceIdentity:
             detector=meta.get("detector", ""),
             num_images=int(meta.get("num_images", 1)),
             extra=meta.get("extra", {}),
+            face_index=meta.get("face_index"),
         )
 
     def similarity(self, other: "FaceIdentity | np.ndarray") -> float:
         """Cosine similarity of the two embeddings (1 = same direction)."""
-        v = other.embedding if isinstance(other, FaceIdentity) else _unit(other)
-        return float(np.dot(self.embedding, v))
+        v = other.embedding if isinstance(other, FaceIdentity) else other
+        return float(np.dot(_unit(self.embedding), _unit(v)))
+
+    def faces_used(self) -> list[dict]:
+        """Which face of which photo this identity comes from, one JSON-ready record per photo:
+        source, image_size, num_faces, face_index (0 = largest), box, size (px, the box's longer side),
+        score, detector. Empty for an identity made from an embedding."""
+        if "faces" in self.extra:
+            return [dict(r) for r in self.extra["faces"]]
+        if self.box is None:
+            return []
+        return [face_record(self.source, self.image_size, self.num_faces, self.face_index, self.box, self.score,
+                            self.detector)]
+
+
+def face_record(source: str, image_size, num_faces: int, face_index: int | None, box, score: float,
+                detector: str) -> dict:
+    """The record of one chosen face, as sidecars, the web API and ``describe`` report it."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return {"source": source, "image_size": [int(image_size[0]), int(image_size[1])], "num_faces": int(num_faces),
+            "face_index": None if face_index is None else int(face_index),
+            "box": [round(v, 1) for v in (x1, y1, x2, y2)], "size": round(max(x2 - x1, y2 - y1), 1),
+            "score": round(float(score), 4) if np.isfinite(score) else None, "detector": detector}
+
+
+def describe_face(record: dict) -> str:
+    """One line about a chosen face: which of how many, where and how big."""
+    x1, y1, x2, y2 = record["box"]
+    n, i = record["num_faces"], record["face_index"]
+    which = f"face {i} of {n}" + (" (the largest)" if i == 0 and n > 1 else "") if i is not None else f"{n} faces"
+    return f"{which}, box x {x1:.0f}-{x2:.0f}, y {y1:.0f}-{y2:.0f} ({x2 - x1:.0f}x{y2 - y1:.0f} px)"
 
 
 def _check_crop(crop, size: int, name: str):
@@ -185,36 +213,6 @@ def _check_crop(crop, size: int, name: str):
     return np.ascontiguousarray(arr)
 
 
-# ---------------------------------------------------------------------------------------- analysis
-
-
-def _resolve_arcface(arcface_weights, models_dir: Path, device) -> torch.nn.Module:
-    if isinstance(arcface_weights, torch.nn.Module):
-        return arcface_weights
-    path = Path(arcface_weights) if arcface_weights is not None else arcface_path(models_dir)
-    return load_arcface_cached(path, device)
-
-
-def _analyze_one(source: ImageLike, detector: FaceDetector, model: torch.nn.Module,
-                 face_index: Optional[int], min_face_size: float) -> FaceIdentity:
-    name = describe_source(source)
-    image = load_image(source)
-    faces = detector.detect(image)
-    face = select_face(faces, face_index=face_index, min_face_size=min_face_size, source=name)
-    arc = align_arcface(image, face.keypoints)
-    ref = align_reference(image, face.keypoints)
-    return FaceIdentity(
-        embedding=embed(model, arc),
-        keypoints=face.keypoints,
-        arcface_crop=arc,
-        reference_crop=ref,
-        image_size=(image.shape[1], image.shape[0]),
-        score=face.score,
-        source=name,
-        num_faces=len(faces),
-        box=face.box,
-        detector=detector.name,
-    )
 
 
 def combine(identities: Sequence[FaceIdentity],
@@ -222,15 +220,15 @@ def combine(identities: Sequence[FaceIdentity],
     """One identity from several photos of a person.
 
     The embedding is the re-normalised mean of the unit embeddings; keypoints, crops and the other
-    fields come from the photo with the best detector score. Warns (IdentityMismatchWarning) when a
-    photo's embedding is far from all the others.
+    fields come from the photo with the best detector score, and ``extra["faces"]`` records the face
+    used in each photo. Warns (IdentityMismatchWarning) when a photo's embedding is far from all the others.
     """
     ids = list(identities)
     if not ids:
         raise InputError("no face identities to combine")
     if len(ids) == 1:
         return ids[0]
-    embs = np.stack([i.embedding for i in ids])
+    embs = np.stack([_unit(i.embedding) for i in ids])
     sims = embs @ embs.T
     n = len(ids)
     odd = []
@@ -250,35 +248,10 @@ def combine(identities: Sequence[FaceIdentity],
         embedding=mean, keypoints=best.keypoints, arcface_crop=best.arcface_crop,
         reference_crop=best.reference_crop, image_size=best.image_size, score=best.score,
         source=best.source, num_faces=best.num_faces, box=best.box, detector=best.detector,
-        num_images=sum(i.num_images for i in ids),
-        extra={"sources": [i.source for i in ids], "min_pair_similarity": float(pairs.min())},
+        num_images=sum(i.num_images for i in ids), face_index=best.face_index,
+        extra={"sources": [i.source for i in ids], "min_pair_similarity": float(pairs.min()),
+               "faces": [r for i in ids for r in i.faces_used()]},
     )
-
-
-def analyze(images: ImageLike | Sequence[ImageLike], *, detector: str | FaceDetector = "auto",
-            arcface_weights: str | os.PathLike | torch.nn.Module | None = None,
-            models_dir: str | os.PathLike | None = None, face_index: int | None = None,
-            min_face_size: float = MIN_FACE_SIZE, device: str | torch.device = "cpu") -> FaceIdentity:
-    """Photo(s) of one person -> FaceIdentity.
-
-    images: a path, PIL image or RGB array, or a list of them (combined, see ``combine``).
-    detector: "auto" (insightface when buffalo_l/det_10g.onnx is found, else dlib), "insightface",
-    "dlib", "dlib-cnn" or a FaceDetector. arcface_weights: path of recognition_arcface_ir_se50.pth
-    (default <models_dir>/recognition_arcface_ir_se50.pth) or a loaded ArcFaceIRSE50 module.
-    face_index: which face when a photo has several (0 = largest, the default choice).
-    """
-    models_dir = Path(models_dir).expanduser() if models_dir is not None else face_models_dir()
-    if isinstance(images, (list, tuple)):
-        items = list(images)
-        if not items:
-            raise InputError("analyze() got an empty list of images")
-    else:
-        items = [images]
-    # Fail on a missing weight file before spending time on detection.
-    model = _resolve_arcface(arcface_weights, models_dir, device)
-    det = create_detector(detector, models_dir)
-    ids = [_analyze_one(item, det, model, face_index, min_face_size) for item in items]
-    return combine(ids)
 
 
 def describe(identity: FaceIdentity) -> str:
@@ -287,24 +260,30 @@ def describe(identity: FaceIdentity) -> str:
     if identity.detector == "precomputed":
         lines.append("precomputed ArcFace embedding (no photo analysed)")
     else:
-        src = identity.source or "(in-memory image)"
         w, h = identity.image_size
-        lines.append(f"photo: {src} ({w}x{h})")
+        lines.append(f"photo: {identity.source or '(in-memory image)'} ({w}x{h})")
         if identity.num_images > 1:
             lines.append(f"combined from {identity.num_images} photos; crops from the best-scoring one")
             sim = identity.extra.get("min_pair_similarity")
             if sim is not None:
                 lines.append(f"lowest similarity between two photos: {sim:.2f}")
-        faces = identity.num_faces
-        lines.append(f"faces found: {faces}" + ("; using the largest" if faces > 1 else ""))
-        if identity.box is not None:
-            x1, y1, x2, y2 = (float(v) for v in identity.box)
-            lines.append(f"face box: x {x1:.0f}-{x2:.0f}, y {y1:.0f}-{y2:.0f} ({x2 - x1:.0f}x{y2 - y1:.0f} px)")
-        if np.isfinite(identity.score):
-            lines.append(f"detector: {identity.detector}, score {identity.score:.2f}")
-        else:
-            lines.append(f"detector: {identity.detector}")
-    lines.append("embedding: 512-d ArcFace IR-SE50, unit norm")
+            for record in identity.faces_used():
+                lines.append(f"  {record['source'] or '(in-memory image)'}: {describe_face(record)}")
+        lines += face_lines(identity.num_faces, identity.face_index, identity.box, identity.score, identity.detector)
+    lines.append(f"embedding: 512-d ArcFace IR-SE50, norm {np.linalg.norm(identity.embedding):.2f}")
     lines.append("reference crop: " + ("256x256" if identity.reference_crop is not None
                                        else "none (the Ref-adapter will be skipped)"))
     return "\n".join(lines)
+
+
+def face_lines(num_faces: int, face_index: int | None, box, score: float, detector: str) -> list[str]:
+    """How many faces a photo has, which one is used, its box and the detector: lines for ``lynx face``."""
+    used = ""
+    if num_faces > 1 and face_index is not None:
+        used = f"; using face {face_index}" + (" (the largest)" if face_index == 0 else " (0 is the largest)")
+    lines = [f"faces found: {num_faces}{used}"]
+    if box is not None:
+        x1, y1, x2, y2 = (float(v) for v in box)
+        lines.append(f"face box: x {x1:.0f}-{x2:.0f}, y {y1:.0f}-{y2:.0f} ({x2 - x1:.0f}x{y2 - y1:.0f} px)")
+    lines.append(f"detector: {detector}" + (f", score {score:.2f}" if np.isfinite(score) else ""))
+    return lines

@@ -2,12 +2,15 @@
 
 Handles what real photos bring: EXIF orientation, grayscale, palette and alpha (composited on white),
 CMYK, 16-bit and float data, and files that are missing, corrupt or not images at all; each failure
-is an InputError that names the file.
+is an InputError that names the file. A large photo is held at most twice at once while it is read
+(Pillow's decoded image and the array), and Pillow's decompression-bomb warning becomes a log line.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -16,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
 
+log = logging.getLogger("lynx.face")
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 # Transparent pixels of cut-out portraits become white, the backdrop photos of people usually have.
@@ -36,16 +40,39 @@ def _open(path: Path) -> Image.Image:
     if path.is_dir():
         raise InputError(f"expected an image file, got a directory: {path}")
     try:
-        img = Image.open(path)
-        # Decoding is lazy; force it here so truncated files fail with a clear message.
-        img.load()
+        with warnings.catch_warnings():
+            # Large photos are expected (the crop is cut at full resolution); the size is logged below instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            # Decoding is lazy; force it here so truncated files fail with a clear message.
+            img.load()
     except Image.DecompressionBombError as exc:
-        raise InputError(f"{path} is too large to decode safely ({exc})") from exc
+        raise InputError(f"{path} is too large to decode safely ({exc}); save a smaller copy, e.g. 4000 px on "
+                         f"the longer side") from exc
     except UnidentifiedImageError as exc:
         raise InputError(f"{path} is not an image file Pillow can read (JPEG, PNG, WebP, ...)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{path} is a corrupt or truncated image: {exc}") from exc
+    w, h = img.size
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
+        log.info("%s is a very large photo (%dx%d, %.0f megapixels, %.1f GB decoded); faces are detected on a "
+                 "smaller copy and cropped from the full photo", path, w, h, w * h / 1e6, w * h * 3 / 1e9)
     return img
+
+
+# Pillow's array conversion serialises the whole image first; copying bands bounds the extra memory to one band.
+_BAND_BYTES = 16 << 20
+
+
+def _rgb_array(img: Image.Image) -> np.ndarray:
+    w, h = img.size
+    if w * h * 3 <= _BAND_BYTES:
+        return np.array(img, dtype=np.uint8)
+    out = np.empty((h, w, 3), np.uint8)
+    band = max(1, _BAND_BYTES // (w * 3))
+    for top in range(0, h, band):
+        out[top:top + band] = np.asarray(img.crop((0, top, w, min(h, top + band))))
+    return out
 
 
 def _composite_alpha(rgba: np.ndarray) -> np.ndarray:
@@ -55,9 +82,11 @@ def _composite_alpha(rgba: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _from_pil(img: Image.Image, name: str) -> np.ndarray:
+def _from_pil(img: Image.Image, name: str, owned: bool = False) -> np.ndarray:
+    """owned: the image was opened here, so it may be rotated in place (a caller's image is left as it was)."""
     try:
-        img = ImageOps.exif_transpose(img)
+        rotated = ImageOps.exif_transpose(img, in_place=owned)
+        img = img if owned else rotated
     except Exception:  # a broken EXIF block should not stop us; orientation is then as stored
         pass
     mode = img.mode
@@ -72,7 +101,7 @@ def _from_pil(img: Image.Image, name: str) -> np.ndarray:
     if mode != "RGB":
         # CMYK, YCbCr, LAB, HSV, L, 1, P: Pillow's own conversions are right for these.
         img = img.convert("RGB")
-    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+    return _rgb_array(img)
 
 
 def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
@@ -123,8 +152,7 @@ def load_image(source: ImageLike) -> np.ndarray:
     """
     name = describe_source(source)
     if isinstance(source, (str, os.PathLike)):
-        img = _open(Path(source).expanduser())
-        arr = _from_pil(img, name)
+        arr = _from_pil(_open(Path(source).expanduser()), name, owned=True)
     elif isinstance(source, Image.Image):
         try:
             source.load()

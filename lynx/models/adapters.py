@@ -15,7 +15,8 @@ extra inputs, so per-call inputs reach the processors as attributes that `condit
 sets around a transformer call. A processor's forward reads nothing per block (no index, no dict), so one
 compiled block serves all blocks and all steps. The adapters' keys and values, which do not change between
 denoising steps, are computed inside the first call (where offloading hooks have put the weights on the
-device) and kept in the `Conditioning` for the calls after it.
+device) and kept in the `Conditioning` for the calls after it; so are the text cross-attention's keys and values,
+once per prompt, when the conditionings of a generation share a `text_kv` store.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch import nn
 
 from ..constants import IP_LAYERS_FILE, REF_LAYERS_FILE, AdapterConfig, transformer_dims
 from ..errors import InputError
+from .context_parallel import cpu_ring_attention, needs_cpu_ring, whole_sequence
 
 
 @dataclass
@@ -46,6 +48,9 @@ class Conditioning:
         cache_kv: keep the adapters' keys and values after the first call (inference); off in training,
             where they depend on weights that change. Use one Conditioning per distinct input.
         packing: training only: how several samples share one sequence (see `lynx.training.objective`).
+        ref_blocks: the blocks whose Ref branch is on (None: every block).
+        text_kv: a dict shared by the conditionings of one generation: the cross-attention keys and values of
+            each prompt are computed at its first call and reused (None: computed at every call, as diffusers).
     """
 
     ip_tokens: torch.Tensor | None = None
@@ -54,12 +59,33 @@ class Conditioning:
     ref_scale: float = 1.0
     cache_kv: bool = True
     packing: object | None = None
+    ref_blocks: frozenset[int] | None = None
+    text_kv: dict | None = field(default=None, repr=False)
     _kv: dict = field(default_factory=dict, repr=False)
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     # Weightless RMSNorm over the full width, in the input dtype, as the lite weights were trained with.
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps).to(x.dtype)
+
+
+class LynxRegisters(nn.Module):
+    """Learned tokens appended to the identity tokens (`registers` [1, n, ip_dim] in the released files).
+
+    A module of their own, called in the forward, rather than a Parameter on the processor: offloading hooks
+    (accelerate's sequential offload, diffusers' leaf-level group offloading) attach to every module that holds
+    parameters directly and move that module's call arguments to the device. The processor's first argument is
+    the attention module itself, so a hook on the processor would move (or, with weights on the meta device,
+    fail to move) the whole attention; here the hooked module receives only the token tensor.
+    """
+
+    def __init__(self, num: int, dim: int, std: float):
+        super().__init__()
+        self.tokens = nn.Parameter(torch.randn(1, num, dim) * std)
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokens.to(source.dtype).expand(source.shape[0], -1, -1)
+        return torch.cat([source, tokens], dim=1)
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -77,18 +103,21 @@ class LynxAttnProcessor(nn.Module):
 
     In a self-attention (`branch="ref"`): `to_k_ref`, `to_v_ref` (Linear hidden->hidden, bias).
     In a cross-attention (`branch="ip"`): `to_k_ip`, `to_v_ip` (Linear ip_dim->hidden) and, when the
-    release has them, `registers` [1, n, ip_dim] appended to the identity tokens; keys normalised by the
-    block's `norm_k` (`key_norm="block"`, full) or a weightless RMSNorm over the width (`"rms"`, lite).
+    release has them, `registers` (`LynxRegisters`, [1, n, ip_dim]) appended to the identity tokens; keys normalised
+    by the block's `norm_k` (`key_norm="block"`, full) or a weightless RMSNorm over the width (`"rms"`, lite).
     `branch=None`: no weights; exactly diffusers' `WanAttnProcessor` (lite's odd blocks and self-attentions).
 
     Per-call inputs, set by `conditioning` / `recording` (never by hand): `source` (the branch's tokens or
-    this block's features), `kv` (their keys and values once computed), `scale`, `record` / `recorded`.
+    this block's features), `kv` (their keys and values once computed), `scale`, `text_kv` (a cross-attention's
+    keys and values of the call's prompt once computed) and `keep_text` (compute and keep them), `record` /
+    `recorded`.
     """
 
     _attention_backend = None
     _parallel_config = None
     # The attributes one call's inputs live in (saved and restored around nested `conditioning` blocks).
-    call_attributes: tuple[str, ...] = ("source", "kv", "scale")
+    call_attributes: tuple[str, ...] = ("source", "kv", "scale", "text_kv", "keep_text")
+    text_kv, keep_text = None, False
 
     def __init__(self, block: int, branch: str | None = None, hidden_dim: int = 0, in_dim: int | None = None,
                  bias: bool = True, num_registers: int = 0, key_norm: str = "block", key_norm_eps: float = 1e-5):
@@ -101,7 +130,7 @@ class LynxAttnProcessor(nn.Module):
             in_dim = in_dim or hidden_dim
             setattr(self, f"to_k_{branch}", nn.Linear(in_dim, hidden_dim, bias=bias))
             setattr(self, f"to_v_{branch}", nn.Linear(in_dim, hidden_dim, bias=bias))
-        self.registers = (nn.Parameter(torch.randn(1, num_registers, in_dim) / hidden_dim ** 0.5)
+        self.registers = (LynxRegisters(num_registers, in_dim, hidden_dim ** -0.5)
                           if branch == "ip" and num_registers else None)
         self.unbind()
         self.record, self.recorded = False, None
@@ -112,7 +141,8 @@ class LynxAttnProcessor(nn.Module):
         self.unbind()
         if self.branch == "ip" and cond.ip_tokens is not None and cond.ip_scale != 0:
             self.source, self.scale = cond.ip_tokens, float(cond.ip_scale)
-        elif self.branch == "ref" and cond.ref_features is not None and cond.ref_scale != 0:
+        elif (self.branch == "ref" and cond.ref_features is not None and cond.ref_scale != 0
+              and (cond.ref_blocks is None or self.block in cond.ref_blocks)):
             self.source, self.scale = cond.ref_features[self.block], float(cond.ref_scale)
         if self.source is not None and cond.cache_kv:
             self.kv = cond._kv.get((self.block, self.branch))
@@ -132,9 +162,14 @@ class LynxAttnProcessor(nn.Module):
         batch = query.shape[0]
         if key.shape[0] == 1 and batch > 1:
             key, value = key.expand(batch, *key.shape[1:]), value.expand(batch, *value.shape[1:])
-        out = dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
-                                    backend=self._attention_backend,
-                                    parallel_config=self._parallel_config if kind == "self" else None)
+        # Only the self-attention runs context parallel: the other kinds attend from the local queries to keys
+        # that every rank holds whole (text, identity tokens, reference features).
+        parallel = self._parallel_config if kind == "self" else None
+        if needs_cpu_ring(query, parallel):
+            out = cpu_ring_attention(query, key, value, mask, parallel)
+        else:
+            out = dispatch_attention_fn(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                        backend=self._attention_backend, parallel_config=parallel)
         return out.flatten(2, 3).type_as(query)
 
     def branch_kv(self, attn, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,8 +178,7 @@ class LynxAttnProcessor(nn.Module):
             k, v = attn.norm_k(self.to_k_ref(source)), self.to_v_ref(source)
         else:
             if self.registers is not None:
-                registers = self.registers.to(source.dtype).expand(source.shape[0], -1, -1)
-                source = torch.cat([source, registers], dim=1)
+                source = self.registers(source)
             k, v = self.to_k_ip(source), self.to_v_ip(source)
             k = attn.norm_k(k) if self.key_norm == "block" else _rms(k, self.key_norm_eps)
         return k.unflatten(2, (attn.heads, -1)), v.unflatten(2, (attn.heads, -1))
@@ -152,10 +186,15 @@ class LynxAttnProcessor(nn.Module):
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if self.record:  # the reference pass keeps what enters self-attention
             self.recorded = hidden_states
-        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        if encoder_hidden_states is not None and self.text_kv is not None:  # this prompt's K/V, computed before
+            query, (key, value) = attn.to_q(hidden_states), self.text_kv
+        else:
+            query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+            value = value.unflatten(2, (attn.heads, -1))
+            if encoder_hidden_states is not None and self.keep_text:
+                self.text_kv = (key, value)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
         plain_query = query  # the adapter branches attend without RoPE
         if rotary_emb is not None:
             query = _apply_rope(query, *rotary_emb)
@@ -254,10 +293,21 @@ _CALL_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def conditioning(module: nn.Module, cond: Conditioning | None):
+def conditioning(module: nn.Module, cond: Conditioning | None, text: torch.Tensor | None = None):
     """Make `cond` what the Lynx processors inside `module` (the transformer, or one block) read during the
-    calls inside the `with` block; None switches every branch off."""
+    calls inside the `with` block; None switches every branch off.
+
+    `text`: the prompt embedding the calls get; with `cond.text_kv`, its cross-attention keys and values are
+    kept there at the first call and reused by every later call with the same tensor.
+    """
     procs = list(processors(module))
+    text_kv = None
+    if cond is not None and cond.text_kv is not None and text is not None:
+        # Keyed by the tensor itself (kept alive in the entry, so its id cannot be reused by another).
+        entry = cond.text_kv.get(id(text))
+        if entry is None or entry[0] is not text:
+            entry = cond.text_kv[id(text)] = (text, {})
+        text_kv = entry[1]
     with _CALL_LOCK:
         saved = [(p, {a: getattr(p, a) for a in p.call_attributes}) for p in procs]
         for p in procs:
@@ -265,11 +315,15 @@ def conditioning(module: nn.Module, cond: Conditioning | None):
                 p.unbind()
             else:
                 p.bind(cond)
+            p.keep_text = text_kv is not None
+            p.text_kv = text_kv.get(p) if text_kv is not None else None
         try:
             yield cond
         finally:
             for p, previous in saved:
                 p.unbind(cond)
+                if text_kv is not None and p.text_kv is not None:
+                    text_kv[p] = p.text_kv
                 for name, value in previous.items():
                     setattr(p, name, value)
 
@@ -289,14 +343,18 @@ def recording(transformer: nn.Module):
             p.record, p.recorded = True, None
         try:
             yield recorded
+            # Under context parallelism each rank saw a shard of the sequence: every rank gets it whole.
+            recorded.extend(whole_sequence(p.recorded, p._parallel_config) for p in selfs if p.recorded is not None)
         finally:
-            recorded.extend(p.recorded for p in selfs if p.recorded is not None)
             for p in selfs:
                 p.record, p.recorded = False, None
 
 
 # ----- the released key layout -----------------------------------------------------------------------------
 _MODEL_KEY = re.compile(r"^blocks\.(\d+)\.attn([12])\.processor\.(.+)$")
+# Names that differ between a released file and the processor (file name -> name under the processor).
+_RENAMED = {"registers": "registers.tokens"}
+_UNRENAMED = {v: k for k, v in _RENAMED.items()}
 
 
 def official_state_dicts(transformer: nn.Module, state: dict[str, torch.Tensor] | None = None
@@ -314,7 +372,7 @@ def official_state_dicts(transformer: nn.Module, state: dict[str, torch.Tensor] 
         m = _MODEL_KEY.match(key)
         if m is None:
             continue
-        block, attn, name = int(m.group(1)), m.group(2), m.group(3)
+        block, attn, name = int(m.group(1)), m.group(2), _UNRENAMED.get(m.group(3), m.group(3))
         if attn == "1":
             files[REF_LAYERS_FILE][f"{block}.{name}"] = value
         else:
@@ -328,6 +386,7 @@ def model_keys(config: AdapterConfig, file_name: str, state: dict[str, torch.Ten
     out = {}
     for key, value in state.items():
         index, _, name = key.partition(".")
+        name = _RENAMED.get(name, name)
         if file_name == IP_LAYERS_FILE:
             out[f"blocks.{config.ip_blocks[int(index)]}.attn2.processor.{name}"] = value
         else:

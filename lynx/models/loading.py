@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 from ..constants import (
     ADAPTER_REPO,
     BASE_MODEL_REPO,
+    BASES_THAT_FIT,
     IP_LAYERS_FILE,
+    KNOWN_BASES,
     REF_LAYERS_FILE,
     RESAMPLER_FILE,
     AdapterConfig,
@@ -31,6 +33,8 @@ from .adapters import install_adapters, model_keys, official_state_dicts, proces
 from .resampler import Resampler, resampler_config_from_state_dict
 
 BASE_SUBFOLDERS = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
+# Wan2.2 A14B adds the low-noise expert; its model_index.json names it (and `boundary_ratio`).
+SECOND_EXPERT = "transformer_2"
 # Optional file our own training writes beside the official ones; the released dirs do not have it.
 ADAPTER_CONFIG_FILE = "lynx_config.json"
 
@@ -69,6 +73,16 @@ class BaseDirReport:
     found: dict[str, bool] = field(default_factory=dict)
     transformer_config: dict | None = None
     problems: list[str] = field(default_factory=list)
+    model_index: dict = field(default_factory=dict)
+
+    @property
+    def two_experts(self) -> bool:
+        """A Wan2.2 A14B base: high-noise `transformer` and low-noise `transformer_2`, switched at `boundary_ratio`."""
+        return (self.model_index.get(SECOND_EXPERT) or [None])[0] is not None
+
+    @property
+    def boundary_ratio(self) -> float | None:
+        return self.model_index.get("boundary_ratio")
 
     @property
     def ok(self) -> bool:
@@ -103,13 +117,61 @@ def inspect_base_dir(path) -> BaseDirReport:
         report.found[sub] = ok
         if not ok:
             report.problems.append(f"{folder} is missing or incomplete (needs its config and weights)")
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            report.model_index = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            report.problems.append(f"{index} is not valid JSON ({e})")
     cfg = path / "transformer" / "config.json"
     if cfg.is_file():
         try:
             report.transformer_config = json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
             report.problems.append(f"{cfg} is not valid JSON ({e})")
+    if report.two_experts:
+        folder = path / SECOND_EXPERT
+        ok = (folder / "config.json").is_file() and _has_weights(folder)
+        report.found[SECOND_EXPERT] = ok
+        if not ok:
+            report.problems.append(f"{folder} (the low-noise expert model_index.json names) is missing or "
+                                   "incomplete (needs its config and weights)")
+        elif report.transformer_config is not None:
+            second = json.loads((folder / "config.json").read_text())
+            if _shape(second) != _shape(report.transformer_config):
+                report.problems.append(f"{folder} is {_describe(second)} but transformer is "
+                                       f"{_describe(report.transformer_config)}: the two experts must match")
+        if report.boundary_ratio is None:
+            report.problems.append(f"{index} names {SECOND_EXPERT} but no boundary_ratio (where the experts switch)")
     return report
+
+
+def _shape(config: dict) -> tuple[int, int, int]:
+    return (*transformer_dims(config), config.get("in_channels", 16))
+
+
+def _describe(config: dict) -> str:
+    """'Wan2.2-TI2V-5B-shaped (30 blocks of width 3072, 48 latent channels)' for a transformer config."""
+    blocks, width, channels = _shape(config)
+    name = KNOWN_BASES.get((blocks, width, channels))
+    return (f"{name + '-shaped ' if name else ''}({blocks} blocks of width {width}, {channels} input channels)")
+
+
+def adapter_shape(adapter_dir) -> tuple[int | None, int | None]:
+    """(width, depth) the adapters of `adapter_dir` were made for, from the file headers alone (no tensor is
+    read); depth is None for lite (its ID layers sit on every second block). (None, None) when the files are
+    missing or damaged: `read_adapter_config` reports those."""
+    adapter_dir = Path(adapter_dir)
+    try:
+        with safe_open(str(adapter_dir / IP_LAYERS_FILE), framework="pt", device="cpu") as f:
+            width = f.get_slice("0.to_k_ip.weight").get_shape()[0]
+        depth = None
+        if (adapter_dir / REF_LAYERS_FILE).is_file():
+            with safe_open(str(adapter_dir / REF_LAYERS_FILE), framework="pt", device="cpu") as f:
+                depth = len({k.partition(".")[0] for k in f.keys()})
+    except Exception:  # missing or damaged files are reported, with their names, by read_adapter_config
+        return None, None
+    return width, depth
 
 
 def require_base_dir(path, adapter_dir=None) -> Path:
@@ -128,10 +190,35 @@ def require_base_dir(path, adapter_dir=None) -> Path:
     return report.path
 
 
+def check_base_fits(base_dir, adapter_dir=None) -> BaseDirReport:
+    """A checked base directory whose transformer(s) the Lynx adapters can act on; anything else (Wan2.2
+    TI2V-5B, Wan2.1-1.3B, an image-to-video model) is refused naming what it is and what fits."""
+    report = inspect_base_dir(require_base_dir(base_dir, adapter_dir))
+    config = report.transformer_config
+    what = f"{report.path} is {_describe(config)}"
+    if report.model_index.get("expand_timesteps"):
+        raise CheckpointError(f"{what}, a text-image-to-video model with per-frame timesteps; the Lynx adapters "
+                              f"act on text-to-video Wan: use {BASES_THAT_FIT}")
+    if config.get("in_channels", 16) != config.get("out_channels", 16) or config.get("image_dim"):
+        raise CheckpointError(f"{what}, an image-to-video model; the Lynx adapters act on text-to-video Wan: "
+                              f"use {BASES_THAT_FIT}")
+    if adapter_dir is not None:
+        width, depth = adapter_shape(adapter_dir)
+        blocks, base_width = transformer_dims(config)
+        if width is not None and (width != base_width or depth not in (None, blocks)):
+            made = f"{depth} blocks of width {width}" if depth else f"width {width}"
+            name = next((n for (b, w, c), n in KNOWN_BASES.items() if w == width and c == 16 and depth in (None, b)),
+                        None)
+            raise CheckpointError(f"{what}; the Lynx adapters in {adapter_dir} were made for a transformer of "
+                                  f"{made}" + (f" ({name})" if name else "") + f": use {BASES_THAT_FIT}, "
+                                  "or adapters made for this base")
+    return report
+
+
 def check_model_dirs(base_dir, adapter_dir) -> AdapterConfig:
     """Both directories checked against each other without loading a weight; raises with what to download."""
-    require_base_dir(base_dir, adapter_dir)
-    return read_adapter_config(adapter_dir, *transformer_shape(base_dir))[0]
+    report = check_base_fits(base_dir, adapter_dir)
+    return read_adapter_config(adapter_dir, *report.transformer_shape)[0]
 
 
 def transformer_shape(base_dir) -> tuple[int, int]:

@@ -1,6 +1,6 @@
 """Generation: `LynxPipeline` on diffusers' Wan components, and `GenerationSettings`, the knobs of one call."""
 
-from .pipeline_lynx import Identity, LynxPipeline, LynxPipelineOutput
+from .pipeline_lynx import LynxPipeline, LynxPipelineOutput
 from .settings import GenerationSettings
 
-__all__ = ["GenerationSettings", "Identity", "LynxPipeline", "LynxPipelineOutput"]
+__all__ = ["GenerationSettings", "LynxPipeline", "LynxPipelineOutput"]

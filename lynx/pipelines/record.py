@@ -25,7 +25,7 @@ from ..errors import LynxError
 from ..io.files import temporary
 from ..io.provenance import provenance_mark
 from ..io.video import encode_video, sidecar_path
-from .settings import GenerationSettings, settings_error
+from .settings import RESOLVED_NONE, GenerationSettings, settings_error
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,20 @@ class IdentityRecord(_Strict):
     identity_file: FileRecord | None = None
     embedding_file: FileRecord | None = None
     reference: FileRecord | None = None
+    faces: list[dict[str, Any]] = []  # the face used in each photo (`FaceIdentity.faces_used`): box, index, count
+
+
+class LoraRecord(_Strict):
+    path: str
+    scale: float
+
+
+class SpeedRecord(_Strict):
+    """How the model ran (the strength knobs are settings): preset, LoRAs, compilation."""
+
+    preset: Literal["exact", "fast", "turbo"] = "exact"
+    loras: list[LoraRecord] = []
+    compile: bool = False
 
 
 class BenchRecord(_Strict):
@@ -108,10 +122,14 @@ class GenerationRecord(GenerationSettings):
     provenance: dict[str, Any]  # the mark inside the video file (lynx.io.provenance)
     safety: dict[str, Any]  # the safety gate's verdict, or why it did not run (lynx.io.safety)
     bench: BenchRecord | None = None
+    speed: SpeedRecord = SpeedRecord()
+    experts: Literal["high", "both"] | None = None  # Wan2.2 A14B bases: which experts carry the adapters
+    context_windows: list[tuple[int, int]] | None = None  # a long video's windows, video-frame ranges [first, end)
 
     @model_validator(mode="after")
     def _resolved(self):
-        unset = [name for name in GenerationSettings.model_fields if getattr(self, name) is None]
+        unset = [name for name in GenerationSettings.model_fields
+                 if getattr(self, name) is None and name not in RESOLVED_NONE]
         if unset:
             raise ValueError(f"settings not resolved ({', '.join(unset)} unset)")
         return self
@@ -156,9 +174,12 @@ def generate_command(prompt: str, settings: GenerationSettings, identity: Identi
 def make_record(video, prompt: str, settings: GenerationSettings, *, variant: str, base, adapter, dtype, device,
                 source: str, safety: dict, photos=(), identity_file=None, embedding_file=None, reference=None,
                 seconds: float | None = None, peak_memory_gb: float | None = None, bench: BenchRecord | None = None,
-                command_extra: Sequence[str] = ()) -> GenerationRecord:
-    """The record of `video`, made with the resolved `settings` (a pipeline output's `.settings`)."""
-    identity = IdentityRecord(
+                command_extra: Sequence[str] = (), faces: Sequence[dict] = (), speed: dict | None = None,
+                experts: str | None = None, context_windows: Sequence | None = None) -> GenerationRecord:
+    """The record of `video`, made with the resolved `settings` (a pipeline output's `.settings`); `faces` as
+    `FaceIdentity.faces_used()`, `speed` a `SpeedRecord`'s fields, `context_windows` the video-frame windows
+    (recorded when there are several)."""
+    identity = IdentityRecord(faces=list(faces),
         images=[FileRecord.of(p) for p in photos],
         identity_file=FileRecord.of(identity_file) if identity_file else None,
         embedding_file=FileRecord.of(embedding_file) if embedding_file else None,
@@ -172,6 +193,8 @@ def make_record(video, prompt: str, settings: GenerationSettings, *, variant: st
                                  device=str(device), extra=command_extra),
         seconds=None if seconds is None else round(seconds, 2), peak_memory_gb=peak_memory_gb,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), source=source, bench=bench, safety=safety,
+        speed=SpeedRecord(**(speed or {})), experts=experts,
+        context_windows=[tuple(w) for w in context_windows] if context_windows and len(context_windows) > 1 else None,
         provenance=provenance_mark(base=base, adapter=adapter, variant=variant, seed=settings.seed))
 
 

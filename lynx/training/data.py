@@ -243,17 +243,20 @@ def fit_to_bucket(frames: np.ndarray, bucket: tuple[int, int], max_upscale: floa
 
 
 # ----- identity ---------------------------------------------------------------------------------------------------
-def face_identity_fn(detector: str = "auto", models_dir=None, device: str = "cpu") -> IdentityFn:
-    """The project's face analysis as prepare's identity step: frame -> (ArcFace embedding, 256x256 crop)."""
-    from .. import face
+def face_identity_fn(detector: str = "auto", models_dir=None, device: str = "cpu",
+                     face_analyzer=None) -> IdentityFn:
+    """The project's face analysis as prepare's identity step: frame -> (ArcFace embedding, 256x256 crop).
 
-    models = face_models_dir() if models_dir is None else Path(models_dir)
-    # Both models are loaded now, so missing weights are reported before any encoder is loaded.
-    det = face.create_detector(detector, models)
-    arcface = face.load_arcface(face.arcface_path(models), device)
+    The largest face of each frame is used, as the authors' insightface call did (face_index=0, no warning).
+    """
+    from ..face import FaceAnalyzer
+
+    # The models are loaded now, so missing weights are reported before any encoder is loaded.
+    analyzer = face_analyzer or FaceAnalyzer(detector, models_dir=face_models_dir() if models_dir is None
+                                             else Path(models_dir), device=device)
 
     def identify(frame: np.ndarray):
-        ident = face.analyze(frame, detector=det, arcface_weights=arcface, models_dir=models, device=device)
+        ident = analyzer.analyze(frame, face_index=0)
         return ident.embedding, ident.reference_crop
 
     return identify

@@ -5,13 +5,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
+from ...constants import EXPERTS
 from ...errors import InputError, LynxError, WeightsNotFoundError
 from ...io.files import check_writable, slug
 from ...pipelines.settings import GenerationSettings, flags, help_text, parse_text
 from ...pipelines.settings import flag as settings_flag
 from ...runtime import DTYPES, device_and_dtype
+
+# The preset names, spelled here so that building the parser imports no torch (lynx.pipelines.memory checks
+# them against its table).
+MEMORY_CHOICES = ("max", "48gb", "24gb", "24gb-blocks", "12gb")
 
 
 class Parser(argparse.ArgumentParser):
@@ -46,14 +52,20 @@ def settings_from_args(args) -> GenerationSettings:
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Where the weights are and how to run them: the same flags for `generate` and `serve`."""
-    p.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers directory (default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
+    p.add_argument("--base", help="Wan2.1-T2V-14B-Diffusers or Wan2.2-T2V-A14B-Diffusers directory "
+                                  "(default $LYNX_MODELS/Wan2.1-T2V-14B-Diffusers)")
+    p.add_argument("--experts", choices=EXPERTS, default="high",
+                   help="Wan2.2 A14B bases: the adapters act on the high-noise expert (default) or on both")
     p.add_argument("--adapter", help="lynx_full or lynx_lite directory (default $LYNX_MODELS/lynx_<variant>)")
     p.add_argument("--variant", choices=("full", "lite"), default="full", help="which default adapter dir to use")
     p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
+    p.add_argument("--memory", choices=MEMORY_CHOICES, default=None,
+                   help="GPU memory preset: max (80 GB), 48gb, 24gb (fp8 weights), 24gb-blocks (bf16 blocks "
+                        "streamed), 12gb (layers streamed); `lynx plan --memory NAME` predicts its peak")
     p.add_argument("--offload", action="store_true",
-                   help="less GPU memory: keep models on the CPU and move each to the GPU only while it runs")
+                   help="the same as --memory 48gb: each model visits the GPU only while it runs")
     p.add_argument("--vae-tiling", action="store_true", help="less memory when decoding: decode the video in tiles")
     p.add_argument("--detector", default="auto", help="face detector: auto, insightface, dlib, dlib-cnn")
     p.add_argument("--face-models", help="directory of face models (default $LYNX_FACE_MODELS or ~/.cache/lynx/face)")
@@ -78,13 +90,31 @@ def load_safety_gate(args, device):
                                notify=lambda notice: print(f"lynx {args.command}: {notice}", file=sys.stderr))
 
 
-def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False):
+def memory_choice(memory: str | None, offload: bool) -> str | None:
+    """The preset the options ask for (`--offload` is `48gb`), or None for the plain placement."""
+    if offload and memory not in (None, "48gb"):
+        raise InputError(f"--offload is the 48gb preset; give either --offload or --memory {memory}, not both")
+    return "48gb" if offload else memory
+
+
+def check_model_options(memory, device) -> None:
+    """What about the model options can fail before loading: the memory preset on this device."""
+    if memory is not None:
+        from ...pipelines.memory import check_preset
+
+        check_preset(memory, device)
+
+
+def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offload=False, vae_tiling=False,
+                  memory=None, experts="high"):
     """A LynxPipeline placed and tuned as the model options ask."""
     from ...pipelines.pipeline_lynx import LynxPipeline
 
-    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if offload else device)
-    if offload:  # each model visits the device only while it runs
-        pipe.enable_model_cpu_offload(device=device)
+    memory = memory_choice(memory, offload)
+    pipe = LynxPipeline.from_pretrained(base, adapter=adapter, torch_dtype=dtype, device=None if memory else device,
+                                        experts=experts)
+    if memory:
+        pipe.enable_memory_preset(memory, device)
     if vae_tiling:
         pipe.vae.enable_tiling()
     if attention_backend:
@@ -132,27 +162,70 @@ def _read_prompt(value: str) -> str:
     return value
 
 
-def _init_distributed(args) -> int | None:
-    """Under torchrun with --guidance-parallel: join the process group, one GPU per rank. Returns the rank."""
+def _parallel_layout(args, adapter_cfg, settings, base):
+    """Under torchrun: the mesh the processes will form, checked before any weight loads. None: one process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not (args.guidance_parallel or args.context_parallel):
+        if world > 1:
+            raise InputError("started by torchrun with several processes: add --guidance-parallel and/or "
+                             "--context-parallel ulysses|ring so they share the work (or run one process)")
+        return None
+    if world < 2:
+        if args.guidance_parallel:
+            raise InputError("--guidance-parallel needs several processes: "
+                             "torchrun --nproc-per-node 3 -m lynx generate ...")
+        return None  # one process holds the whole sequence
+    if args.context_parallel and (args.memory or args.offload):
+        raise InputError("--context-parallel keeps each rank's transformer on its own GPU: drop --memory/--offload "
+                         "(the sequence split already divides the activations; `lynx plan` shows what fits)")
+    if args.context_parallel and args.speed == "fast":
+        raise InputError("--speed fast uses a step cache, which would decide on each rank's shard of the sequence "
+                         "(ranks could skip different blocks): use --speed exact or turbo with --context-parallel")
+    from ...models.loading import inspect_base_dir
+    from ...pipelines.parallel import plan
+
+    g = settings.guidance_scale
+    branches = 1 if g <= 1 else 2 if settings.two_way else 3
+    return plan(world, args.context_parallel, args.cp_degree, args.guidance_parallel, branches,
+                inspect_base_dir(base).transformer_config, settings.height, settings.width,
+                min(settings.num_frames, settings.context_frames), adapter_cfg.use_ref and settings.ref_scale != 0)
+
+
+def _init_distributed(args) -> int:
+    """Join torchrun's process group, one GPU per rank. Returns the rank."""
     import os
 
     import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not args.guidance_parallel:
-        if world > 1:
-            raise InputError("started by torchrun with several processes: add --guidance-parallel so they share "
-                             "the work (or run one process)")
-        return None
-    if world < 2:
-        raise InputError("--guidance-parallel needs several processes: "
-                         "torchrun --nproc-per-node 3 -m lynx generate ...")
     import torch.distributed as dist
 
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available() and not (args.device or "").startswith("cpu")
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank()
+
+
+def check_face_index(value) -> None:
+    """--face-index is checked before anything loads; whether that face exists is known after detection."""
+    if value is not None and value < 0:
+        raise InputError(f"--face-index must be 0 or more (0 = the largest face), not {value}")
+
+
+def analyze_photos(analyzer, photos: list, face_index: int | None, command: str):
+    """FaceIdentity of the photos, with the several-faces warning worded for the command line."""
+    from ...face import SeveralFacesWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SeveralFacesWarning)
+        identity = analyzer.analyze(photos if len(photos) > 1 else photos[0], face_index=face_index)
+    for w in caught:
+        if isinstance(w.message, SeveralFacesWarning):
+            print(f"lynx {command}: warning: {w.message.message_for('--face-index N')}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return identity
 
 
 def _load_embedding(path: str):
@@ -181,6 +254,9 @@ def check_generate_args(args):
     args.prompt = _read_prompt(args.prompt)
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
+    if args.face_index is not None and not args.image:
+        raise InputError("--face-index chooses a face in --image photos; it does not apply to --identity or "
+                         "--embedding")
     sources = [bool(args.image), bool(args.identity), bool(args.embedding)]
     if sum(sources) != 1:
         raise InputError("give the person with exactly one of --image PHOTO..., --identity FILE (from `lynx face`) "
@@ -197,31 +273,50 @@ def check_generate_args(args):
         adapter_cfg = check_model_dirs(base, adapter)
     except WeightsNotFoundError as e:
         missing.append(str(e))
+    else:
+        from ...models.loading import inspect_base_dir
+
+        two_experts = inspect_base_dir(base).two_experts
+        if args.experts == "both" and not two_experts:
+            raise InputError(f"--experts both needs a two-expert base (Wan2.2-T2V-A14B); {base} has one transformer")
+        if typed.guidance_scale_2 is not None and not two_experts:
+            raise InputError(f"--guidance-2 is the low-noise expert's guidance; {base} has one transformer")
     if args.image:
         from ...face import arcface_missing
 
         missing += [m for m in [arcface_missing(args.face_models)] if m]
     if missing:
         raise WeightsNotFoundError("\n\n".join(missing))
-    settings = typed.resolve(adapter_cfg.variant)
-    for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x]:
+    from ...models.lora import parse_lora_spec
+
+    loras = [parse_lora_spec(spec) for spec in args.lora or []]
+    if args.speed == "turbo" and not loras:
+        raise InputError("--speed turbo needs a step-distill LoRA: add --lora FILE (e.g. lightx2v's Wan2.1-T2V-14B "
+                         "StepDistill-CfgDistill rank-32/64 LoRA)")
+    # A speed preset fills the knobs not given (`--speed turbo --steps 6`: six steps).
+    from ...pipelines.speed import preset_settings
+
+    settings = GenerationSettings(**{**preset_settings(args.speed), **typed.given()}).resolve(adapter_cfg.variant)
+    for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x] + \
+            [path for path, _ in loras]:
         if not Path(p).is_file():
             raise InputError(f"input file {p} does not exist")
     out = output_path(args, settings.seed)
     device, dtype = device_and_dtype(args.device, args.dtype)
     if args.attention_backend:
         check_attention_backend(args.attention_backend)
-    return base, adapter, adapter_cfg, settings, out, device, dtype
+    return base, adapter, adapter_cfg, settings, loras, out, device, dtype
 
 
 def cmd_generate(args) -> int:
-    base, adapter, adapter_cfg, settings, out, device, dtype = check_generate_args(args)
+    base, adapter, adapter_cfg, settings, loras, out, device, dtype = check_generate_args(args)
+    layout = _parallel_layout(args, adapter_cfg, settings, base)
     identity_kwargs = {}
     if args.image:
-        from ... import face
+        from ...face import FaceAnalyzer
 
-        identity_kwargs["identity"] = face.analyze(args.image if len(args.image) > 1 else args.image[0],
-                                                   detector=args.detector, models_dir=args.face_models)
+        analyzer = FaceAnalyzer(args.detector, models_dir=args.face_models)
+        identity_kwargs["identity"] = analyze_photos(analyzer, args.image, settings.face_index, "generate")
     elif args.identity:
         from ...face import FaceIdentity
 
@@ -233,14 +328,32 @@ def cmd_generate(args) -> int:
 
             identity_kwargs["reference_image"] = load_image(args.reference)
 
-    rank = _init_distributed(args)
+    faces_used = identity_kwargs["identity"].faces_used() if "identity" in identity_kwargs else []
+    from ...face.identity import describe_face
+
+    for record in faces_used:
+        print(f"face: {record['source'] or '(in-memory image)'}: {describe_face(record)}", file=sys.stderr)
+
+    memory = memory_choice(args.memory, args.offload)
+    rank = _init_distributed(args) if layout is not None else None
+    check_model_options(memory, device)
     gate = None if rank else load_safety_gate(args, device)  # the rank that writes the video checks it
-    print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device})", file=sys.stderr)
+    print(f"loading {base} + {adapter} ({adapter_cfg.variant}, {dtype}, {device}"
+          f"{f', memory preset {memory}' if memory else ''})", file=sys.stderr)
     pipe = load_pipeline(base, adapter, device=device, dtype=dtype, attention_backend=args.attention_backend,
-                         offload=args.offload, vae_tiling=args.vae_tiling)
+                         memory=memory, vae_tiling=args.vae_tiling, experts=args.experts)
+    if layout is not None:
+        from ...pipelines.parallel import lay_out
+
+        lay_out(pipe, layout)
+    video_windows = _windows(settings).video_windows(settings.num_frames)
+    if len(video_windows) > 1:
+        print(f"long video: {len(video_windows)} context windows of {settings.context_frames} frames, overlap "
+              f"{settings.context_overlap}, {settings.context_blend} blending", file=sys.stderr)
+    sigmas = speed_setup(pipe, args, loras, rank)
     started = time.time()
-    result = pipe(args.prompt, **identity_kwargs, **settings.model_dump(), output_type="np",
-                  guidance_parallel=True if rank is not None else None)
+    result = pipe(args.prompt, **identity_kwargs, **settings.model_dump(), output_type="np", sigmas=sigmas,
+                  guidance_parallel=True if rank is not None and args.guidance_parallel else None)
     frames = result.frames[0]
     seconds = time.time() - started
     if rank:  # every rank holds the same video; rank 0 writes it
@@ -254,32 +367,107 @@ def cmd_generate(args) -> int:
     record = make_record(
         out, args.prompt, result.settings, variant=adapter_cfg.variant, base=base, adapter=adapter, dtype=dtype,
         device=device, source="lynx generate", safety=safety, photos=args.image or [], identity_file=args.identity,
-        embedding_file=args.embedding, reference=args.reference, seconds=seconds)
+        embedding_file=args.embedding, reference=args.reference, seconds=seconds, faces=faces_used,
+        speed=speed_record(args, loras), experts=pipe.experts if pipe.transformer_2 is not None else None,
+        context_windows=video_windows, command_extra=model_command_flags(args))
     write_video(frames, out, record)
     print(out)
     return 0
 
 
-def _face_check_without_embedding(args, missing: Exception) -> int:
+def add_speed_options(p: argparse.ArgumentParser) -> None:
+    """LoRAs, the speed presets and compilation: how the model runs (the strength knobs are generation settings)."""
+    s = p.add_argument_group("speed")
+    s.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="a Wan2.1-T2V LoRA (diffusers, original Wan/lightx2v or kohya/ComfyUI layout); repeatable; "
+                        "off for the reference pass")
+    s.add_argument("--speed", choices=("exact", "fast", "turbo"), default="exact",
+                   help="exact: the authors' recipe; fast: SeaCache per guidance branch + identity guidance in "
+                        "the first 40%% of the steps; turbo: a step-distill --lora, 4 steps, guidance 1, lower "
+                        "Lynx strength. Generation settings given explicitly override the preset")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (regional, whole-graph); the first step is slow")
+
+
+def speed_setup(pipe, args, loras, rank):
+    """Apply --lora, --speed and --compile to `pipe` and print what each set; returns the preset's step grid
+    (None: the scheduler's own). The preset's knob values are in the settings already (`preset_settings`)."""
+    from ...pipelines import speed
+
+    lines = speed.load_loras(pipe, loras)
+    preset, more = speed.apply_speed(pipe, args.speed, loras)
+    lines += more
+    if args.compile:
+        speed.compile_transformer(pipe.transformer)
+        lines.append("compile: every transformer block compiled (torch.compile, fullgraph)")
+    if args.batch_branches and rank is not None:
+        lines.append("batch-branches: off under --guidance-parallel")
+    if rank is None or rank == 0:
+        for line in lines:
+            print(line, file=sys.stderr)
+    return preset.get("sigmas")
+
+
+def speed_record(args, loras) -> dict:
+    """The sidecar's "speed": the preset, the LoRAs with their scales, compilation."""
+    return {"preset": args.speed, "loras": [{"path": str(Path(p).resolve()), "scale": w} for p, w in loras],
+            "compile": args.compile}
+
+
+def _windows(settings):
+    from ...pipelines.windows import ContextWindows
+
+    return ContextWindows(frames=settings.context_frames, overlap=settings.context_overlap,
+                          blend=settings.context_blend)
+
+
+def given_flags(args, *adders, skip: tuple[str, ...] = ()) -> list[str]:
+    """The options of the `adders` groups given values other than their defaults, as flags again."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for add in adders:
+        add(parser)
+    flags_: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in skip:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or value is None:
+            continue
+        flag_ = action.option_strings[-1]
+        if action.nargs == 0:
+            flags_.append(flag_)
+        else:
+            for v in value if isinstance(action, argparse._AppendAction) else [value]:
+                flags_ += [flag_, str(v)]
+    return flags_
+
+
+def model_command_flags(args) -> list[str]:
+    """The model and speed options of this run, for the sidecar's equivalent command."""
+    return given_flags(args, add_model_options, add_speed_options,
+                       skip=("base", "adapter", "variant", "dtype", "device"))
+
+
+def _face_check_without_embedding(args, analyzer, missing: str) -> int:
     """Detection and crops need no download: show them, and say what the embedding still needs."""
     from PIL import Image
 
-    from ... import face
+    from ...face import SeveralFacesWarning
+    from ...face.identity import face_lines
 
-    det = face.create_detector(args.detector, args.face_models)
     out_dir = Path(args.out_dir)
     for photo in args.photos:
-        image = face.load_image(photo)
-        faces = det.detect(image)
-        chosen = face.detection.select_face(faces, face_index=args.face_index, source=str(photo))
-        x1, y1, x2, y2 = (float(v) for v in chosen.box)
-        print(f"photo: {photo} ({image.shape[1]}x{image.shape[0]})\nfaces found: {len(faces)}"
-              f"{'; using the largest' if len(faces) > 1 and args.face_index is None else ''}\n"
-              f"face box: x {x1:.0f}-{x2:.0f}, y {y1:.0f}-{y2:.0f}\ndetector: {det.name}, score {chosen.score:.2f}")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SeveralFacesWarning)
+            found = analyzer.find(photo, face_index=args.face_index)
+        for w in caught:
+            print(f"lynx face: warning: {w.message.message_for('--face-index N')}", file=sys.stderr)
+        w, h = found.image_size
+        print(f"photo: {photo} ({w}x{h})")
+        print("\n".join(face_lines(found.num_faces, found.index, found.face.box, found.face.score, found.detector)))
         if not args.no_save:
             name = slug(Path(photo).stem, 40)
-            for kind, crop in (("arcface112", face.align_arcface(image, chosen.keypoints)),
-                               ("reference256", face.align_reference(image, chosen.keypoints))):
+            for kind, crop in (("arcface112", found.arcface_crop), ("reference256", found.reference_crop)):
                 path = out_dir / f"{name}-{kind}.png"
                 if path.exists() and not args.overwrite:
                     raise InputError(f"{path} already exists; pass --overwrite to replace it")
@@ -292,16 +480,14 @@ def _face_check_without_embedding(args, missing: Exception) -> int:
 
 def cmd_face(args) -> int:
     from ... import face
-    from ...errors import WeightsNotFoundError
 
+    check_face_index(args.face_index)
     out_dir = Path(args.out_dir)
-    try:
-        identity = face.analyze(args.photos if len(args.photos) > 1 else args.photos[0], detector=args.detector,
-                                models_dir=args.face_models, face_index=args.face_index)
-    except WeightsNotFoundError as e:
-        if face.ARCFACE_FILE not in str(e):
-            raise
-        return _face_check_without_embedding(args, e)
+    missing = face.arcface_missing(args.face_models)
+    analyzer = face.FaceAnalyzer(args.detector, models_dir=args.face_models, embedding=missing is None)
+    if missing:
+        return _face_check_without_embedding(args, analyzer, missing)
+    identity = analyze_photos(analyzer, args.photos, args.face_index, "face")
     print(face.describe(identity))
     if args.no_save:
         return 0
@@ -377,6 +563,22 @@ def cmd_info(args) -> int:
     return status
 
 
+def cmd_plan(args) -> int:
+    from ...pipelines.memory import MEMORY_PRESETS, get_preset
+    from ...pipelines.plan import GIB, plan_memory
+
+    fits = []
+    for name in args.memory or list(MEMORY_PRESETS):
+        plan = plan_memory(name, args.variant, args.frames, args.height, args.width)
+        print(plan.table())
+        print(f"  meant for: {get_preset(name).gpu}\n")
+        if args.gpu_gib:  # the CUDA context comes on top of what torch allocates
+            fits.append(f"{name} {'fits' if plan.peak.total + 0.5 * GIB <= args.gpu_gib * GIB else 'does not fit'}")
+    if fits:
+        print(f"on a {args.gpu_gib:g} GiB card: " + ", ".join(fits))
+    return 0
+
+
 # Modules that add their own subcommands through a `register(subparsers)` function.
 COMMAND_MODULES: tuple[str, ...] = ("lynx.apps.cli.evaluate", "lynx.apps.cli.train", "lynx.apps.web.cli")
 
@@ -400,6 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_settings_options(g)
     g.add_argument("--guidance-parallel", action="store_true",
                    help="under torchrun: run the guidance branches on different GPUs (3 for full, 2 for lite)")
+    g.add_argument("--context-parallel", choices=("ulysses", "ring"),
+                   help="under torchrun: split the video sequence over GPUs (docs/multigpu.md)")
+    g.add_argument("--cp-degree", type=int, help="GPUs per sequence (default: all, or all / branches with "
+                                                 "--guidance-parallel)")
+    add_speed_options(g)
     g.set_defaults(func=cmd_generate)
 
     f = sub.add_parser("face", help="find the face in photo(s), write the crops and a reusable identity file")
@@ -408,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--name", help="base name of the written files (default: the first photo's name)")
     f.add_argument("--detector", default="auto")
     f.add_argument("--face-models")
-    f.add_argument("--face-index", type=int, help="pick this face (0 = largest) instead of the largest")
+    f.add_argument("--face-index", type=int, help="which face in a photo with several: 0 = the largest (default)")
     f.add_argument("--no-save", action="store_true", help="only print what was found")
     f.add_argument("--overwrite", action="store_true")
     f.set_defaults(func=cmd_face)
@@ -417,6 +624,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--base")
     i.add_argument("--adapter", nargs="*")
     i.set_defaults(func=cmd_info)
+
+    pl = sub.add_parser("plan", help="predict the peak GPU memory of each phase under a memory preset (no GPU needed)")
+    pl.add_argument("--memory", nargs="+", choices=MEMORY_CHOICES, help="preset(s) to plan (default: all)")
+    pl.add_argument("--variant", choices=("full", "lite"), default="full")
+    pl.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite)")
+    pl.add_argument("--height", type=int, help="default 480")
+    pl.add_argument("--width", type=int, help="default 832")
+    pl.add_argument("--gpu-gib", type=float, help="say which of the presets fit on a card of this many GiB")
+    pl.set_defaults(func=cmd_plan)
 
     import importlib
 

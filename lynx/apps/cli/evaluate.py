@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from ...constants import CONTEXT_WINDOW_FRAMES
 from ...errors import InputError
 
 STAGES = ("generate", "evaluate", "judge", "report")
@@ -52,6 +53,22 @@ def _evaluator_kwargs(args) -> dict:
                 arcface_weights=args.arcface_weights, insightface_model=args.insightface_model)
 
 
+def _sidecar(video: str) -> dict:
+    from ...io.video import sidecar_path
+
+    try:
+        record = json.loads(sidecar_path(video).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _sidecar_windows(video: str) -> list | None:
+    """The context windows (video-frame ranges) a long clip was made in, as its sidecar records them."""
+    windows = (_sidecar(video).get("context_windows") or {}).get("windows")
+    return windows if isinstance(windows, list) and len(windows) > 1 else None
+
+
 def _sidecar_photos(video: str) -> list[str]:
     """The photos a video's generation record names (none when it has no readable record)."""
     from ...pipelines.record import read_record
@@ -79,7 +96,8 @@ def cmd_eval(args) -> int:
         key = tuple(photos)
         if key not in refs:
             refs[key] = ev.reference(list(photos))
-        result = ev.evaluate(video, refs[key], every=args.every, max_frames=args.max_frames)
+        result = ev.evaluate(video, refs[key], every=args.every, max_frames=args.max_frames,
+                             windows=_sidecar_windows(video), segment_frames=args.segment_frames)
         print(format_evaluation(result))
         record = result.to_dict()
         if judge is not None:
@@ -142,6 +160,10 @@ def register(subparsers) -> None:
                    help="photo(s) of the person (default: the photos named in each video's .json sidecar)")
     e.add_argument("--json", help="also write the full per-frame results here")
     e.add_argument("--prompt", help="the video's prompt, for judge metrics")
+    e.add_argument("--segment-frames", type=int, default=CONTEXT_WINDOW_FRAMES,
+                   help="long clips: report the similarity per segment of this many frames (default "
+                        f"{CONTEXT_WINDOW_FRAMES}, one model window; 0: off). A clip made in context windows is cut "
+                        "at its windows (from its sidecar), and its window seams are measured")
     _add_face_args(e)
     _add_judge_args(e)
     e.set_defaults(func=cmd_eval)

@@ -1,10 +1,3 @@
-"""`lynx serve`: a local web page for Lynx, served by the standard library's HTTP server.
-
-`server.LynxWebApp` holds the pipeline (loaded once), the face check and the one running generation;
-`server.make_server` puts it behind a `ThreadingHTTPServer`; `static/index.html` is the page (vanilla JS,
-no build step). See docs/web.md.
-"""
-
-from .server import LynxWebApp, ServeConfig, make_server
-
-__all__ = ["LynxWebApp", "ServeConfig", "make_server"]
+"""The Gradio pages of Lynx: `lynx serve` (app.py: photos, face check, generate, gallery, saved identities) and
+`lynx study` (study.py: a blind rating study); cli.py registers both commands. Nothing here is imported until a
+page is served, so the other `lynx` commands start without Gradio. See docs/web.md."""

@@ -1,9 +1,82 @@
-"""`lynx serve`: start the local web page (registered into the `lynx` command through COMMAND_MODULES)."""
+"""`lynx serve` and `lynx study`: the Gradio pages, registered into the `lynx` command through COMMAND_MODULES."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import socket
 import sys
+from pathlib import Path
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def free_port(host: str) -> int:
+    """A port nobody listens on now (Gradio itself takes no port 0)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def open_page(page, host: str = "127.0.0.1", port: int = 0, *, share: bool = False, allowed: list[Path] = (),
+              max_upload_mb: int = 25) -> str:
+    """Queue and serve a page on host:port (0: a free port) in the background; returns its URL. Only the
+    `allowed` directories are served besides Gradio's own cache; uploads above `max_upload_mb` are refused."""
+    import gradio as gr
+
+    from ...errors import InputError
+
+    page.queue(default_concurrency_limit=4)
+    try:
+        _, url, share_url = page.launch(
+            server_name=host, server_port=port or free_port(host), share=share, allowed_paths=[str(p) for p in allowed],
+            max_file_size=f"{max_upload_mb}mb", ssr_mode=False, quiet=True, prevent_thread_lock=True,
+            footer_links=["api"], theme=gr.themes.Soft())
+    except OSError:
+        raise InputError(f"cannot listen on {host}:{port}: the port is taken or not allowed; pick another --port "
+                         "(0 picks a free one)") from None
+    return share_url or url
+
+
+def serve_until_stopped(page, args, what: str, allowed: list[Path]) -> None:
+    """`open_page` with the command's --host/--port/--share, then block until Ctrl+C."""
+    if args.host not in LOOPBACK or args.share:
+        where = "a public gradio.live link" if args.share else args.host
+        print(f"lynx {what}: listening on {where}: anyone who can reach it can use this page", file=sys.stderr)
+    url = open_page(page, args.host, args.port, share=args.share, allowed=allowed, max_upload_mb=args.max_upload_mb)
+    # Tests and scripts read this line to find the page.
+    print(f"lynx {what}: open {url} (Ctrl+C stops)", file=sys.stderr, flush=True)
+    try:
+        page.block_thread()
+    finally:
+        print(f"lynx {what}: stopped", file=sys.stderr)
+
+
+def _model_actions() -> list[argparse.Action]:
+    from ..cli import add_model_options
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_options(parser)
+    return [a for a in parser._actions if a.option_strings]
+
+
+def model_flags(args) -> list[str]:
+    """The model options `serve` was given, as flags `lynx generate` takes (both use add_model_options)."""
+    flags = []
+    for action in _model_actions():
+        value = getattr(args, action.dest, action.default)
+        if value != action.default:
+            flags += [action.option_strings[-1]] + ([] if action.nargs == 0 else [str(value)])
+    return flags
+
+
+def load_options(args) -> dict:
+    """The model options that `load_pipeline` takes, as its keywords: a model option added for `generate` reaches
+    `serve` with no change here."""
+    from ..cli import load_pipeline
+
+    accepted = inspect.signature(load_pipeline).parameters
+    return {a.dest: getattr(args, a.dest) for a in _model_actions() if a.dest in accepted}
 
 
 def port_number(text: str) -> int:
@@ -18,11 +91,9 @@ def port_number(text: str) -> int:
 
 
 def cmd_serve(args) -> int:
-    from pathlib import Path
-
     from ...io.files import check_writable
     from ...runtime import check_attention_backend, default_adapter_dir, default_base_dir, device_and_dtype
-    from .server import LynxWebApp, ServeConfig, make_server
+    from .app import LynxWebApp, ServeConfig, build_page
 
     # The machine and the output folder are checked before the port is bound or anything loads.
     device_and_dtype(args.device, args.dtype)
@@ -30,40 +101,54 @@ def cmd_serve(args) -> int:
         check_attention_backend(args.attention_backend)
     check_writable(Path(args.out_dir) / "photos" / "probe", flag="--out-dir")
 
-    config = ServeConfig(base=Path(args.base or default_base_dir()),
-                         adapter=Path(args.adapter or default_adapter_dir(args.variant)),
-                         out_dir=Path(args.out_dir), dtype=args.dtype, device=args.device,
-                         face_models=Path(args.face_models) if args.face_models else None,
-                         detector=args.detector, attention_backend=args.attention_backend,
-                         offload=args.offload, vae_tiling=args.vae_tiling,
-                         safety_check=not args.no_safety_check, safety_model=args.safety_model)
+    config = ServeConfig(
+        base=Path(args.base or default_base_dir()), adapter=Path(args.adapter or default_adapter_dir(args.variant)),
+        out_dir=Path(args.out_dir), face_models=Path(args.face_models) if args.face_models else None,
+        detector=args.detector, model_flags=model_flags(args), load_options=load_options(args),
+        safety_check=not args.no_safety_check, safety_model=Path(args.safety_model) if args.safety_model else None)
     app = LynxWebApp(config)
-    server = make_server(app, args.host, args.port)  # bind first: a busy port fails before any loading
     app.start()
     if app.missing():
         print(f"lynx serve: cannot generate yet; the page shows what to download:\n{app.missing()}\n",
               file=sys.stderr)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"lynx serve: listening on {args.host}: anyone who can reach this machine can use the GPU and "
-              f"see the videos in {config.out_dir}", file=sys.stderr)
-    # Tests and scripts read this line to find the port when --port 0 picked one.
-    print(f"lynx serve: open {server.url} (Ctrl+C stops)", file=sys.stderr, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("lynx serve: stopped", file=sys.stderr)
-    finally:
-        server.server_close()
-        app.close()
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    serve_until_stopped(build_page(app), args, "serve", [config.out_dir])
     return 0
+
+
+def cmd_study(args) -> int:
+    from .study import Study, build_study_page
+
+    study = Study(Path(args.dir), Path(args.db) if args.db else None)
+    if args.results:
+        print(study.results_markdown())
+        return 0
+    print(f"lynx study: {len(study.items)} videos from {len(study.methods)} methods; ratings in {study.db}",
+          file=sys.stderr)
+    serve_until_stopped(build_study_page(study), args, "study", [study.root])
+    return 0
+
+
+def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=port_number, default=port, help=f"default {port}; 0 picks a free port")
+    p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    p.add_argument("--max-upload-mb", type=int, default=25, help="largest accepted upload (default 25 MB)")
 
 
 def register(subparsers) -> None:
     from ..cli import add_model_options
 
-    s = subparsers.add_parser("serve", help="a local web page: upload a photo, check the face, generate, watch")
+    s = subparsers.add_parser("serve", help="a web page: photos, face check, prompt, settings, generate, gallery")
     add_model_options(s)
-    s.add_argument("--out-dir", default="outputs", help="videos, sidecars and uploaded photos (photos/) go here")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=port_number, default=7860, help="default 7860; 0 picks a free port")
+    s.add_argument("--out-dir", default="outputs",
+                   help="videos and sidecars; uploaded photos go to photos/, saved identities to faces/")
+    _add_server_options(s, 7860)
     s.set_defaults(func=cmd_serve)
+
+    t = subparsers.add_parser("study", help="a blind rating page over the videos in a directory (or a bench run)")
+    t.add_argument("dir", help="videos in <dir>/<method>/..., or a `lynx bench` output directory")
+    t.add_argument("--db", help="SQLite file of the ratings (default <dir>/study.sqlite)")
+    t.add_argument("--results", action="store_true", help="print the results table (Table 3 layout) and exit")
+    _add_server_options(t, 7861)
+    t.set_defaults(func=cmd_study)

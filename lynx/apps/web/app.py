@@ -1,0 +1,715 @@
+"""`lynx serve`: the Gradio page for Lynx, for one person or a small team on one GPU.
+
+`LynxWebApp` holds what lives as long as the server: the pipeline (loaded once, in the background), the face
+detector, the identities of photos already checked, and the lock that lets one generation use the GPU at a
+time. `build_page` lays it out as Gradio Blocks; Gradio's queue runs one generation at a time and shows the
+others their place, its cancel stops a generation between two denoising steps, and `gradio_client` drives the
+same events as an API (`/check_faces`, `/generate`, `/gallery`, `/show`, `/save_identity`). See docs/web.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import shlex
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from ...constants import SamplingConfig, sampling_defaults
+from ...errors import CheckpointError, InputError, LynxError, WeightsNotFoundError
+from ...io.files import atomic_write, slug
+from ...io.video import VIDEO_FORMATS, sidecar_path
+from ...runtime import device_and_dtype
+from ..cli import check_model_options, load_pipeline, memory_choice
+
+# Uploads: a phone photo is a few MB and at most ~50 MP; anything larger is refused before it is decoded.
+MAX_PHOTOS = 8
+MAX_PHOTO_MB = 25
+MAX_PHOTO_PIXELS = 50_000_000
+PHOTO_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp"}
+FROM_PHOTOS = ""  # the person dropdown's value for "the photos above" (identity names are slugs, never empty)
+IDENTITY_DIR = "faces"  # <out-dir>/faces/<name>.identity, where `lynx face` writes them by default
+
+
+class Cancelled(Exception):
+    """Raised in the step callback when the page (or an API client) cancelled the generation."""
+
+
+@dataclass
+class ServeConfig:
+    """What `lynx serve` was started with. `load_options` go to `load_pipeline` (device and dtype as the CLI
+    spells them); `model_flags` are the same options as `lynx generate` flags, for the equivalent command."""
+
+    base: Path
+    adapter: Path
+    out_dir: Path = Path("outputs")
+    face_models: Path | None = None
+    detector: str = "auto"
+    load_options: dict = field(default_factory=dict)
+    model_flags: list[str] = field(default_factory=list)
+    safety_check: bool = True  # the NSFW gate before a video is written (docs/safety.md)
+    safety_model: Path | None = None
+
+    def __post_init__(self):
+        self.base, self.adapter, self.out_dir = Path(self.base), Path(self.adapter), Path(self.out_dir)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One generation setting of the page. `key` is the pipeline's argument (and the API's parameter), `flag`
+    the `lynx generate` option (None: the page's own), `kind` how a form value is checked: int, float,
+    float? (empty allowed), text or choice. `field` makes the form field from the variant's default value."""
+
+    key: str
+    flag: str | None
+    kind: str
+    field: Callable[[object], gr.components.Component]
+    to_pipeline: bool = True  # False: used when writing the file, not by the pipeline call
+    choices: tuple = ()  # kind "choice": the accepted values
+    default: object = None  # for a setting the variant's SamplingConfig does not hold
+
+
+def _number(label, info=None, **kw):
+    # Made unrendered: the page places the fields in rows.
+    return lambda value: gr.Number(value, label=label, info=info, render=False, **kw)
+
+
+# The one list of settings: a new one (a preset too: kind "choice", a gr.Dropdown field) is one entry here;
+# the form, the API's parameters, the checks, the pipeline call, the sidecar and the command follow it.
+SETTINGS: tuple[Setting, ...] = (
+    Setting("negative_prompt", "--negative-prompt", "text",
+            lambda value: gr.Textbox(value, label="Negative prompt", lines=2, render=False)),
+    Setting("num_frames", "--frames", "int", _number("Frames", "4k+1", precision=0, minimum=1)),
+    Setting("height", "--height", "int", _number("Height", "multiple of 16", precision=0, minimum=16)),
+    Setting("width", "--width", "int", _number("Width", "multiple of 16", precision=0, minimum=16)),
+    Setting("num_inference_steps", "--steps", "int", _number("Steps", precision=0, minimum=1)),
+    Setting("seed", "--seed", "int", _number("Seed", precision=0, minimum=0)),
+    Setting("fps", "--fps", "int", _number("Frames per second", precision=0, minimum=1, maximum=240),
+            to_pipeline=False),
+    Setting("guidance_scale", "--guidance", "float", _number("Text guidance")),
+    Setting("guidance_scale_i", "--guidance-i", "float?", _number("Identity guidance", "empty: two-way guidance")),
+    Setting("ip_scale", "--ip-scale", "float", _number("ID scale")),
+    Setting("ref_scale", "--ref-scale", "float", _number("Ref scale", "full model only")),
+    # Strength windows (docs/speed.md): fractions of the denoising steps; the defaults are the authors' sampling.
+    Setting("ip_start", "--ip-start", "float", _number("ID from", "fraction of the steps"), default=0.0),
+    Setting("ip_end", "--ip-end", "float", _number("ID until", "0.6: identity in the first 60%"), default=1.0),
+    Setting("guidance_i_end", "--guidance-i-end", "float",
+            _number("Identity guidance until", "later steps run 2 passes"), default=1.0),
+    Setting("ref_start", "--ref-start", "float", _number("Ref from", "full model only"), default=0.0),
+    Setting("ref_end", "--ref-end", "float", _number("Ref until", "full model only"), default=1.0),
+    Setting("ref_blocks", "--ref-blocks", "text",
+            lambda value: gr.Textbox(value, label="Ref blocks", info='e.g. "0-20,35-39"; empty: all', render=False),
+            default=""),
+    Setting("format", None, "choice",
+            lambda value: gr.Radio(list(VIDEO_FORMATS), value=value, label="Format", render=False),
+            to_pipeline=False, choices=VIDEO_FORMATS, default=".mp4"),
+)
+
+
+STRENGTH_KEYS = ("ip_start", "ip_end", "guidance_i_end", "ref_start", "ref_end", "ref_blocks")
+
+
+def setting_defaults(d: SamplingConfig) -> dict:
+    """The value of every setting when nobody changes it: the variant's defaults."""
+    return {s.key: getattr(d, s.key, s.default) for s in SETTINGS}
+
+
+def settings_form(d: SamplingConfig) -> dict[str, gr.components.Component]:
+    """Every setting of `SETTINGS` as a form field with the variant's defaults, keyed by its name."""
+    return {s.key: s.field(value) for s, value in zip(SETTINGS, setting_defaults(d).values())}
+
+
+def draw_faces(image: np.ndarray, faces, chosen) -> np.ndarray:
+    """The photo with every detected face boxed: the one the model uses in green, the others in grey."""
+    from PIL import Image, ImageDraw
+
+    out = Image.fromarray(image)
+    draw = ImageDraw.Draw(out)
+    width = max(2, round(max(out.size) / 200))
+    for f in faces:
+        draw.rectangle([float(v) for v in f.box], outline=(0, 200, 0) if f is chosen else (160, 160, 160),
+                       width=width)
+    return np.asarray(out)
+
+
+def format_seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min"
+
+
+@dataclass
+class Run:
+    """One generation, shared between the page's event (which reports it) and the thread that makes it."""
+
+    settings: dict
+    photos: list[Path]
+    identity_file: Path | None
+    phase: str = "waiting for the GPU"
+    step: int = 0
+    started: float = field(default_factory=time.time)
+    first_step: float | None = None  # when step 1 ended: steps after it give the time per step
+    out: Path | None = None
+    record: dict | None = None
+    error: str | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def total(self) -> int:
+        return self.settings["num_inference_steps"]
+
+    def message(self) -> str:
+        if self.phase != "denoising":
+            return self.phase
+        text = f"step {self.step} of {self.total}"
+        if self.step >= 2:
+            per_step = (time.time() - self.first_step) / (self.step - 1)
+            text += f", {per_step:.1f} s per step, about {format_seconds(per_step * (self.total - self.step))} left"
+        return text
+
+
+class LynxWebApp:
+    """The server's state: model, face detector, checked identities, the GPU lock. Thread-safe."""
+
+    def __init__(self, config: ServeConfig, pipeline=None, face_analyzer=None):
+        self.config, self.out_dir, self.pipe = config, config.out_dir, pipeline
+        self.variant = pipeline.variant if pipeline is not None else \
+            ("lite" if config.adapter.name.endswith("lite") else "full")
+        self.model_state = "ready" if pipeline is not None else "checking"
+        self.model_error: str | None = None
+        self.loaded = threading.Event()
+        if pipeline is not None:
+            self.loaded.set()
+        self.gpu = threading.Lock()  # held by the generation thread; a cancelled one keeps it until it stops
+        self.face_lock = threading.Lock()  # guards building the analyzer and the identity cache
+        self.analyzer = face_analyzer  # a lynx.face.FaceAnalyzer, built on first use when not given
+        self.identities: dict[str, object] = {}  # photo SHA-256 -> FaceIdentity
+        self.gate, self.gate_loaded = None, False  # the safety classifier, loaded with the first video
+        # Called with the Run after every denoising step: a hook for embedding code, and where tests hold a run.
+        self.on_step = lambda run: None
+
+    # ----- the model ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Check the weights now; when nothing is missing, load the pipeline in a background thread."""
+        if self.pipe is not None:
+            return
+        from ...models.loading import check_model_dirs
+
+        try:
+            self.variant = check_model_dirs(self.config.base, self.config.adapter).variant
+            options = self.config.load_options  # a memory preset this machine cannot run: said before loading
+            check_model_options(memory_choice(options.get("memory"), options.get("offload", False)),
+                                device_and_dtype(options.get("device"), options.get("dtype"))[0])
+        except LynxError as e:
+            self.model_state = "missing" if isinstance(e, WeightsNotFoundError) else "error"
+            self.model_error = str(e)
+            self.loaded.set()
+            return
+        self.model_state = "loading"
+        threading.Thread(target=self._load, name="lynx-load", daemon=True).start()
+
+    def _load(self) -> None:
+        options = dict(self.config.load_options)
+        device, dtype = device_and_dtype(options.pop("device", None), options.pop("dtype", None))
+        print(f"lynx serve: loading {self.config.base} + {self.config.adapter} ({self.variant}, "
+              f"{str(dtype).removeprefix('torch.')}, {device})", file=sys.stderr, flush=True)
+        try:
+            self.pipe = load_pipeline(self.config.base, self.config.adapter, device=device, dtype=dtype, **options)
+            self.model_state = "ready"
+        except Exception as e:  # whatever it is, the page must say it, not only the log
+            if not isinstance(e, LynxError):
+                traceback.print_exc()
+            self.model_state, self.model_error = "error", f"the model could not be loaded: {e}"
+        finally:
+            self.loaded.set()
+
+    def safety_gate(self):
+        """The NSFW gate (called under the GPU lock); None when switched off, or absent after a notice."""
+        if not self.gate_loaded and self.config.safety_check:
+            from ...io.safety import load_safety_checker
+
+            self.gate = load_safety_checker(self.config.safety_model, device=self.pipe._execution_device,
+                                            notify=lambda m: print(f"lynx serve: {m}", file=sys.stderr, flush=True))
+        self.gate_loaded = True
+        return self.gate
+
+    @property
+    def defaults(self) -> SamplingConfig:
+        return sampling_defaults(self.variant)
+
+    def missing_arcface(self) -> str | None:
+        """What to download for the face embedding, looked for again on every call; None when it is there."""
+        from ...face import arcface_missing
+
+        return arcface_missing(self.config.face_models)
+
+    def missing(self) -> str | None:
+        """Every missing download at once, as `lynx generate` lists them; None when nothing is missing."""
+        parts = [self.model_error if self.model_state == "missing" else None, self.missing_arcface()]
+        return "\n\n".join(p for p in parts if p) or None
+
+    def status(self) -> str:
+        if self.model_state == "ready":
+            return (f"**Model ready**: Lynx {self.variant}, {str(self.pipe.transformer.dtype).removeprefix('torch.')} "
+                    f"on {self.pipe._execution_device}. Videos go to `{self.out_dir}`.")
+        if self.model_state == "error":
+            return f"**The model cannot generate**: {self.model_error}"
+        return {"missing": "**Weights missing**: the face check works; generating needs the downloads below.",
+                "loading": "**Loading the model** in the background; the face check works already."
+                }.get(self.model_state, self.model_state)
+
+    # ----- photos and faces ----------------------------------------------------------------------------
+    def store_photo(self, upload: str) -> tuple[Path, str]:
+        """Check an upload by its content and keep it as <out-dir>/photos/<sha256>.<ext>; also returns the name
+        it was uploaded as, which is only ever shown, never used in a path."""
+        from PIL import Image, UnidentifiedImageError
+
+        upload = Path(upload)
+        shown = upload.name
+        if upload.stat().st_size > MAX_PHOTO_MB << 20:
+            raise InputError(f"{shown} is larger than {MAX_PHOTO_MB} MB; use a smaller photo")
+        try:
+            with Image.open(upload) as im:  # reads the header only: the size is known before anything is decoded
+                kind, (w, h) = im.format, im.size
+        except Image.DecompressionBombError:
+            raise InputError(f"{shown} claims more pixels than any photo has; it is not decoded") from None
+        except (UnidentifiedImageError, OSError, ValueError):
+            kind, w, h = None, 0, 0
+        if kind not in PHOTO_FORMATS:
+            raise InputError(f"{shown} is not a JPEG, PNG, WebP or BMP photo")
+        if w * h > MAX_PHOTO_PIXELS:
+            raise InputError(f"{shown} is {w}x{h} pixels; at most {MAX_PHOTO_PIXELS // 10**6} million are accepted")
+        data = upload.read_bytes()
+        path = self.out_dir / "photos" / f"{hashlib.sha256(data).hexdigest()}{PHOTO_FORMATS[kind]}"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: tmp.write_bytes(data))
+        return path, shown
+
+    def _analyzer(self, embedding: bool):
+        """The page's FaceAnalyzer, built once; rebuilt with ArcFace once its file has appeared. Under face_lock."""
+        from ...face import FaceAnalyzer
+
+        if self.analyzer is None or (embedding and self.analyzer.arcface is None):
+            self.analyzer = FaceAnalyzer(self.config.detector, models_dir=self.config.face_models, embedding=embedding)
+        return self.analyzer
+
+    def identity_of(self, path: Path, shown: str):
+        """The FaceIdentity of a stored photo, analysed once (needs the ArcFace weights)."""
+        from ... import face
+
+        key = path.stem
+        with self.face_lock:
+            if key not in self.identities:
+                if len(self.identities) >= 256:  # each holds its crops: keep memory bounded on a long-running server
+                    self.identities.clear()
+                try:
+                    # The page has no way to choose a face yet: the largest is used, and the record says which.
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", face.SeveralFacesWarning)
+                        self.identities[key] = self._analyzer(True).analyze(path)
+                except LynxError as e:  # the face code names the stored file; the person knows their own name
+                    raise type(e)(str(e).replace(str(path), shown)) from None
+            return self.identities[key]
+
+    def check_faces(self, uploads):
+        """Photos -> (gallery of boxed photos and 256x256 crops, a summary). Needs no model and no download."""
+        from ... import face
+
+        uploads = uploads or []
+        if len(uploads) > MAX_PHOTOS:
+            raise InputError(f"at most {MAX_PHOTOS} photos of one person, got {len(uploads)}")
+        gallery, lines, people = [], [], []
+        embedding = self.missing_arcface() is None
+        for upload in uploads:
+            try:
+                path, shown = self.store_photo(upload)
+                image = face.load_image(path)
+                with self.face_lock:
+                    analyzer = self._analyzer(embedding)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", face.SeveralFacesWarning)  # the summary line says it
+                    try:
+                        found = analyzer.find(path)
+                    except LynxError as e:  # the face code names the stored file; the person knows their own name
+                        raise type(e)(str(e).replace(str(path), shown)) from None
+                faces, chosen = found.faces, found.face
+                if embedding:
+                    people.append(self.identity_of(path, shown))
+            except LynxError as e:
+                lines.append(f"- **{Path(upload).name}**: {e}")
+                continue
+            gallery += [(draw_faces(image, faces, chosen), f"{shown}: {len(faces)} face(s)"),
+                        (found.reference_crop, f"{shown}: the 256x256 crop the model sees")]
+            x1, y1, x2, y2 = (round(float(v)) for v in chosen.box)
+            lines.append(f"- **{shown}**: {len(faces)} face(s) found"
+                         f"{', using the largest (green)' if len(faces) > 1 else ''}; box x {x1}-{x2}, y {y1}-{y2}, "
+                         f"score {chosen.score:.2f}")
+        if len(people) > 1:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                combined = face.combine(people)
+            lines.append(f"- {len(people)} photos make one identity; lowest similarity between two: "
+                         f"{combined.extra['min_pair_similarity']:.2f}")
+            lines += [f"- warning: {w.message}" for w in caught]
+        if uploads and not embedding:
+            lines.append(f"\nThe face check works, but a video also needs the face embedding:\n\n"
+                         f"```\n{self.missing_arcface()}\n```")
+        return gallery, "\n".join(lines)
+
+    def identity_names(self) -> list[str]:
+        folder = self.out_dir / IDENTITY_DIR
+        return sorted(p.stem for p in folder.glob("*.identity")) if folder.is_dir() else []
+
+    def save_identity(self, uploads, name: str) -> str:
+        """Analyse the photos into one identity and keep it as <out-dir>/faces/<name>.identity; returns the name."""
+        from ... import face
+
+        name = slug(name or "", 40, fallback="")
+        if not name:
+            raise InputError("give the identity a name (letters and digits)")
+        if not uploads:
+            raise InputError("no photo: upload photos of the person first")
+        if self.missing_arcface():
+            raise WeightsNotFoundError(self.missing_arcface())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", face.IdentityMismatchWarning)  # the face check has shown it already
+            identity = face.combine([self.identity_of(*self.store_photo(u)) for u in uploads])
+        path = self.out_dir / IDENTITY_DIR / f"{name}.identity"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            raise InputError(f"an identity named {name!r} exists already; choose another name") from None
+        try:
+            identity.save(path)
+        except BaseException:
+            path.unlink()  # the claimed, still empty name
+            raise
+        return name
+
+    # ----- generation ----------------------------------------------------------------------------------
+    def prepare(self, uploads, person: str, prompt: str, values: dict) -> Run:
+        """Check a request against the model state and the settings (those not in `values` take the variant's
+        defaults); the returned Run is ready to start."""
+        from ...pipelines.pipeline_lynx import check_video_size
+        from ...pipelines.speed import Strength
+
+        if self.model_state == "error":
+            raise CheckpointError(self.model_error)
+        if self.missing():
+            raise WeightsNotFoundError(self.missing())
+        if not (prompt or "").strip():
+            raise InputError("the prompt is empty: describe what the person should do")
+        s = {"prompt": prompt.strip()}
+        values = {**setting_defaults(self.defaults), **values}
+        for setting in SETTINGS:
+            key, value, kind = setting.key, values[setting.key], setting.kind
+            if kind == "text":
+                value = (value or "").strip() or None
+            elif kind == "int":
+                if value is None or value != int(value):
+                    raise InputError(f"{key} must be a whole number, got {value!r}")
+                value = int(value)
+            elif kind in ("float", "float?") and value is not None:
+                value = float(value)
+            elif kind == "float":
+                raise InputError(f"{key} needs a value (default {setting_defaults(self.defaults)[key]})")
+            elif kind == "choice" and value not in setting.choices:
+                raise InputError(f"{key} must be one of {', '.join(map(str, setting.choices))}, not {value!r}")
+            s[key] = value
+        check_video_size(s["height"], s["width"], s["num_frames"])
+        Strength(**{k: s[k] for k in ("ip_start", "ip_end", "ref_start", "ref_end", "guidance_i_end")})  # checks
+        if s["num_inference_steps"] < 1 or s["seed"] < 0 or not 1 <= s["fps"] <= 240:
+            raise InputError("steps must be at least 1, the seed 0 or more, and fps between 1 and 240")
+        if person:
+            identity_file = self.out_dir / IDENTITY_DIR / f"{person}.identity"
+            if person not in self.identity_names():
+                raise InputError(f"no saved identity named {person!r}; save one from photos first")
+            return Run(s, [], identity_file)
+        if not uploads:
+            raise InputError("no photo: upload a photo of the person, or pick a saved identity")
+        if len(uploads) > MAX_PHOTOS:
+            raise InputError(f"at most {MAX_PHOTOS} photos of one person, got {len(uploads)}")
+        return Run(s, [self.store_photo(u)[0] for u in uploads], None)
+
+    def claim_output(self, run: Run) -> Path:
+        """`<person>-<prompt>-s<seed>.<fmt>` in the output directory, made unique (-2, -3, ...) and claimed at
+        once with an empty file: an existing video, from here or the CLI, is never replaced."""
+        s = run.settings
+        who = run.identity_file.stem if run.identity_file else "person"
+        stem = f"{slug(who, 24)}-{slug(s['prompt'])}-s{s['seed']}"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 10_000):
+            path = self.out_dir / f"{stem}{'' if n == 1 else f'-{n}'}{s['format']}"
+            if sidecar_path(path).exists():
+                continue
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                return path
+            except FileExistsError:
+                continue
+        raise InputError(f"no free file name for {stem} in {self.out_dir}")
+
+    def run(self, run: Run) -> None:
+        """Make the video of a prepared Run (in a thread of its own); ends with run.done set."""
+        from ... import face
+        from ...io.provenance import provenance_mark
+        from ...io.safety import unchecked
+        from ...io.video import generation_record, save_video, write_sidecar
+
+        try:
+            with self.gpu:
+                run.phase = "waiting for the model to load"
+                self.loaded.wait()
+                if self.pipe is None:
+                    raise CheckpointError(self.model_error or "the model is not loaded")
+                run.phase = "analysing the face"
+                if run.identity_file:
+                    identity = face.FaceIdentity.load(run.identity_file)
+                else:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", face.IdentityMismatchWarning)  # shown by the face check
+                        identity = face.combine([self.identity_of(p, p.name) for p in run.photos])
+                if run.stop.is_set():
+                    raise Cancelled
+                run.out = self.claim_output(run)
+                s = run.settings
+                run.phase = "encoding the prompt and the face"
+                call = {k.key: s[k.key] for k in SETTINGS if k.to_pipeline}
+                frames = self.pipe(s["prompt"], identity=identity, **call, output_type="np",
+                                   callback_on_step_end=lambda *a: self._step(run)).frames[0]
+                run.phase = "safety check"
+                gate = self.safety_gate()  # a refusal (UnsafeVideoError) ends the run before anything is written
+                safety = gate.check(frames) if gate else \
+                    unchecked("no classifier" if self.config.safety_check else "switched off")
+                run.phase = "writing the video"
+                mark = provenance_mark(base=self.config.base, adapter=self.config.adapter, variant=self.variant,
+                                       seed=s["seed"])
+                save_video(frames, run.out, s["fps"], mark=mark)
+                knobs = {"prompt": s["prompt"], **call}
+                run.record = generation_record(
+                    run.out, frames, s["fps"], knobs, self.defaults, variant=self.variant,
+                    dtype=self.pipe.transformer.dtype, device=self.pipe._execution_device, base=self.config.base,
+                    adapter=self.config.adapter, photos=run.photos, seconds=time.time() - run.started,
+                    command=self.command(run), source="lynx serve",
+                    identity={"identity_file": str(run.identity_file) if run.identity_file else None,
+                              "faces": identity.faces_used()},
+                    provenance=mark, safety=safety, speed=self.strength_record(s))
+                write_sidecar(run.out, run.record)
+                print(f"lynx serve: wrote {run.out}", file=sys.stderr, flush=True)
+        except Cancelled:
+            run.error = "cancelled"
+            if self.pipe is not None:
+                self.pipe.maybe_free_model_hooks()  # what the pipeline does after a finished call (offloading)
+        except LynxError as e:
+            run.error = str(e)
+        except Exception as e:  # the traceback stays in the terminal, the page gets a sentence
+            traceback.print_exc()
+            run.error = f"internal error ({type(e).__name__}: {e}); the server's terminal has the details"
+        finally:
+            if run.record is None and run.out is not None and run.out.is_file() and run.out.stat().st_size == 0:
+                run.out.unlink()  # the claimed name, never filled
+            run.done.set()
+
+    def _step(self, run: Run) -> dict:
+        run.step += 1
+        run.first_step = run.first_step or time.time()
+        run.phase = "denoising" if run.step < run.total else "decoding the video"
+        self.on_step(run)
+        if run.stop.is_set():
+            raise Cancelled
+        return {}
+
+    def strength_record(self, s: dict) -> dict:
+        """The sidecar's "speed" entry, as `lynx generate` writes it: the strength windows not at their default."""
+        defaults = setting_defaults(self.defaults)
+        return {"preset": "exact", **{k: s[k] for k in STRENGTH_KEYS if s[k] not in (None, defaults[k])}}
+
+    def command(self, run: Run) -> str:
+        """The `lynx generate` line that makes the same video from a terminal."""
+        s = run.settings
+        who = ["--identity", str(run.identity_file)] if run.identity_file else ["--image", *map(str, run.photos)]
+        argv = ["lynx", "generate", *who, "--prompt", s["prompt"], "--base", str(self.config.base),
+                "--adapter", str(self.config.adapter), *self.config.model_flags]
+        defaults = setting_defaults(self.defaults)
+        for key, flag in ((k.key, k.flag) for k in SETTINGS if k.flag):
+            value, default = s[key], defaults[key]
+            if key == "guidance_scale_i" and value is None and default is not None:
+                value = -1  # the CLI's two-way guidance
+            if value is not None and (value != default or key == "seed"):  # a default needs no flag
+                argv += [flag, str(value)]
+        if self.config.face_models:
+            argv += ["--face-models", str(self.config.face_models)]
+        if self.config.detector != "auto":
+            argv += ["--detector", self.config.detector]
+        return " ".join(shlex.quote(a) for a in argv + ["--out", str(run.out)])
+
+    # ----- the output directory ------------------------------------------------------------------------
+    def videos(self, limit: int = 100) -> list[Path]:
+        """Videos in the output directory that have a sidecar (this server's and the CLI's), newest first."""
+        if not self.out_dir.is_dir():
+            return []
+        found = [p for p in self.out_dir.iterdir() if p.suffix in VIDEO_FORMATS and p.is_file()
+                 and p.stat().st_size > 0 and sidecar_path(p).is_file()]
+        return sorted(found, key=lambda p: -p.stat().st_mtime)[:limit]
+
+    def show(self, name: str):
+        """The result panel for a video of the output directory, by its file name."""
+        path = next((p for p in self.videos(10_000) if p.name == name), None)
+        if path is None:
+            raise InputError(f"no video named {name!r} with a sidecar in the output directory")
+        record = json.loads(sidecar_path(path).read_text())
+        is_mp4 = path.suffix == ".mp4"
+        about = (f"**{path.name}**: {record.get('width')}x{record.get('height')}, {record.get('num_frames')} frames "
+                 f"at {record.get('fps')} fps, seed {record.get('seed')}, {record.get('num_inference_steps')} steps, "
+                 f"made in {format_seconds(record.get('seconds') or 0)}\n\n> {record.get('prompt')}")
+        return (gr.update(value=str(path) if is_mp4 else None, visible=is_mp4),
+                gr.update(value=None if is_mp4 else str(path), visible=not is_mp4),
+                about, json.dumps(record, indent=2), record.get("command", ""),
+                gr.update(value=str(path), visible=True))
+
+
+def _errors_as_messages(fn):
+    """An event handler whose LynxErrors reach the page's error box (and API clients) with the CLI's message."""
+    if inspect.isgeneratorfunction(fn):
+        def wrapped(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except LynxError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+    else:
+        def wrapped(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except LynxError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+    # Gradio reads parameter names (the API's) and a gr.Progress default from the signature.
+    wrapped.__signature__, wrapped.__name__ = inspect.signature(fn), fn.__name__
+    return wrapped
+
+
+def build_page(app: LynxWebApp) -> gr.Blocks:
+    """The page: photos and face check, prompt and settings, generate/cancel with progress, result, gallery."""
+    identities = lambda value=None: gr.update(  # noqa: E731
+        choices=[("the photos above", FROM_PHOTOS)] + [(n, n) for n in app.identity_names()],
+        **({} if value is None else {"value": value}))
+    with gr.Blocks(title="Lynx", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as page:
+        gr.Markdown("# Lynx: a video of a person from a photo and a prompt")
+        status = gr.Markdown()
+        missing = gr.Markdown(visible=False)
+        with gr.Row():
+            with gr.Column():
+                photos = gr.File(label=f"Photos of one person (up to {MAX_PHOTOS})", file_count="multiple",
+                                 file_types=["image"], elem_id="photos")
+                faces = gr.Gallery(label="Faces found (green: the one used) and the crops the model sees",
+                                   columns=4, height=260, format="png", elem_id="faces")
+                face_report = gr.Markdown(elem_id="face-report")
+                # Custom values: API clients name identities saved after the page was built (checked here).
+                person = gr.Dropdown(label="Person: the photos above, or a saved identity", value=FROM_PHOTOS,
+                                     allow_custom_value=True, choices=[("the photos above", FROM_PHOTOS)],
+                                     elem_id="person")
+                with gr.Accordion("Save the photos as an identity", open=False):
+                    with gr.Row():
+                        identity_name = gr.Textbox(show_label=False, placeholder="name", scale=3)
+                        save = gr.Button("Save identity", scale=1)
+                prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
+                                    placeholder="A person carves a pumpkin on a porch in the evening.")
+                with gr.Accordion("Settings", open=False):
+                    form = settings_form(app.defaults)
+                    fields = list(form.values())
+                    for row in [fields[:1]] + [fields[i:i + 3] for i in range(1, len(fields), 3)]:
+                        with gr.Row():
+                            for f in row:
+                                f.render()
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            with gr.Column():
+                progress_text = gr.Markdown(elem_id="progress")
+                video = gr.Video(label="Video", autoplay=True, loop=True, interactive=False, elem_id="result-video")
+                image = gr.Image(label="Video", visible=False, type="filepath", interactive=False)
+                about = gr.Markdown(elem_id="result-settings")
+                download = gr.DownloadButton("Download", visible=False, elem_id="download")
+                command = gr.Code(label="The same video from a terminal", language="shell", interactive=False,
+                                  wrap_lines=True)
+                with gr.Accordion("Sidecar: settings, models, versions", open=False):
+                    # Code, not gr.JSON: that would take the sidecar's {"path": ...} photos for files to serve.
+                    sidecar = gr.Code(show_label=False, language="json", interactive=False)
+        with gr.Accordion("Videos in the output directory"):
+            with gr.Row():
+                shown = gr.Dropdown(label="Show", choices=[], value=None, allow_custom_value=True, scale=4)
+                refresh = gr.Button("Refresh", size="sm", scale=1)
+            gallery = gr.Gallery(show_label=False, columns=6, height=320, allow_preview=False, elem_id="gallery")
+            listed = gr.State([])  # the gallery's names, in its order
+        result = [video, image, about, sidecar, command, download]
+
+        def page_status():
+            text = app.missing()
+            return (app.status(), gr.update(value=f"### What to download, and where\n```\n{text}\n```",
+                                             visible=bool(text)), identities())
+
+        def check_faces(photos):
+            return app.check_faces(photos)
+
+        def save_identity(photos, name):
+            name = app.save_identity(photos, name)
+            return identities(name), f"Saved as `{IDENTITY_DIR}/{name}.identity`: pick it under Person next time."
+
+        def gallery_items():
+            names = [p.name for p in app.videos()]
+            return [(str(app.out_dir / n), n) for n in names], names, gr.update(choices=names)
+
+        def pick(names, evt: gr.SelectData):
+            return names[evt.index]
+
+        def show(name):
+            return app.show(name) if name else [gr.skip()] * len(result)
+
+        keys = list(form)
+
+        def run(photos, person, prompt, *values, progress=gr.Progress()):
+            job = app.prepare(photos, person, prompt, dict(zip(keys, values)))
+            threading.Thread(target=app.run, args=(job,), name="lynx-generate", daemon=True).start()
+            try:
+                while not job.done.wait(0.2):
+                    progress((job.step, job.total) if job.phase == "denoising" else None, desc=job.message(),
+                             unit="steps")
+                    yield {progress_text: job.message()}
+            finally:
+                job.stop.set()  # a cancel closes this generator here; the thread stops after its current step
+            if job.error:
+                raise InputError(job.error)
+            yield dict(zip([progress_text, *result],
+                           [f"done in {format_seconds(time.time() - job.started)}", *app.show(job.out.name)]))
+
+        # The API's parameters are named after the settings (num_frames=...), not param_3.
+        run.__signature__ = inspect.Signature(
+            [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ("photos", "person", "prompt",
+                                                                                     *keys)]
+            + [inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress())])
+
+        page.load(page_status, None, [status, missing, person], api_name="status")
+        page.load(gallery_items, None, [gallery, listed, shown], api_visibility="private")
+        photos.change(_errors_as_messages(check_faces), photos, [faces, face_report], api_name="check_faces")
+        save.click(_errors_as_messages(save_identity), [photos, identity_name], [person, face_report],
+                   api_name="save_identity")
+        event = generate.click(_errors_as_messages(run), [photos, person, prompt, *fields], [progress_text, *result],
+                               api_name="generate", concurrency_limit=1, concurrency_id="gpu",
+                               show_progress_on=[video])
+        cancel.click(None, None, None, cancels=[event])
+        event.then(gallery_items, None, [gallery, listed, shown], api_visibility="private")
+        refresh.click(gallery_items, None, [gallery, listed, shown], api_name="gallery")
+        gallery.select(pick, listed, shown, api_visibility="private")
+        shown.change(_errors_as_messages(show), shown, result, api_name="show")
+    return page

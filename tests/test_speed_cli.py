@@ -1,0 +1,39 @@
+"""`lynx generate` with LoRAs, a speed preset and strength flags, run as a subprocess on tiny saved models."""
+
+import json
+
+import numpy as np
+from PIL import Image
+from test_cli import TINY, lynx
+from test_lora import write_layout
+
+
+def test_turbo_with_a_lora_prints_what_it_set_and_records_it(tiny_base, adapter_dirs, face_embedding,
+                                                             reference_crop, tmp_path):
+    np.save(tmp_path / "emb.npy", face_embedding)
+    Image.fromarray(reference_crop).save(tmp_path / "crop.png")
+    lora = write_layout(tmp_path / "distill.safetensors", "kohya")
+    out = tmp_path / "clip.mp4"
+    r = lynx("generate", "--embedding", tmp_path / "emb.npy", "--reference", tmp_path / "crop.png",
+             "--prompt", "a man walks", "--base", tiny_base, "--adapter", adapter_dirs["full"], "--out", out,
+             *[a for a in TINY if a not in ("--steps", "2")], "--speed", "turbo", "--lora", f"{lora}:0.8",
+             "--ip-end", "0.5", "--ref-blocks", "0-2")
+    assert r.returncode == 0, r.stderr
+    assert f"LoRA {lora} as 'distill' at scale 0.8" in r.stderr
+    assert "speed turbo: 4 steps of FlowMatchLCM" in r.stderr and "1000/750/500/250" in r.stderr
+    assert "4/4" in r.stderr  # the preset's step count
+    meta = json.loads((tmp_path / "clip.mp4.json").read_text())
+    assert meta["num_inference_steps"] == 4 and meta["guidance_scale"] == 1.0 and meta["guidance_scale_i"] is None
+    assert meta["ip_scale"] == 0.8 and meta["ref_scale"] == 0.6
+    assert meta["speed"]["preset"] == "turbo" and meta["speed"]["loras"][0]["scale"] == 0.8
+    assert meta["speed"]["ip_end"] == 0.5 and meta["speed"]["ref_end"] == 0.5
+
+
+def test_turbo_needs_a_lora_and_lora_files_must_exist(tiny_base, adapter_dirs, tmp_path):
+    np.save(tmp_path / "emb.npy", np.ones(512, np.float32))
+    common = ["generate", "--embedding", tmp_path / "emb.npy", "--prompt", "a man walks", "--base", tiny_base,
+              "--adapter", adapter_dirs["lite"], "--out-dir", tmp_path]
+    r = lynx(*common, "--speed", "turbo")
+    assert r.returncode == 2 and "--speed turbo needs a step-distill LoRA" in r.stderr
+    r = lynx(*common, "--lora", tmp_path / "missing.safetensors:0.5")
+    assert r.returncode == 2 and "missing.safetensors does not exist" in r.stderr
