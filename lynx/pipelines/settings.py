@@ -254,13 +254,13 @@ class GenerationSettings(BaseModel):
         "fraction of the denoising where the ID-adapter starts acting")
     ip_end: Annotated[float | None, BeforeValidator(_fraction)] = _knob(
         "fraction where it stops (e.g. 0.6: identity only in the first 60% of the steps)")
-    ref_start: Annotated[float | None, BeforeValidator(_fraction)] = _knob(
-        "fraction of the denoising where the Ref-adapter starts acting")
-    ref_end: Annotated[float | None, BeforeValidator(_fraction)] = _knob("fraction where it stops")
     guidance_i_start: Annotated[float | None, BeforeValidator(_fraction)] = _knob(
         "identity guidance (3 passes) from this fraction of the steps")
     guidance_i_end: Annotated[float | None, BeforeValidator(_fraction)] = _knob(
         "... up to this one; the other steps run 2 passes")
+    ref_start: Annotated[float | None, BeforeValidator(_fraction)] = _knob(
+        "fraction of the denoising where the Ref-adapter starts acting")
+    ref_end: Annotated[float | None, BeforeValidator(_fraction)] = _knob("fraction where it stops")
     ref_blocks: Annotated[str | None, BeforeValidator(_blocks)] = _knob(
         'transformer blocks where the Ref-adapter acts, e.g. "0-20,35-39"')
     # Wan2.2 A14B bases.

@@ -53,20 +53,12 @@ def _evaluator_kwargs(args) -> dict:
                 arcface_weights=args.arcface_weights, insightface_model=args.insightface_model)
 
 
-def _sidecar(video: str) -> dict:
-    from ...io.video import sidecar_path
-
-    try:
-        record = json.loads(sidecar_path(video).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def _sidecar_windows(video: str) -> list | None:
-    """The context windows (video-frame ranges) a long clip was made in, as its sidecar records them."""
-    windows = (_sidecar(video).get("context_windows") or {}).get("windows")
-    return windows if isinstance(windows, list) and len(windows) > 1 else None
+    """The context windows (video-frame ranges) a long clip was made in, as its generation record says."""
+    from ...pipelines.record import read_record
+
+    record = read_record(video)
+    return None if record is None or not record.context_windows else [list(w) for w in record.context_windows]
 
 
 def _sidecar_photos(video: str) -> list[str]:

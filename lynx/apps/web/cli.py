@@ -112,8 +112,22 @@ def cmd_serve(args) -> int:
         print(f"lynx serve: cannot generate yet; the page shows what to download:\n{app.missing()}\n",
               file=sys.stderr)
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    serve_until_stopped(build_page(app), args, "serve", [config.out_dir])
+    stop_on_sigterm()
+    try:
+        serve_until_stopped(build_page(app), args, "serve", [config.out_dir])
+    finally:
+        app.release_claims()  # names claimed by unfinished runs: no 0-byte file stays behind
     return 0
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (systemd, docker stop, kill) stops the server as Ctrl+C does, so the same cleanup runs."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def cmd_study(args) -> int:
