@@ -15,7 +15,7 @@ from lynx import LynxPipeline
 from lynx.apps.cli import build_parser, settings_from_args
 from lynx.constants import DEFAULT_NEGATIVE_PROMPT, SAMPLING_PRESETS, TWO_WAY
 from lynx.errors import SettingsError
-from lynx.pipelines.settings import GenerationSettings, flag, flags, help_text
+from lynx.pipelines.settings import FIXED_DEFAULTS, GenerationSettings, flag, flags, help_text
 
 FIELDS = list(GenerationSettings.model_fields)
 
@@ -24,8 +24,14 @@ def test_resolve_fills_only_what_was_left_unset():
     full = GenerationSettings().resolve("full")
     lite = GenerationSettings().resolve("lite")
     for name in FIELDS[1:]:  # allow_large is a switch, not a variant default
-        assert getattr(full, name) == getattr(SAMPLING_PRESETS["full"], name)
-        assert getattr(lite, name) == getattr(SAMPLING_PRESETS["lite"], name)
+        for settings, variant in ((full, "full"), (lite, "lite")):
+            preset = SAMPLING_PRESETS[variant]
+            expected = getattr(preset, name) if hasattr(preset, name) else preset.num_frames \
+                if name == "context_frames" else FIXED_DEFAULTS.get(name, False if name == "batch_branches" else None)
+            assert getattr(settings, name) == expected, name
+    assert (full.ip_start, full.ip_end, full.ref_blocks, full.context_overlap, full.context_blend) == \
+        (0.0, 1.0, "all", 16, "linear")
+    assert full.guidance_scale_2 is None and full.face_index is None  # None is their meaning (RESOLVED_NONE)
     assert (full.num_frames, full.fps, full.guidance_scale_i, full.two_way) == (81, 16, 2.0, False)
     assert (lite.num_frames, lite.fps, lite.guidance_scale_i, lite.two_way) == (121, 24, TWO_WAY, True)
     assert full.negative_prompt == DEFAULT_NEGATIVE_PROMPT
@@ -90,7 +96,7 @@ def test_cli_flags_are_generated_from_the_fields():
     assert (typed.num_inference_steps, typed.guidance_scale_i, typed.ref_scale) == (7, TWO_WAY, 0.0)
     assert typed.negative_prompt == "blurry, 3 legs" and typed.allow_large and typed.seed is None
     resolved = typed.resolve("full")
-    assert settings_from_args(parser.parse_args(base + resolved.cli_args())) == resolved
+    assert settings_from_args(parser.parse_args(base + resolved.cli_args())).resolve("full") == resolved
     # The default negative prompt is what leaving the flag out means, so the command leaves it out.
     default = GenerationSettings().resolve("lite")
     assert "--negative-prompt" not in default.cli_args() and "--allow-large" not in default.cli_args()
@@ -109,7 +115,7 @@ def test_the_two_way_rule_and_the_defaults_are_written_once():
     assert [p.name for p, text in sources.items() if "== TWO_WAY" in text] == ["settings.py"]
     assert not [p for p, text in sources.items() if re.search(r"guidance_scale_i\s*(==|=)\s*\"default\"", text)]
     # Default-filling from the variant's sampling defaults happens in `resolve` only.
-    filling = [p.name for p, text in sources.items() if re.search(r"getattr\(defaults, name\)", text)]
+    filling = [p.name for p, text in sources.items() if re.search(r"getattr\(config, name\)", text)]
     assert filling == ["settings.py"]
 
 

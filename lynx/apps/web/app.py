@@ -553,7 +553,12 @@ class LynxWebApp:
 
     def command_flags(self) -> list[str]:
         """What the equivalent `lynx generate` line adds to the settings: the model options serve was given."""
-        return list(self.config.model_flags)
+        flags = list(self.config.model_flags)
+        if self.config.face_models and "--face-models" not in flags:
+            flags += ["--face-models", str(self.config.face_models)]
+        if self.config.detector != "auto" and "--detector" not in flags:
+            flags += ["--detector", self.config.detector]
+        return flags
 
     # ----- the output directory ------------------------------------------------------------------------
     def videos(self, limit: int = 100) -> list[Path]:
