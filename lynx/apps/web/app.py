@@ -103,7 +103,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("width", "int", _number("Width", "multiple of 16", precision=0, minimum=16)),
     # The limit is GenerationSettings' (said in its words); a gr.Number maximum would answer first, in Gradio's.
     Setting("num_inference_steps", "int", _number("Steps", f"at most {MAX_STEPS}", precision=0, minimum=1)),
-    Setting("seed", "int", _number("Seed", precision=0, minimum=0)),
+    Setting("seed", "int", _number("Seed", precision=0)),
     Setting("fps", "int", _number("Frames per second", precision=0)),
     Setting("guidance_scale", "float", _number("Text guidance")),
     Setting("guidance_scale_i", "float?", _number("Identity guidance", "empty: two-way guidance")),
