@@ -14,7 +14,9 @@ from .errors import (  # noqa: E402
     InputError,
     LynxError,
     NoFaceError,
+    OutputError,
     ParallelError,
+    SettingsError,
     UnsafeVideoError,
     WeightsNotFoundError,
 )
@@ -23,7 +25,9 @@ from .models.adapters import Conditioning, LynxAttnProcessor  # noqa: E402
 from .models.resampler import Resampler  # noqa: E402
 from .pipelines.parallel import parallelize  # noqa: E402
 from .pipelines.pipeline_lynx import LynxPipeline  # noqa: E402
+from .pipelines.settings import GenerationSettings  # noqa: E402
 
-__all__ = ["LynxPipeline", "parallelize", "LynxAttnProcessor", "Conditioning", "FaceAnalyzer", "FaceIdentity",
-           "Resampler", "AdapterConfig", "ResamplerConfig", "SamplingConfig", "LynxError", "InputError",
-           "CheckpointError", "NoFaceError", "ParallelError", "UnsafeVideoError", "WeightsNotFoundError"]
+__all__ = ["LynxPipeline", "GenerationSettings", "parallelize", "LynxAttnProcessor", "Conditioning", "FaceAnalyzer",
+           "FaceIdentity", "Resampler", "AdapterConfig", "ResamplerConfig", "SamplingConfig", "LynxError",
+           "InputError", "SettingsError", "OutputError", "CheckpointError", "NoFaceError", "ParallelError",
+           "UnsafeVideoError", "WeightsNotFoundError"]

@@ -127,6 +127,23 @@ def lite_adapter_config(num_blocks: int = 40, hidden_dim: int = 5120, ip_dim: in
     )
 
 
+# `guidance_scale_i=TWO_WAY`: no identity branch, two guided predictions per step, u + g (c - u) (lite's
+# default); a number g_i gives three-way guidance, u + g_i (i - u) + g (c - i).
+TWO_WAY = "two-way"
+
+# Wan2.1's VAE compresses 4x in time and 8x in space, then the transformer takes 2x2 patches:
+# videos have 4k+1 frames and sides that are multiples of 16.
+FRAME_STEP = 4
+SIDE_STEP = 16
+# Limits that catch a typo before it costs hours (and bound what a web request may ask for);
+# `allow_large=True` (`--allow-large`) lifts them on purpose.
+MAX_STEPS = 200
+MAX_FRAMES = 241
+MAX_SIDE = 1920
+MIN_FPS, MAX_FPS = 1, 240
+SEED_LIMIT = 2**63  # torch.Generator.manual_seed takes a signed 64-bit value
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Defaults of one generation call; `full` and `lite` differ only in frames, fps and guidance mode."""
@@ -137,7 +154,7 @@ class SamplingConfig:
     width: int = 832
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
-    guidance_scale_i: float | None = 2.0  # None: two-way guidance (lite)
+    guidance_scale_i: float | str = 2.0  # or TWO_WAY (lite)
     ip_scale: float = 1.0
     ref_scale: float = 1.0
     seed: int = 42
@@ -148,7 +165,7 @@ class SamplingConfig:
 
 SAMPLING_PRESETS: dict[str, SamplingConfig] = {
     "full": SamplingConfig(),
-    "lite": SamplingConfig(num_frames=121, fps=24, guidance_scale_i=None),
+    "lite": SamplingConfig(num_frames=121, fps=24, guidance_scale_i=TWO_WAY),
 }
 
 

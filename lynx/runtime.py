@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import EnvironmentProblem, option
+
 MODELS_ENV = "LYNX_MODELS"
 FACE_MODELS_ENV = "LYNX_FACE_MODELS"
 SAFETY_MODEL_ENV = "LYNX_SAFETY_MODEL"
@@ -49,9 +51,54 @@ def safety_model_dir() -> Path:
 
 
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
-    """The device (default: the current CUDA device, else CPU) and torch dtype (default bf16 on CUDA, fp32 on CPU)."""
-    device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    """The device (default: the current CUDA device, else CPU) and torch dtype (default bf16 on CUDA, fp32 on CPU),
+    checked against this machine (`EnvironmentProblem` naming the fix)."""
+    device = check_device(device) if device else (
+        f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    if dtype is not None and dtype not in DTYPES:
+        raise EnvironmentProblem(f"{option('dtype', dtype)} is not one of {', '.join(DTYPES)}")
     return device, DTYPES[dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+
+
+def check_device(device: str) -> str:
+    """`device` if this machine has it, else an `EnvironmentProblem` that says what it has instead."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EnvironmentProblem(f"{option('device', device)} is not a device name (try cpu, cuda or cuda:0)") \
+            from None
+    if dev.type == "cpu":
+        return str(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(f"{option('device', device)}: CUDA is not available on this machine (no NVIDIA "
+                                     f"GPU, or torch {torch.__version__} built without CUDA); use "
+                                     f"{option('device', 'cpu')}")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise EnvironmentProblem(f"{option('device', device)}: this machine has {count} CUDA device(s), "
+                                     f"cuda:0 to cuda:{count - 1}")
+        return str(device)
+    if dev.type == "mps" and torch.backends.mps.is_available():
+        return str(device)
+    raise EnvironmentProblem(f"{option('device', device)} is not available on this machine (use cpu"
+                             f"{' or cuda' if torch.cuda.is_available() else ''})")
+
+
+def check_attention_backend(name: str) -> str:
+    """A diffusers attention backend name that exists and whose package is installed, else `EnvironmentProblem`."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+
+    known = [b.value for b in AttentionBackendName]
+    if name not in known:
+        raise EnvironmentProblem(f"{option('attention_backend', name)} is not a diffusers attention backend "
+                                 f"(known: {', '.join(known)})")
+    try:
+        _check_attention_backend_requirements(AttentionBackendName(name))
+    except (RuntimeError, ImportError) as e:
+        raise EnvironmentProblem(f"{option('attention_backend', name)} cannot run here: {e} (or leave "
+                                 f"{option('attention_backend')} out for PyTorch's own attention)") from None
+    return name
 
 
 def launcher_ranks() -> tuple[int, int, int]:

@@ -18,9 +18,13 @@ from lynx.io.video import read_video
 TINY = ["--height", "32", "--width", "48", "--frames", "9", "--steps", "2"]
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
 def lynx(*args, cwd=None, env=None):
+    # PYTHONPATH: this checkout's package, whatever the working directory (and an installed copy) would give.
     return subprocess.run([sys.executable, "-m", "lynx", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -87,13 +91,13 @@ def test_missing_weights_say_what_to_download(tmp_path):
              env={"LYNX_MODELS": str(tmp_path / "models"), "LYNX_FACE_MODELS": str(tmp_path / "face")})
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "recognition_arcface_ir_se50.pth" in r.stderr and str(tmp_path / "face") in r.stderr
-    assert "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir" in r.stderr
-    assert "huggingface-cli download ByteDance/lynx --include 'lynx_full/*'" in r.stderr
+    assert "hf download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir" in r.stderr
+    assert "hf download ByteDance/lynx --include 'lynx_full/*'" in r.stderr
     assert str(tmp_path / "models" / "Wan2.1-T2V-14B-Diffusers") in r.stderr
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--frames", "10"], "num_frames=10 is not 4k+1"),
+    (["--frames", "10"], "--frames 10 is not 4k+1"),
     (["--out", "x.avi"], "must end in .mp4, .webp or .gif"),
     (["--prompt", "@/nonexistent/prompt.txt"], "prompt file /nonexistent/prompt.txt does not exist"),
     (["--memory", "huge"], "invalid choice: 'huge'"),
@@ -113,12 +117,12 @@ def test_bad_arguments_get_clear_errors(tiny_base, adapter_dirs, identity_files,
 def test_names_from_inputs_stay_inside_the_output_dir(tmp_path):
     args = Namespace(out=None, out_dir=str(tmp_path), image=["../../../etc/passwd"], identity=None,
                      prompt="../../x/../y", seed=1, format=".mp4", overwrite=False)
-    path = output_path(args, 16)
+    path = output_path(args)
     assert path.parent == tmp_path and path.name == "passwd-x-y-s1.mp4"
     args.out = str(tmp_path / "exists.mp4")
     (tmp_path / "exists.mp4").write_bytes(b"keep")
     with pytest.raises(InputError, match="already exists"):
-        output_path(args, 16)
+        output_path(args)
 
 
 def test_info_reports_models_and_problems(tiny_base, adapter_dirs, tmp_path):
@@ -127,4 +131,4 @@ def test_info_reports_models_and_problems(tiny_base, adapter_dirs, tmp_path):
     assert "transformer: 4 blocks, 2 heads x 12 = 24 wide" in r.stdout
     assert "variant full: ID branch on 4 blocks" in r.stdout and "variant lite: ID branch on 2 blocks" in r.stdout
     r = lynx("info", "--base", tmp_path / "none")
-    assert r.returncode == 1 and "does not exist" in r.stdout and "huggingface-cli download" in r.stdout
+    assert r.returncode == 1 and "does not exist" in r.stdout and "hf download" in r.stdout

@@ -258,8 +258,8 @@ def test_manifest_formats_and_errors(tmp_path):
         "default/a__p01-walks", "default/a__run", "default/b__p01-walks", "default/b__run"]
     assert c.subjects[1].photos == [root / "b.png"]
 
-    s = parse_setting_arg("fast:num_inference_steps=20,guidance_scale=4.5,guidance_scale_i=none,format=webp")
-    assert s.params == {"num_inference_steps": 20, "guidance_scale": 4.5, "guidance_scale_i": None}
+    s = parse_setting_arg("fast:num_inference_steps=20,guidance_scale=4.5,guidance_scale_i=two-way,format=webp")
+    assert s.params == {"num_inference_steps": 20, "guidance_scale": 4.5, "guidance_scale_i": "two-way"}
     assert s.format == ".webp"
     assert [x.setting.name for x in load_manifest(root / "m.json", [s]).cases()] == ["fast"] * 4
 

@@ -19,7 +19,7 @@ from lynx.evaluation import FaceEvaluator, load_recognizers, summarize
 from lynx.evaluation.metrics import format_evaluation, sample_indices
 from lynx.evaluation.recognizers import FacexlibRecognizer, InsightfaceRecognizer
 from lynx.face import align_arcface, create_detector, load_image
-from lynx.io.video import read_video, save_video, write_sidecar
+from lynx.io.video import read_video, save_video
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,15 @@ def test_video_files_every_kth_frame_and_cli(tmp_path, evaluator, astronaut, cap
     assert r.recognizers["dlib"]["mean"] > 0.95
 
     # No --reference: the photos named in the sidecar are used.
-    write_sidecar(webp, {"identity": {"photos": [str(photo)]}})
+    import torch
+
+    from lynx.io.safety import unchecked
+    from lynx.pipelines.record import make_record, write_record
+    from lynx.pipelines.settings import GenerationSettings
+
+    write_record(webp, make_record(webp, "a woman", GenerationSettings(fps=8).resolve("full"), variant="full",
+                                   base="base", adapter="adapter", dtype=torch.float32, device="cpu",
+                                   source="python", safety=unchecked("switched off"), photos=[photo]))
     out = tmp_path / "scores.json"
     assert main(["eval", str(mp4), str(webp), "--reference", str(photo), "--recognizers", "dlib",
                  "--detector", "dlib", "--every", "3", "--json", str(out)]) == 0

@@ -61,7 +61,7 @@ def test_save_load_round_trip(tmp_path, variant, registers):
 def test_missing_directory_says_what_to_download(tmp_path):
     with pytest.raises(WeightsNotFoundError) as e:
         read_adapter_config(tmp_path / "lynx_full", BLOCKS, WIDTH)
-    assert "huggingface-cli download ByteDance/lynx" in str(e.value) and "lynx_full" in str(e.value)
+    assert "hf download ByteDance/lynx" in str(e.value) and "lynx_full" in str(e.value)
 
 
 def test_missing_file_is_named(adapter_dirs, tmp_path):
@@ -145,4 +145,7 @@ def test_base_dir_inspection(tiny_base, tmp_path):
     with pytest.raises(WeightsNotFoundError) as e:
         require_base_dir(broken)
     msg = str(e.value)
-    assert "vae is missing" in msg and "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers" in msg
+    assert "vae is missing" in msg
+    assert "hf download Wan-AI/Wan2.1-T2V-14B-Diffusers --include 'vae/*' --local-dir" in msg
+    # Only the missing part is named: not the whole base, not the adapters, and not the old CLI's name.
+    assert "tens of gigabytes" not in msg and "ByteDance/lynx" not in msg and "huggingface-cli" not in msg

@@ -16,7 +16,7 @@ from lynx.errors import InputError
 from lynx.evaluation import FaceEvaluator
 from lynx.evaluation.metrics import format_evaluation, seam_report
 from lynx.face import load_image
-from lynx.io.video import save_video, sidecar_path, write_sidecar
+from lynx.io.video import save_video, sidecar_path
 from lynx.pipelines.windows import ContextWindows
 
 # 25 frames = 7 latent frames; windows of 9 frames (3 latent) sharing 4 frames (1 latent): 3 windows.
@@ -108,7 +108,7 @@ def test_long_clip_from_the_cli_seams_measured_by_lynx_eval(tiny_base, adapter_d
     assert r.returncode == 0, r.stderr
     assert "long video: 3 context windows of 9 frames, overlap 4, linear blending" in r.stderr
     record = json.loads(sidecar_path(out).read_text())
-    assert record["num_frames"] == 25 and record["context_windows"]["windows"] == [[0, 9], [5, 17], [13, 25]]
+    assert record["num_frames"] == 25 and record["context_windows"] == [[0, 9], [5, 17], [13, 25]]
     scores = tmp_path / "scores.json"
     r = lynx("eval", out, "--reference", photos / "astronaut.jpg", "--recognizers", "dlib", "--detector", "dlib",
              "--json", scores)
@@ -130,7 +130,13 @@ def test_lynx_eval_reports_identity_drift_window_by_window(tmp_path):
     frames = np.concatenate([moving_video(astronaut, n=13), moving_video(hanks, n=12)])  # the person changes
     video = save_video(frames, tmp_path / "long.mp4", fps=8)
     Image.fromarray(astronaut).save(tmp_path / "astronaut.png")
-    write_sidecar(video, {"context_windows": {"windows": [[0, 9], [5, 17], [13, 25]]}})
+    from lynx.pipelines.record import make_record, write_record
+    from lynx.pipelines.settings import GenerationSettings
+
+    settings = GenerationSettings(num_frames=25, context_frames=9, context_overlap=4, fps=8).resolve("full")
+    write_record(video, make_record(video, "a person", settings, variant="full", base=tmp_path, adapter=tmp_path,
+                                    dtype="fp32", device="cpu", source="python", safety={"checked": False},
+                                    context_windows=[[0, 9], [5, 17], [13, 25]]))
     ev = FaceEvaluator(["dlib"], detector="dlib")
     result = ev.evaluate(video, [str(tmp_path / "astronaut.png")], windows=[[0, 9], [5, 17], [13, 25]])
     first, middle, last = result.recognizers["dlib"]["segments"]

@@ -23,10 +23,10 @@ def test_turbo_with_a_lora_prints_what_it_set_and_records_it(tiny_base, adapter_
     assert "speed turbo: 4 steps of FlowMatchLCM" in r.stderr and "1000/750/500/250" in r.stderr
     assert "4/4" in r.stderr  # the preset's step count
     meta = json.loads((tmp_path / "clip.mp4.json").read_text())
-    assert meta["num_inference_steps"] == 4 and meta["guidance_scale"] == 1.0 and meta["guidance_scale_i"] is None
+    assert meta["num_inference_steps"] == 4 and meta["guidance_scale"] == 1.0 and meta["guidance_scale_i"] == "two-way"
     assert meta["ip_scale"] == 0.8 and meta["ref_scale"] == 0.6
     assert meta["speed"]["preset"] == "turbo" and meta["speed"]["loras"][0]["scale"] == 0.8
-    assert meta["speed"]["ip_end"] == 0.5 and meta["speed"]["ref_end"] == 0.5
+    assert meta["ip_end"] == 0.5 and meta["ref_end"] == 0.5 and meta["ref_blocks"] == "0-2"
 
 
 def test_turbo_needs_a_lora_and_lora_files_must_exist(tiny_base, adapter_dirs, tmp_path):

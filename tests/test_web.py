@@ -163,11 +163,14 @@ def test_generate_writes_video_and_sidecar_never_overwriting_and_the_command_rem
 @pytest.mark.parametrize("change,message", [
     ({"num_frames": 6, "height": 30}, "invalid video size: num_frames=6 is not 4k+1 (try 5 or 9); height=30 is not "
                                       "a positive multiple of 16 (try 16 or 32)"),
+    ({"num_inference_steps": 1000000}, "num_inference_steps=1000000 is above the limit of 200"),
+    ({"fps": 0}, "fps=0 must be between 1 and 240"),
+    ({"seed": -1}, "seed=-1 must be in [0, 2**63)"),
     ({"prompt": "  "}, "the prompt is empty"),
     ({"photos": []}, "no photo: upload a photo of the person, or pick a saved identity"),
     ({"person": "nobody"}, "no saved identity named 'nobody'"),
     ({"guidance_scale": None}, "guidance_scale needs a value (default 5.0)"),
-    ({"ip_end": 1.5}, "ip_start=0.0 and ip_end=1.5 must satisfy 0 <= start <= end <= 1"),
+    ({"ip_end": 1.5}, "ip_end=1.5 is a fraction of the denoising steps, 0 to 1"),
 ])
 def test_bad_requests_get_the_cli_messages(web, photos, change, message):
     request = {"photos": [handle_file(photos / "astronaut.jpg")], "person": "", "prompt": "a woman smiling",
@@ -183,8 +186,10 @@ def test_strength_windows_reach_the_pipeline_sidecar_and_command(web, photos):
     _, plain, plain_command, plain_video = generate(client, photo, "a woman waving", seed=3)
     _, side, command, video = generate(client, photo, "a woman waving", seed=3, ref_end=0.5, guidance_i_end=0.5,
                                        ref_blocks="0-1")
-    assert plain["speed"] == {"preset": "exact"} and "--ref-end" not in plain_command
-    assert side["speed"] == {"preset": "exact", "ref_end": 0.5, "guidance_i_end": 0.5, "ref_blocks": "0-1"}
+    assert plain["speed"]["preset"] == "exact" and "--ref-end" not in plain_command
+    assert (plain["ref_end"], plain["guidance_i_end"], plain["ref_blocks"]) == (1.0, 1.0, "all")
+    assert side["speed"]["preset"] == "exact"
+    assert (side["ref_end"], side["guidance_i_end"], side["ref_blocks"]) == (0.5, 0.5, "0-1")
     assert "--guidance-i-end 0.5 --ref-end 0.5 --ref-blocks 0-1" in command
     assert not (read_video(video)[0] == read_video(plain_video)[0]).all()  # the pipeline got them
 
@@ -195,8 +200,8 @@ def test_progress_a_queue_of_two_and_cancel(web, photos):
     steps, held, gate = [], threading.Event(), threading.Event()
 
     def hold(run):
-        steps.append((run.settings["prompt"], run.step))
-        if run.settings["prompt"] == "first" and run.step == 2:
+        steps.append((run.prompt, run.step))
+        if run.prompt == "first" and run.step == 2:
             held.set()
             assert gate.wait(60)
 
@@ -252,6 +257,40 @@ def test_gallery_lists_the_output_directory_and_shows_each_sidecar(web, photos):
             client.predict(name, api_name="/show")
 
 
+def test_gallery_skips_a_sidecar_that_is_not_a_record_with_a_warning(web, photos, caplog):
+    client = web.client()
+    _, side, _, _ = generate(client, [photos / "astronaut.jpg"], "a man reading", seed=4)
+    broken = web.out_dir / "broken.mp4"
+    broken.write_bytes((web.out_dir / side["video"]).read_bytes())
+    (web.out_dir / "broken.mp4.json").write_text('{"prompt": "hand-edited", "seed": NaN}')
+    with caplog.at_level("WARNING", logger="lynx.pipelines.record"):
+        items, _ = client.predict(api_name="/gallery")
+    names = [item["caption"] for item in items]
+    assert side["video"] in names and "broken.mp4" not in names  # the rest of the list is still there
+    assert any("broken.mp4.json" in r.getMessage() and "not a readable" in r.getMessage() for r in caplog.records)
+    with pytest.raises(AppError, match="with a sidecar in the output directory"):
+        client.predict("broken.mp4", api_name="/show")
+    broken.unlink()
+    (web.out_dir / "broken.mp4.json").unlink()
+
+
+def test_a_photo_the_face_check_refuses_is_refused_by_generate_before_the_queue(web, photos):
+    listing = sorted(p.name for p in web.out_dir.iterdir())
+    with pytest.raises(AppError, match="no face found in cat.jpg"):
+        generate(web.client(), [photos / "astronaut.jpg", photos / "cat.jpg"], "a cat and a woman", seed=9)
+    assert sorted(p.name for p in web.out_dir.iterdir()) == listing  # no name claimed, nothing written
+
+
+def test_claimed_names_are_given_back_when_the_server_stops(web, photos):
+    """What SIGTERM and Ctrl+C run before `lynx serve` exits: no 0-byte video stays behind."""
+    run = web.prepare([str(photos / "astronaut.jpg")], "", "a stopped run", {**TINY, "seed": 11})
+    assert run.settings.num_inference_steps == 3 and run.format == ".mp4"
+    path = web.claim_output(run)
+    assert path.is_file() and path.stat().st_size == 0
+    web.release_claims()
+    assert not path.exists() and not web.claimed
+
+
 def test_saved_identity_is_reused_from_the_dropdown(web, photos, face_models):
     client = web.client()
     person, note = client.predict([handle_file(photos / "astronaut.jpg")], "Astro Naut!", api_name="/save_identity")
@@ -267,7 +306,7 @@ def test_saved_identity_is_reused_from_the_dropdown(web, photos, face_models):
     _, from_identity, command, _ = generate(client, [], "a close up portrait", person="astro-naut", seed=5)
     assert from_identity["video"] == "astro-naut-a-close-up-portrait-s5.mp4"
     assert command.startswith(f"lynx generate --identity {web.out_dir}/faces/astro-naut.identity ")
-    assert from_identity["identity"]["identity_file"].endswith("faces/astro-naut.identity")
+    assert from_identity["identity"]["identity_file"]["path"].endswith("faces/astro-naut.identity")
     # One photo's identity, analysed now or saved before: the same video.
     frames = [read_video(web.out_dir / side["video"])[0] for side in (from_identity, from_photo)]
     assert (frames[0] == frames[1]).all()
@@ -291,8 +330,8 @@ def start_command(*args, cwd, env):
     raise AssertionError("the server did not start:\n" + "".join(lines))
 
 
-def stop(proc, log):
-    proc.send_signal(signal.SIGINT)
+def stop(proc, log, how=signal.SIGINT):
+    proc.send_signal(how)
     assert proc.wait(30) == 0, "".join(log)
     assert "Traceback" not in "".join(log)
 
@@ -307,8 +346,8 @@ def test_serve_without_weights_says_what_to_download_and_checks_faces(photos, tm
         status, missing, _ = client.predict(api_name="/status")
         assert status.startswith("**Weights missing**") and missing["visible"]
         text = missing["value"]
-        assert "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir" in text
-        assert "huggingface-cli download ByteDance/lynx --include 'lynx_full/*'" in text
+        assert "hf download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir" in text
+        assert "hf download ByteDance/lynx --include 'lynx_full/*'" in text
         assert str(tmp_path / "models" / "Wan2.1-T2V-14B-Diffusers") in text
         assert "recognition_arcface_ir_se50.pth" in text and str(tmp_path / "face") in text
 
@@ -321,17 +360,17 @@ def test_serve_without_weights_says_what_to_download_and_checks_faces(photos, tm
         with pytest.raises(AppError) as caught:
             client.predict(photos=[handle_file(photos / "astronaut.jpg")], person="", prompt="a woman smiling",
                            **TINY, api_name="/generate")
-        assert "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers" in str(caught.value)
+        assert "hf download Wan-AI/Wan2.1-T2V-14B-Diffusers" in str(caught.value)
 
         if browser is not None:  # and the page shows the same instructions
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             page.get_by_text("What to download, and where").wait_for(timeout=60_000)
-            assert "huggingface-cli download Wan-AI/Wan2.1-T2V-14B-Diffusers" in page.inner_text("body")
+            assert "hf download Wan-AI/Wan2.1-T2V-14B-Diffusers" in page.inner_text("body")
             page.screenshot(path=screenshots / "web-missing.png", full_page=True)
             page.close()
     finally:
-        stop(proc, log)
+        stop(proc, log, signal.SIGTERM)  # as systemd or docker stop it
     assert "cannot generate yet" in "".join(log)
 
 

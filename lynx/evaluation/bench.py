@@ -29,15 +29,15 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, SettingsError
 from ..io.files import slug
+from ..pipelines.record import BenchRecord, make_record, read_record, write_video
+from ..pipelines.settings import GenerationSettings
 
 log = logging.getLogger("lynx.evaluation")
 
-# Pipeline knobs a setting may set (LynxPipeline.__call__), plus what the runner itself reads.
-PIPELINE_KEYS = ("negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale",
-                 "guidance_scale_i", "ip_scale", "ref_scale", "seed")
-RUNNER_KEYS = ("fps", "adapter", "format", "videos", "pattern", "description")
+# A setting may set the generation knobs (the fields of GenerationSettings) and what the runner itself reads.
+RUNNER_KEYS = ("adapter", "format", "videos", "pattern", "description")
 VIDEO_SUFFIXES = (".mp4", ".webp", ".gif")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -74,7 +74,6 @@ class Setting:
     name: str
     params: dict = field(default_factory=dict)
     adapter: Path | None = None
-    fps: int | None = None
     format: str = ".mp4"
     videos: Path | None = None
     pattern: str = "{subject}__{prompt}"
@@ -87,7 +86,7 @@ class Setting:
     def key(self, generation: dict) -> str:
         """Hash of everything that shapes this setting's videos; a finished video must match it to be reused."""
         blob = json.dumps({"params": {**generation, **self.params}, "adapter": str(self.adapter or ""),
-                           "fps": self.fps, "format": self.format}, sort_keys=True, default=str)
+                           "format": self.format}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -133,14 +132,21 @@ def _path(value, root: Path) -> Path:
 
 
 def _split_params(raw: dict, where: str) -> tuple[dict, dict]:
-    unknown = set(raw) - set(PIPELINE_KEYS) - set(RUNNER_KEYS) - {"name"}
+    knobs = tuple(GenerationSettings.model_fields)
+    unknown = set(raw) - set(knobs) - set(RUNNER_KEYS) - {"name"}
     if unknown:
         raise InputError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; a setting may set "
-                         f"{', '.join(PIPELINE_KEYS + RUNNER_KEYS)}")
-    params = {k: v for k, v in raw.items() if k in PIPELINE_KEYS}
-    if isinstance(params.get("guidance_scale_i"), str) and params["guidance_scale_i"].lower() == "none":
-        params["guidance_scale_i"] = None  # two-way guidance; YAML spells null "null" or "~", people write none
+                         f"{', '.join(knobs + RUNNER_KEYS)}")
+    params = {k: v for k, v in raw.items() if k in knobs}
+    _settings(params, where)
     return params, {k: v for k, v in raw.items() if k in RUNNER_KEYS}
+
+
+def _settings(knobs: dict, where: str) -> GenerationSettings:
+    try:
+        return GenerationSettings(**knobs)
+    except SettingsError as e:
+        raise SettingsError(f"{where}: {e}") from None
 
 
 def make_setting(raw: dict, root: Path, where: str = "setting") -> Setting:
@@ -152,8 +158,7 @@ def make_setting(raw: dict, root: Path, where: str = "setting") -> Setting:
     if fmt not in VIDEO_SUFFIXES:
         raise InputError(f"{where}: format must be one of {', '.join(VIDEO_SUFFIXES)}")
     s = Setting(name=_check_id(raw["name"], "setting"), params=params,
-                adapter=_path(runner["adapter"], root) if runner.get("adapter") else None,
-                fps=int(runner["fps"]) if runner.get("fps") else None, format=fmt,
+                adapter=_path(runner["adapter"], root) if runner.get("adapter") else None, format=fmt,
                 videos=_path(runner["videos"], root) if runner.get("videos") else None,
                 pattern=str(runner.get("pattern", "{subject}__{prompt}")),
                 description=str(runner.get("description", "")))
@@ -278,8 +283,10 @@ def load_manifest(path, settings: Iterable[Setting] | None = None) -> Manifest:
         raise InputError(f"setting names must be unique, got {names}")
     generation, extra = _split_params(raw.get("generation") or {}, f"{path.name}: generation")
     if extra:
-        raise InputError(f"{path.name}: generation may only hold pipeline knobs ({', '.join(PIPELINE_KEYS)}); "
-                         f"put {', '.join(extra)} in a setting")
+        raise InputError(f"{path.name}: generation may only hold generation knobs "
+                         f"({', '.join(GenerationSettings.model_fields)}); put {', '.join(extra)} in a setting")
+    for s in settings:  # the shared knobs and each setting's own, checked together before anything runs
+        _settings({**generation, **s.params}, f"{path.name}: setting {s.name}")
     return Manifest(subjects, prompts, settings, generation, str(raw.get("name", path.stem)),
                     _path(raw["base"], root) if raw.get("base") else None,
                     _path(raw["adapter"], root) if raw.get("adapter") else None, path)
@@ -354,15 +361,13 @@ def _json_default(o):
 
 def finished(layout: Layout, case: Case, generation: dict) -> bool:
     """A generated case is finished when its video and its sidecar (written last) exist for these settings."""
-    from ..io.video import sidecar_path
-
     video = layout.video(case)
     if video is None or not video.is_file():
         return False
-    side = _read_json(sidecar_path(video))
-    if side is None:
+    record = read_record(video)
+    if record is None:
         return False
-    key = side.get("bench", {}).get("setting_key")
+    key = record.bench.setting_key if record.bench else None
     if key != case.setting.key(generation):
         raise InputError(f"{video} was made with other settings than setting {case.setting.name!r} now has; "
                          f"give the changed setting a new name, or pass --regenerate to replace its videos")
@@ -428,9 +433,7 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
     import torch
 
     from ..errors import UnsafeVideoError
-    from ..io.provenance import provenance_mark
     from ..io.safety import load_safety_checker, unchecked
-    from ..io.video import save_video, sidecar_path, write_sidecar
     from ..runtime import default_adapter_dir, default_base_dir
 
     layout = Layout(out_dir)
@@ -467,17 +470,15 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
         elif want != loaded_adapter:
             pipe.load_lynx_adapters(want)
         loaded_adapter = want
-        kwargs = {**manifest.generation, **s.params}
-        seed = kwargs.pop("seed", None)
-        seed = pipe.defaults.seed if seed is None else int(seed)
-        fps = s.fps or pipe.defaults.fps
+        settings = GenerationSettings(**{**manifest.generation, **s.params})
         person = identity_source(case.subject)  # face analysis is not part of the generation time
         cuda = str(device).startswith("cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         started = time.time()
-        frames = pipe(case.prompt.text, **person, seed=seed, output_type="np", **kwargs).frames[0]
+        result = pipe(case.prompt.text, **person, **settings.model_dump(), output_type="np")
+        frames, settings = result.frames[0], result.settings
         if cuda:
             torch.cuda.synchronize(device)
         seconds = time.time() - started
@@ -489,25 +490,14 @@ def generate(manifest: Manifest, out_dir, *, base=None, adapter=None, shard=(0, 
             counts["blocked"] = counts.get("blocked", 0) + 1
             echo(f"blocked {n}/{len(todo)}: {case.label}: {e}")
             continue
-        if sidecar_path(video).exists():
-            sidecar_path(video).unlink()  # a stale sidecar must never vouch for the new video
-        mark = provenance_mark(base=base, adapter=want, variant=pipe.variant, seed=seed)
-        save_video(frames, video, fps, mark=mark)
-        d = pipe.defaults
-        used = {k: kwargs.get(k, getattr(d, k, None)) for k in PIPELINE_KEYS if k != "seed"}
-        write_sidecar(video, {
-            "video": video.name, "prompt": case.prompt.text, "seed": seed, "fps": fps,
-            "height": int(frames.shape[1]), "width": int(frames.shape[2]), "num_frames": int(frames.shape[0]),
-            **used, "variant": pipe.variant, "base": str(Path(base).resolve()), "adapter": str(Path(want).resolve()),
-            "device": str(device), "dtype": str(dtype).removeprefix("torch."), "seconds": round(seconds, 2),
-            "peak_memory_gb": peak, "provenance": mark, "safety": safety,
-            "identity": {"photos": [str(p) for p in case.subject.photos],
-                         "identity_file": str(case.subject.identity or ""),
-                         "embedding_file": str(case.subject.embedding or ""),
-                         "reference": str(case.subject.reference or "")},
-            "bench": {"setting": s.name, "subject": case.subject.id, "prompt_id": case.prompt.id,
-                      "setting_key": s.key(manifest.generation), "manifest": str(manifest.source or "")},
-        })
+        subject = case.subject
+        record = make_record(
+            video, case.prompt.text, settings, variant=pipe.variant, base=base, adapter=want, dtype=dtype,
+            device=device, source="lynx bench", safety=safety, photos=subject.photos, identity_file=subject.identity,
+            embedding_file=subject.embedding, reference=subject.reference, seconds=seconds, peak_memory_gb=peak,
+            bench=BenchRecord(setting=s.name, subject=subject.id, prompt_id=case.prompt.id,
+                              setting_key=s.key(manifest.generation), manifest=str(manifest.source or "")))
+        write_video(frames, video, record)  # the old sidecar goes first: it never vouches for the new video
         counts["generated"] += 1
         echo(f"generated {n}/{len(todo)}: {case.label} ({seconds:.1f} s)")
     return counts
@@ -604,8 +594,6 @@ def judge(manifest: Manifest, out_dir, judge_client, *, shard=(0, 1), echo: Call
 
 def collect(manifest: Manifest, out_dir) -> list[dict]:
     """One record per case with whatever was measured for it (all shards), for the report."""
-    from ..io.video import sidecar_path
-
     layout = Layout(out_dir)
     records = []
     for case in manifest.cases():
@@ -614,12 +602,12 @@ def collect(manifest: Manifest, out_dir) -> list[dict]:
                "prompt": case.prompt.text, "case": case.name, "video": None, "evaluation": None,
                "judge": {}, "judge_errors": {}, "generation": None,
                "photos": [str(p) for p in case.subject.photos]}
-        done = video is not None and video.is_file() and (case.setting.external or
-                                                            _read_json(sidecar_path(video)) is not None)
+        record = None if case.setting.external or video is None or not video.is_file() else read_record(video)
+        done = video is not None and video.is_file() and (case.setting.external or record is not None)
         if done:
             rec["video"] = str(video)
-            if not case.setting.external:
-                rec["generation"] = _read_json(sidecar_path(video))
+            if record is not None:
+                rec["generation"] = record.model_dump(mode="json")
             scored = _read_json(layout.scores(case))
             if scored and scored.get("config", {}).get("video") == _file_fingerprint(video):
                 rec["evaluation"] = scored["evaluation"]

@@ -1,4 +1,5 @@
-"""Writing and reading videos: MP4 (H.264), animated WebP and GIF, plus the JSON sidecar of each video.
+"""Writing and reading videos: MP4 (H.264), animated WebP and GIF (the sidecar record of each
+video is `lynx.pipelines.record`).
 
 One backend per format, for reading and writing alike: PyAV (FFmpeg's libraries) for MP4 and the other
 container formats, Pillow for animated WebP and GIF. `probe_video` reads a video's size, rate and length
@@ -8,9 +9,6 @@ so a long high-resolution clip never has to fit in memory.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, LynxError, OutputError
 from .files import atomic_write
 from .provenance import mark_text, xmp_packet
 
@@ -39,18 +37,20 @@ def to_uint8(frames) -> np.ndarray:
     return frames
 
 
-def save_video(frames, path, fps: int, quality: int = 8, mark: dict | None = None) -> Path:
-    """Write `frames` to `path` (format from its suffix), atomically; `mark` (lynx.io.provenance) goes into
-    the file's metadata: MP4 `comment` tag, GIF comment, WebP XMP."""
+def encode_video(frames, path, fps: int, quality: int = 8, mark: dict | None = None) -> Path:
+    """Encode `frames` into `path` as it is named (the format from its suffix, or `suffix`); `mark`
+    (lynx.io.provenance) goes into the file's metadata: MP4 `comment` tag, GIF comment, WebP XMP. A failed
+    encode (or an empty file) is an `OutputError`."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in VIDEO_FORMATS:
         raise InputError(f"unsupported video format {suffix!r}: use one of {', '.join(VIDEO_FORMATS)}")
+    if not (isinstance(fps, (int, float)) and 0 < fps < float("inf")):
+        raise OutputError(f"cannot write {path.name} at {fps!r} frames per second")
     frames = to_uint8(frames)
-
-    def write(tmp: Path):
+    try:
         if suffix == ".mp4":
-            _write_mp4(frames, tmp, fps, quality, mark_text(mark) if mark else None)
+            _write_mp4(frames, path, fps, quality, mark_text(mark) if mark else None)
         else:
             from PIL import Image
 
@@ -61,11 +61,24 @@ def save_video(frames, path, fps: int, quality: int = 8, mark: dict | None = Non
                 kw["xmp"] = xmp_packet(mark)
             elif mark:
                 kw["comment"] = mark_text(mark)
-            images[0].save(str(tmp), format=suffix[1:].upper(), save_all=True, append_images=images[1:],
+            images[0].save(str(path), format=suffix[1:].upper(), save_all=True, append_images=images[1:],
                            duration=duration, loop=0, **kw)
+    except LynxError:
+        raise
+    except Exception as e:  # PyAV and Pillow raise many types (FFmpegError, OSError, ValueError)
+        raise OutputError(f"could not encode {path.name}: {str(e).strip().splitlines()[-1] if str(e) else e!r}") \
+            from None
+    if not path.is_file() or path.stat().st_size == 0:
+        raise OutputError(f"could not encode {path.name}: the encoder wrote nothing")
+    return path
 
+
+def save_video(frames, path, fps: int, quality: int = 8, mark: dict | None = None) -> Path:
+    """Write `frames` to `path` (format from its suffix) atomically: the old file stays until the new one is
+    complete, and a failed encode leaves nothing behind (`OutputError`)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, write)
+    atomic_write(path, lambda tmp: encode_video(frames, tmp, fps, quality, mark))
     return path
 
 
@@ -220,53 +233,3 @@ def _pillow_fps(path: Path) -> float:
 
 def sidecar_path(video_path) -> Path:
     return Path(video_path).with_suffix(Path(video_path).suffix + ".json")
-
-
-def write_sidecar(video_path, record: dict) -> Path:
-    path = sidecar_path(video_path)
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
-    return path
-
-
-def package_versions() -> dict:
-    import diffusers
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    return {"lynx": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__}
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def generation_record(video, frames, fps: int, knobs: dict, defaults, *, variant: str, dtype, device, base,
-                      adapter, photos=(), seconds: float, command: str, **extra) -> dict:
-    """The sidecar of a generated video: what is needed to make it again, whichever front end made it.
-
-    `knobs` holds the call's values by the pipeline's names (None: the variant's default, taken from
-    `defaults`); `guidance_scale_i` may also be "default".
-    """
-    value = lambda name: getattr(defaults, name) if knobs.get(name) is None else knobs[name]  # noqa: E731
-    g_i = knobs.get("guidance_scale_i", "default")
-    frames = np.asarray(frames)
-    return {
-        "video": Path(video).name, "prompt": knobs["prompt"], "negative_prompt": value("negative_prompt"),
-        "seed": knobs["seed"], "height": frames.shape[1], "width": frames.shape[2], "num_frames": frames.shape[0],
-        "fps": fps, "num_inference_steps": value("num_inference_steps"), "guidance_scale": value("guidance_scale"),
-        "guidance_scale_i": defaults.guidance_scale_i if g_i == "default" else g_i,
-        "ip_scale": value("ip_scale"), "ref_scale": value("ref_scale"),
-        "variant": variant, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
-        "base": str(Path(base).resolve()), "adapter": str(Path(adapter).resolve()),
-        "identity": {"images": [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in photos],
-                     **extra.pop("identity", {})},
-        "seconds": round(seconds, 2), "versions": package_versions(), "command": command,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
-    }

@@ -29,7 +29,6 @@ from ..constants import (
 )
 from ..errors import CheckpointError, InputError, WeightsNotFoundError
 from ..io.files import atomic_write
-from ..runtime import default_adapter_dir, default_base_dir
 from .adapters import install_adapters, model_keys, official_state_dicts, processors
 from .quantized import check_gguf_fits, is_gguf
 from .resampler import Resampler, resampler_config_from_state_dict
@@ -41,18 +40,31 @@ SECOND_EXPERT = "transformer_2"
 ADAPTER_CONFIG_FILE = "lynx_config.json"
 
 
-def download_instructions(base_dir: Path | None = None, adapter_dir: Path | None = None) -> str:
-    base_dir = Path(base_dir or default_base_dir())
-    adapter_dir = Path(adapter_dir or default_adapter_dir())
-    variant = adapter_dir.name if adapter_dir.name.startswith("lynx_") else "lynx_full"
-    return (
-        "Download the released weights (tens of gigabytes) with the Hugging Face CLI:\n"
-        f"  huggingface-cli download {BASE_MODEL_REPO} --local-dir {base_dir}\n"
-        f"  huggingface-cli download {ADAPTER_REPO} --include '{variant}/*' --local-dir {adapter_dir.parent}\n"
-        f"so that {base_dir} holds {', '.join(BASE_SUBFOLDERS)} and {adapter_dir} holds "
-        f"{RESAMPLER_FILE}, {IP_LAYERS_FILE}" + (f" and {REF_LAYERS_FILE}." if variant != "lynx_lite" else ".") +
-        "\nOr point --base/--adapter (or $LYNX_MODELS) at where they already are."
-    )
+def download_instructions(base_dir: Path | None = None, adapter_dir: Path | None = None, *,
+                          base_parts: list[str] | None = None) -> str:
+    """The `hf download` lines for what is missing: the base (or only its `base_parts` subfolders) when
+    `base_dir` is given, the adapters when `adapter_dir` is given."""
+    lines, holds = [], []
+    if base_dir is not None:
+        base_dir = Path(base_dir)
+        include = "".join(f" --include '{part}/*'" for part in base_parts or [])
+        lines.append(f"  hf download {BASE_MODEL_REPO}{include} --local-dir {base_dir}")
+        holds.append(f"{base_dir} holds {', '.join(base_parts or BASE_SUBFOLDERS)}")
+    if adapter_dir is not None:
+        adapter_dir = Path(adapter_dir)
+        variant = adapter_dir.name if adapter_dir.name.startswith("lynx_") else "lynx_full"
+        lines.append(f"  hf download {ADAPTER_REPO} --include '{variant}/*' --local-dir {adapter_dir.parent}")
+        holds.append(f"{adapter_dir} holds {RESAMPLER_FILE}, {IP_LAYERS_FILE}"
+                     + (f" and {REF_LAYERS_FILE}" if variant != "lynx_lite" else ""))
+    size = "tens of gigabytes" if base_dir is not None and not base_parts else "a few gigabytes at most"
+    return (f"Download it ({size}) with the Hugging Face CLI (`pip install -U huggingface_hub`):\n"
+            + "\n".join(lines) + f"\nso that {' and '.join(holds)}.\n"
+            "Or point --base/--adapter (or $LYNX_MODELS) at where they already are.")
+
+
+def _adapter_incomplete(adapter_dir) -> bool:
+    adapter_dir = Path(adapter_dir)
+    return not all((adapter_dir / n).is_file() for n in (RESAMPLER_FILE, IP_LAYERS_FILE))
 
 
 # ----- base model -------------------------------------------------------------------------------------
@@ -167,11 +179,19 @@ def adapter_shape(adapter_dir) -> tuple[int | None, int | None]:
 
 
 def require_base_dir(path, adapter_dir=None, transformer_files: dict | None = None) -> Path:
+    """A complete base directory, else `WeightsNotFoundError` naming the missing parts (and the adapters when
+    `adapter_dir` is given and incomplete too, so every download is listed at once). `transformer_files`: the
+    GGUF files standing in for the base's transformer weights (their folders then need only config.json)."""
     report = inspect_base_dir(path, transformer_files)
     if not report.ok:
+        parts = [sub for sub, ok in report.found.items() if not ok]
+        # A folder that exists with some parts missing needs only those parts; a bad config needs its folder.
+        if report.path.is_dir() and report.transformer_config is None and "transformer" not in parts:
+            parts.append("transformer")
+        adapter = adapter_dir if adapter_dir is not None and _adapter_incomplete(adapter_dir) else None
         raise WeightsNotFoundError(
             f"The Wan2.1-T2V base model was not found at {report.path}:\n  - " + "\n  - ".join(report.problems)
-            + "\n" + download_instructions(report.path, adapter_dir))
+            + "\n" + download_instructions(report.path, adapter, base_parts=parts if report.path.is_dir() else None))
     return report.path
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,12 +47,23 @@ from ..models.lora import check_lora, lora_off, read_lora
 from ..models.quantized import cast_plain_weights, component_quantization, is_quantized, load_gguf_transformer
 from ..models.resampler import Resampler
 from . import speed
+from .settings import WINDOWS, GenerationSettings
+
+if TYPE_CHECKING:
+    from ..face.image import ImageLike
 from .reference import REFERENCE_SIZE, denormalize_latents, normalize_latents, reference_features, reference_latents
 from .windows import ContextWindows, blend
 
 logger = logging.getLogger(__name__)
 
 SAVED_ADAPTER_DIR = "lynx_adapter"
+
+
+@dataclass
+class LynxPipelineOutput(WanPipelineOutput):
+    """`frames` as diffusers' Wan pipelines return them, and the resolved `settings` that made them."""
+
+    settings: GenerationSettings | None = None
 
 
 def _as_uint8_rgb(image, name: str) -> np.ndarray:
@@ -62,20 +74,6 @@ def _as_uint8_rgb(image, name: str) -> np.ndarray:
         return load_image(image)
     except InputError as e:
         raise InputError(f"{name}: {e}") from None
-
-
-def check_video_size(height: int, width: int, num_frames: int, temporal: int = 4, spatial: int = 16) -> None:
-    """Frames must be 4k+1 and sides multiples of 16 (VAE 8x and 2x2 patches); say the nearest valid values."""
-    problems = []
-    if num_frames < 1 or (num_frames - 1) % temporal:
-        lo = max(1, (num_frames - 1) // temporal * temporal + 1)
-        problems.append(f"num_frames={num_frames} is not {temporal}k+1 (try {lo} or {lo + temporal})")
-    for name, v in (("height", height), ("width", width)):
-        if v < spatial or v % spatial:
-            lo = max(spatial, v // spatial * spatial)
-            problems.append(f"{name}={v} is not a positive multiple of {spatial} (try {lo} or {lo + spatial})")
-    if problems:
-        raise InputError("invalid video size: " + "; ".join(problems))
 
 
 def flow_sigmas(num_inference_steps: int, start: float) -> np.ndarray:
@@ -451,21 +449,23 @@ class LynxPipeline(WanPipeline):
     def __call__(
         self,
         prompt: str | None = None,
-        image=None,
+        image: ImageLike | Sequence[ImageLike] | None = None,
         *,
-        face_embedding=None,
-        reference_image=None,
-        identity=None,
+        face_embedding: np.ndarray | torch.Tensor | Sequence[float] | None = None,
+        reference_image: ImageLike | torch.Tensor | None = None,
+        identity: FaceIdentity | None = None,
         negative_prompt: str | None = None,
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        guidance_scale_i: float | None | str = "default",
+        guidance_scale_i: float | str | None = None,
         ip_scale: float | None = None,
         ref_scale: float | None = None,
         seed: int | None = None,
+        fps: int | None = None,
+        allow_large: bool = False,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -478,30 +478,67 @@ class LynxPipeline(WanPipeline):
         max_sequence_length: int = MAX_TEXT_TOKENS,
         face_options: dict | None = None,
         face_analyzer: FaceAnalyzer | None = None,
-        guidance_parallel=None,
-        ip_start: float = 0.0,
-        ip_end: float = 1.0,
-        ref_start: float = 0.0,
-        ref_end: float = 1.0,
-        guidance_i_start: float = 0.0,
-        guidance_i_end: float = 1.0,
-        ref_blocks=None,
-        batch_branches: bool = False,
-        sigmas=None,
+        guidance_parallel: bool | torch.distributed.ProcessGroup | None = None,
+        ip_start: float | None = None,
+        ip_end: float | None = None,
+        ref_start: float | None = None,
+        ref_end: float | None = None,
+        guidance_i_start: float | None = None,
+        guidance_i_end: float | None = None,
+        ref_blocks: str | Sequence[int] | None = None,
         guidance_scale_2: float | None = None,
+        context_frames: int | None = None,
+        context_overlap: int | None = None,
+        context_blend: str | None = None,
+        face_index: int | None = None,
+        batch_branches: bool = False,
         context_windows: ContextWindows | dict | None = None,
-    ):
+        sigmas=None,
+    ) -> LynxPipelineOutput | tuple:
         """Generate one video of the person in `image` (or the given identity) doing what `prompt` says.
 
-        Unset knobs take the variant's defaults (`self.defaults`): full 81 frames, 3-way guidance
-        (guidance_scale 5, guidance_scale_i 2); lite 121 frames, 2-way guidance. `guidance_scale_i=None`
-        forces 2-way guidance. `seed` seeds the initial noise (CPU generator) and, as `seed + 1`, the VAE
-        sample of the reference crop; `generator` may replace it. `output_type`: "np", "pil" or "latent".
-        `guidance_parallel`: True (the default process group) or a process group: the guidance branches run
-        on different ranks (see `predict_branches`); every rank returns the same video.
-        `image=` is analysed by `face_analyzer` (a `lynx.face.FaceAnalyzer` built once; `face_options` such
-        as `{"face_index": 1}` go to its `analyze`), or without one by a one-off `lynx.face.analyze(image,
-        **face_options)`, which loads the face models for this call.
+        The generation knobs (`negative_prompt` to `allow_large`, `ip_start` to `batch_branches`) are the fields
+        of `GenerationSettings`: `None`
+        takes the variant's default, every value is checked before anything is computed (`SettingsError`,
+        one line), and the output carries the resolved settings.
+
+        Args:
+            prompt (`str`): what the person does; one string, one video. Give this or `prompt_embeds`.
+            image (path, PIL image, RGB array, or a list of them): photo(s) of the person; the face is found,
+                aligned and embedded (`lynx.face.analyze`), several photos averaged into one identity.
+            face_embedding (`[512]` array): an ArcFace embedding instead of a photo.
+            reference_image (`[256, 256, 3]` uint8 RGB crop): the aligned face for the Ref-adapter, with
+                `face_embedding` (full model; the lite model has no Ref-adapter).
+            identity (`FaceIdentity`): a prepared identity (`lynx face`, `FaceIdentity.load`).
+            negative_prompt (`str`): what the video should not show (default: the authors' negative prompt).
+            height, width (`int`): video size in pixels, multiples of 16 (default 480 x 832).
+            num_frames (`int`): 4k+1 frames (default 81 full, 121 lite).
+            num_inference_steps (`int`): denoising steps (default 50).
+            guidance_scale (`float`): text guidance g (default 5); 1 or less turns text guidance off.
+            guidance_scale_i (`float` or `"two-way"`): identity guidance g_i of three-way guidance (default 2.0
+                full); `"two-way"` drops the identity branch (lite's default).
+            ip_scale, ref_scale (`float`): strengths of the ID- and Ref-adapters (default 1); `ref_scale=0`
+                skips the reference passes.
+            seed (`int`): seeds the initial noise (CPU generator) and, as `seed + 1`, the VAE sample of the
+                reference crop (default 42), in [0, 2**63).
+            fps (`int`): frame rate recorded for the video (default 16 full, 24 lite); the frames do not depend
+                on it.
+            allow_large (`bool`): lift the limits on steps, frames and sides (typo guards), on purpose.
+            generator (`torch.Generator`): replaces `seed`; the output's settings record its initial seed.
+            latents (`torch.Tensor`): initial noise `[1, 16, (F - 1) / 4 + 1, H / 8, W / 8]` instead of drawing it.
+            prompt_embeds, negative_prompt_embeds, reference_prompt_embeds (`torch.Tensor`): T5 embeddings that
+                replace the text encoder (which may then be absent; training samples from cached embeddings);
+                `reference_prompt_embeds` is that of "image of a face".
+            output_type (`str`): `"np"` (float frames in [0, 1]), `"pil"` or `"latent"`.
+            return_dict (`bool`): a `LynxPipelineOutput`, or the tuple `(frames,)`.
+            callback_on_step_end (callable): `f(pipe, step, timestep, tensors) -> dict` after every step, as in
+                diffusers; `callback_on_step_end_tensor_inputs` names the tensors it receives.
+            max_sequence_length (`int`): T5 tokens of the prompt (default 512).
+            face_options (`dict`): keyword arguments for the face analysis of `image` (`{"face_index": 1}`, ...).
+            face_analyzer (`lynx.face.FaceAnalyzer`): analyses `image` (built once, reused); without one a one-off
+                `lynx.face.analyze(image, **face_options)` loads the face models for this call.
+            guidance_parallel (`True` or a process group): run the guidance branches on different ranks of the
+                default (or this) process group; every rank returns the same video (see `predict_branches`).
 
         Strength (`lynx.pipelines.speed`): `ip_start`/`ip_end`, `ref_start`/`ref_end`: the fraction of the steps
         each adapter acts on; `guidance_i_start`/`guidance_i_end`: the steps with identity guidance (the others
@@ -513,48 +550,58 @@ class LynxPipeline(WanPipeline):
         `guidance_scale`, as diffusers). Where that expert has no adapters (experts="high") its steps run c and u
         only, identity guidance being a no-op there; the strength windows count steps over the whole denoising.
 
-        Long videos: `num_frames` beyond the window (`context_windows`: a `ContextWindows` or its fields as a
-        dict; default window the variant's frame count, 16 frames of overlap, linear blending) are denoised in
+        `face_index`: which face of the photos (0 = the largest; default the largest, warned when several).
+
+        Long videos: `num_frames` beyond the window (`context_frames`, `context_overlap`, `context_blend`, or
+        `context_windows`: a `ContextWindows` or its fields as a dict; default window the variant's frame count,
+        16 frames of overlap, linear blending) are denoised in
         overlapping windows of latent frames, blended at every step; every window reads the same identity
         tokens and reference features, and the transformer never sees more than one window.
-        `prompt_embeds`, `negative_prompt_embeds` and `reference_prompt_embeds` (of "image of a face") replace
-        the text encoder, which may then be absent (sampling during training uses cached embeddings).
+
+        Returns:
+            `LynxPipelineOutput` with `frames` (`[1, F, H, W, 3]` for "np") and the resolved `settings`.
         """
+        # Every knob is a field of GenerationSettings, checked and resolved here before anything is computed.
+        knobs = {name: value for name, value in locals().items() if name in GenerationSettings.model_fields}
+        if context_windows is not None:  # the long-video knobs as one object (or its fields as a dict)
+            given = dataclasses.asdict(context_windows) if isinstance(context_windows, ContextWindows) \
+                else dict(context_windows)
+            for key in ("frames", "overlap", "blend"):
+                if key in given and knobs[f"context_{key}"] is not None:
+                    raise InputError(f"give context_{key} or context_windows, not both")
+                knobs[f"context_{key}"] = given.get(key, knobs[f"context_{key}"])
         config = self._require_adapters()
-        d = self.defaults
-        pick = lambda value, default: default if value is None else value  # noqa: E731 (0 is a value, not unset)
-        height, width, num_frames = pick(height, d.height), pick(width, d.width), pick(num_frames, d.num_frames)
-        steps = pick(num_inference_steps, d.num_inference_steps)
-        g = pick(guidance_scale, d.guidance_scale)
-        if guidance_scale_2 is not None and self.transformer_2 is None:
+        settings = GenerationSettings(**knobs).resolve(self.variant)
+        g = settings.guidance_scale
+        if settings.guidance_scale_2 is not None and self.transformer_2 is None:
             raise InputError("guidance_scale_2 is the low-noise expert's guidance; this base has one transformer")
-        g2 = pick(guidance_scale_2, g)
-        if isinstance(context_windows, dict):
-            context_windows = ContextWindows(**{"frames": d.num_frames, **context_windows})
-        windows = context_windows or ContextWindows(frames=d.num_frames)
-        g_i = d.guidance_scale_i if guidance_scale_i == "default" else guidance_scale_i
-        ip_scale, ref_scale = pick(ip_scale, d.ip_scale), pick(ref_scale, d.ref_scale)
-        if negative_prompt is None and negative_prompt_embeds is None:
-            negative_prompt = d.negative_prompt
+        g2 = g if settings.guidance_scale_2 is None else settings.guidance_scale_2
+        windows = ContextWindows(frames=settings.context_frames, overlap=settings.context_overlap,
+                                 blend=settings.context_blend)
+        ip_scale, ref_scale = settings.ip_scale, settings.ref_scale
+        if settings.face_index is not None:  # with identity=, the index that chose it (recorded)
+            if face_embedding is not None:
+                raise InputError("face_index chooses a face in image= photos; it does not apply to face_embedding=")
+            face_options = {**(face_options or {}), "face_index": settings.face_index}
         if output_type not in ("np", "pil", "latent"):
             raise InputError(f"output_type must be 'np', 'pil' or 'latent', not {output_type!r}")
         if (prompt is None) == (prompt_embeds is None):
             raise InputError("give exactly one of prompt (text) or prompt_embeds")
         if prompt is not None and not isinstance(prompt, str):
             raise InputError("prompt must be one string; call the pipeline once per video")
-        check_video_size(height, width, num_frames, self.vae_scale_factor_temporal, 2 * self.vae_scale_factor_spatial)
-        if steps < 1:
-            raise InputError(f"num_inference_steps must be at least 1, got {steps}")
         bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise InputError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}")
-        strength = speed.Strength(ip_scale, ref_scale, ip_start, ip_end, ref_start, ref_end, guidance_i_start,
-                                  guidance_i_end, speed.parse_blocks(ref_blocks, len(self.transformer.blocks)))
+        strength = speed.Strength(ip_scale, ref_scale, *(getattr(settings, k) for pair in WINDOWS for k in pair),
+                                  speed.parse_blocks(settings.ref_blocks, len(self.transformer.blocks)))
         if generator is None:
-            generator = torch.Generator().manual_seed(d.seed if seed is None else seed)
+            generator = torch.Generator().manual_seed(settings.seed)
+        else:  # the record says what seeded this video
+            settings = settings.model_copy(update={"seed": generator.initial_seed()})
         ref_seed = generator.initial_seed() + 1
 
-        use_ref = config.use_ref and ref_scale != 0 and ref_start < ref_end and strength.ref_blocks != frozenset()
+        use_ref = (config.use_ref and ref_scale != 0 and settings.ref_start < settings.ref_end
+                   and strength.ref_blocks != frozenset())
         person = self.prepare_identity(image, face_embedding, reference_image, identity, need_reference=use_ref,
                                        face_analyzer=face_analyzer, **(face_options or {}))
         device, dtype = self._execution_device, self.transformer.dtype
@@ -565,7 +612,7 @@ class LynxPipeline(WanPipeline):
             prompt_embeds = self.encode_text([prompt], max_sequence_length)
         use_cfg = g > 1.0 or (self.transformer_2 is not None and g2 > 1.0)
         if use_cfg and negative_prompt_embeds is None:
-            negative_prompt_embeds = self.encode_text([negative_prompt], max_sequence_length)
+            negative_prompt_embeds = self.encode_text([settings.negative_prompt], max_sequence_length)
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype)
         if use_cfg:
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
@@ -596,19 +643,20 @@ class LynxPipeline(WanPipeline):
                 Conditioning(no_tokens, no_ref, ip_scale, ref_scale, ref_blocks=strength.ref_blocks, text_kv=text_kv))
 
         # Noise and schedule.
-        grid = flow_sigmas(steps, d.sigma_start) if sigmas is None else np.asarray(sigmas, dtype=np.float64)
+        grid = flow_sigmas(settings.num_inference_steps, self.defaults.sigma_start) if sigmas is None \
+            else np.asarray(sigmas, dtype=np.float64)
         self.scheduler.set_timesteps(sigmas=grid, device=device)
         self.scheduler.set_begin_index(0)  # no device-to-host sync per step to find the index (compile-friendly)
         timesteps = self.scheduler.timesteps
-        latents = self.prepare_latents(1, self.transformer.config.in_channels, height, width, num_frames,
-                                       torch.float32, device, generator, latents)
+        latents = self.prepare_latents(1, self.transformer.config.in_channels, settings.height, settings.width,
+                                       settings.num_frames, torch.float32, device, generator, latents)
         self._num_timesteps = len(timesteps)
-        three_way = g_i is not None
+        three_way = not settings.two_way
 
         # Guidance branches, in the authors' order: c = (prompt, identity), u = (negative, no identity),
         # i = (negative, identity).
         group = _guidance_group(guidance_parallel, self.transformer)
-        batch_branches = batch_branches and group is None
+        batch_branches = settings.batch_branches and group is None
         self._stacked = {}
         n = len(timesteps)
 
@@ -638,7 +686,7 @@ class LynxPipeline(WanPipeline):
                     self._window_name = "" if len(spans) == 1 else f"-w{k}"  # a step-cache state per window
                     preds = (self.predict_batched(window, t, branches) if batch_branches and len(branches) > 1
                              else self.predict_branches(window, t, branches, group))
-                    window_noise.append(((start, end), guide(preds, g_step, g_i)))
+                    window_noise.append(((start, end), guide(preds, g_step, settings.guidance_scale_i)))
                 self._window_name = ""
                 noise = window_noise[0][1] if len(spans) == 1 else blend(window_noise, windows, latents)
                 latents = self.scheduler.step(noise, t, latents, return_dict=False,
@@ -654,7 +702,7 @@ class LynxPipeline(WanPipeline):
 
         video = latents if output_type == "latent" else self.decode(latents, output_type)
         self.maybe_free_model_hooks()
-        return WanPipelineOutput(frames=video) if return_dict else (video,)
+        return LynxPipelineOutput(frames=video, settings=settings) if return_dict else (video,)
 
 
 def guide(preds: list[torch.Tensor], g: float, g_i: float | None) -> torch.Tensor:

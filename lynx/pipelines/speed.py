@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..constants import TWO_WAY
 from ..errors import InputError
 from ..models.adapters import Conditioning
 
@@ -148,7 +149,7 @@ FAST_CACHE_THRESHOLD = 0.2
 # 1000/750/500/250 with shift 5, guidance 1 (no negative branch) and an x0 -> re-noise sampler (LCM);
 # Lynx at full strength overpowers them (front-facing headshots, prompts ignored), so its scales drop and
 # the Ref-adapter acts on the first half of the steps only. Starting values, not measured here.
-TURBO = dict(num_inference_steps=4, guidance_scale=1.0, guidance_scale_i=None, ip_scale=0.8, ref_scale=0.6,
+TURBO = dict(num_inference_steps=4, guidance_scale=1.0, guidance_scale_i=TWO_WAY, ip_scale=0.8, ref_scale=0.6,
              ref_end=0.5)
 TURBO_SHIFT = 5.0
 
@@ -156,6 +157,14 @@ TURBO_SHIFT = 5.0
 def turbo_sigmas(num_steps: int) -> np.ndarray:
     """The distill grid before the shift: 1000/750/500/250 at 4 steps (linspace(1, 0, n + 1)[:-1])."""
     return np.linspace(1.0, 0.0, num_steps + 1)[:-1]
+
+
+def preset_settings(speed: str) -> dict:
+    """The generation knobs (fields of `GenerationSettings`) a preset sets; knobs a person gives override them.
+    Known before any model loads, so the CLI checks and plans with them."""
+    if speed not in SPEEDS:
+        raise InputError(f"speed must be one of {', '.join(SPEEDS)}, not {speed!r}")
+    return {"exact": {}, "fast": {"guidance_i_end": FAST_GUIDANCE_I_END}, "turbo": dict(TURBO)}[speed]
 
 
 def apply_speed(pipe, speed: str, loras: list[tuple[str, float]] = ()) -> tuple[dict, list[str]]:

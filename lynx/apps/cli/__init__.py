@@ -3,20 +3,51 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from ...constants import CONTEXT_BLENDS, CONTEXT_OVERLAP_FRAMES, EXPERTS, sampling_defaults
+from ...constants import EXPERTS
 from ...errors import InputError, LynxError, WeightsNotFoundError
-from ...io.files import slug
+from ...io.files import check_writable, slug
+from ...pipelines.settings import GenerationSettings, flags, help_text, parse_text
+from ...pipelines.settings import flag as settings_flag
 from ...runtime import DTYPES, device_and_dtype
 
 # The preset names, spelled here so that building the parser imports no torch (lynx.pipelines.memory checks
 # them against its table).
 MEMORY_CHOICES = ("max", "48gb", "24gb", "24gb-blocks", "12gb")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`lynx generate: error: ...`); the usage is in --help."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def cli_flag(name: str) -> str:
+    """The flag of a call option an error message names (see `lynx.errors.option`)."""
+    if name in GenerationSettings.model_fields:
+        return settings_flag(name)
+    return {"base_dir": "--base"}.get(name, "--" + name.replace("_", "-"))
+
+
+def add_settings_options(p: argparse.ArgumentParser) -> None:
+    """The generation knobs, generated from `GenerationSettings`' fields (flags, help and defaults)."""
+    group = p.add_argument_group("generation settings (unset: the variant's default)")
+    for name, field in GenerationSettings.model_fields.items():
+        if field.annotation is bool:
+            group.add_argument(*flags(name), dest=name, action="store_true", help=help_text(name))
+        else:
+            group.add_argument(*flags(name), dest=name, metavar=name.upper(), help=help_text(name))
+
+
+def settings_from_args(args) -> GenerationSettings:
+    """The knobs as typed; the settings check them (`--steps 2.5 must be a whole number (try 2 or 3)`)."""
+    return GenerationSettings(**{name: parse_text(name, value) if isinstance(value, str) else value
+                                 for name, value in ((n, getattr(args, n)) for n in GenerationSettings.model_fields)})
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -113,22 +144,26 @@ def _inside(path: Path, directory: Path) -> bool:
         return False
 
 
-def output_path(args, variant_fps: int) -> Path:
-    """Where the video goes. Names built from inputs are sanitised and must stay inside --out-dir."""
+def output_path(args, seed: int | None = None) -> Path:
+    """Where the video goes. Names built from inputs (and the seed, default `args.seed`) are sanitised and must
+    stay inside --out-dir."""
     out_dir = Path(args.out_dir)
     if args.out:
         path = Path(args.out)
     else:
         source = (args.image or [None])[0] or args.identity or getattr(args, "embedding", None)
         stem = Path(source).stem if source else "person"
-        name = f"{slug(stem, 24)}-{slug(args.prompt)}-s{args.seed}{args.format}"
+        name = f"{slug(stem, 24)}-{slug(args.prompt)}-s{args.seed if seed is None else seed}{args.format}"
         path = out_dir / name
         if not _inside(path, out_dir):
             raise InputError(f"refusing to write {path}: names made from inputs must stay inside {out_dir}")
     if path.suffix.lower() not in (".mp4", ".webp", ".gif"):
         raise InputError(f"--out must end in .mp4, .webp or .gif, not {path.name!r}")
-    if path.exists() and not args.overwrite:
-        raise InputError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
+    side = path.with_name(path.name + ".json")
+    for p in (path, side):
+        if p.exists() and not p.is_dir() and not args.overwrite:
+            raise InputError(f"{p} already exists; pass --overwrite to replace it, or choose another --out")
+    check_writable(path, flag="--out" if args.out else "--out-dir")
     return path
 
 
@@ -141,7 +176,7 @@ def _read_prompt(value: str) -> str:
     return value
 
 
-def _parallel_layout(args, adapter_cfg, defaults, base, windows):
+def _parallel_layout(args, adapter_cfg, settings, base):
     """Under torchrun: the mesh the processes will form, checked before any weight loads. None: one process."""
     import os
 
@@ -164,18 +199,12 @@ def _parallel_layout(args, adapter_cfg, defaults, base, windows):
                          "(ranks could skip different blocks): use --speed exact or turbo with --context-parallel")
     from ...models.loading import inspect_base_dir
     from ...pipelines.parallel import plan
-    from ...pipelines.speed import TURBO
 
-    preset = TURBO if args.speed == "turbo" else {}
-    g = preset.get("guidance_scale", defaults.guidance_scale) if args.guidance is None else args.guidance
-    g_i = preset.get("guidance_scale_i", defaults.guidance_scale_i) if args.guidance_i is None \
-        else None if args.guidance_i < 0 else args.guidance_i
-    ref_scale = preset.get("ref_scale", defaults.ref_scale) if args.ref_scale is None else args.ref_scale
-    branches = 1 if g <= 1 else 2 if g_i is None else 3
+    g = settings.guidance_scale
+    branches = 1 if g <= 1 else 2 if settings.two_way else 3
     return plan(world, args.context_parallel, args.cp_degree, args.guidance_parallel, branches,
-                inspect_base_dir(base).transformer_config, args.height or defaults.height,
-                args.width or defaults.width, min(args.frames or defaults.num_frames, windows.frames),
-                adapter_cfg.use_ref and ref_scale != 0)
+                inspect_base_dir(base).transformer_config, settings.height, settings.width,
+                min(settings.num_frames, settings.context_frames), adapter_cfg.use_ref and settings.ref_scale != 0)
 
 
 def _init_distributed(args) -> int:
@@ -213,14 +242,32 @@ def analyze_photos(analyzer, photos: list, face_index: int | None, command: str)
     return identity
 
 
-def cmd_generate(args) -> int:
+def _load_embedding(path: str):
+    """A .npy of 512 finite numbers (an ArcFace embedding), or an `InputError` saying what the file is instead."""
+    import numpy as np
+
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise InputError(f"--embedding {path} is not a NumPy .npy file (make one with numpy.save, or give the photo "
+                         "with --image)") from None
+    if emb.dtype.kind not in "fiu" or emb.size != 512 or not np.isfinite(emb).all():
+        raise InputError(f"--embedding {path} must hold 512 finite numbers (an ArcFace embedding), not "
+                         f"{emb.dtype} {list(emb.shape)}")
+    return emb.astype(np.float32).reshape(512)
+
+
+def check_generate_args(args):
+    """Everything `lynx generate` can check before loading a model, in the order a person fixes them.
+
+    Returns (base, adapter, adapter config, resolved settings, output path, device, dtype); raises a `LynxError`
+    (one line) on the first problem."""
     from ...models.loading import check_model_dirs
-    from ...runtime import default_adapter_dir, default_base_dir
+    from ...runtime import check_attention_backend, default_adapter_dir, default_base_dir
 
     args.prompt = _read_prompt(args.prompt)
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
-    check_face_index(args.face_index)
     if args.face_index is not None and not args.image:
         raise InputError("--face-index chooses a face in --image photos; it does not apply to --identity or "
                          "--embedding")
@@ -228,6 +275,10 @@ def cmd_generate(args) -> int:
     if sum(sources) != 1:
         raise InputError("give the person with exactly one of --image PHOTO..., --identity FILE (from `lynx face`) "
                          "or --embedding FILE.npy (+ --reference CROP.png for the full model)")
+    if args.reference and not args.embedding:
+        raise InputError("--reference goes with --embedding (photos and identity files bring their own crop)")
+    # The settings first: they need nothing from disk, and the variant only for their defaults.
+    typed = settings_from_args(args)
     base = Path(args.base or default_base_dir())
     adapter = Path(args.adapter or default_adapter_dir(args.variant))
     # Every missing download is reported at once, before anything else is checked or loaded.
@@ -242,7 +293,7 @@ def cmd_generate(args) -> int:
         two_experts = inspect_base_dir(base).two_experts
         if args.experts == "both" and not two_experts:
             raise InputError(f"--experts both needs a two-expert base (Wan2.2-T2V-A14B); {base} has one transformer")
-        if args.guidance_2 is not None and not two_experts:
+        if typed.guidance_scale_2 is not None and not two_experts:
             raise InputError(f"--guidance-2 is the low-noise expert's guidance; {base} has one transformer")
     if args.image:
         from ...face import arcface_missing
@@ -256,40 +307,40 @@ def cmd_generate(args) -> int:
     if args.speed == "turbo" and not loras:
         raise InputError("--speed turbo needs a step-distill LoRA: add --lora FILE (e.g. lightx2v's Wan2.1-T2V-14B "
                          "StepDistill-CfgDistill rank-32/64 LoRA)")
+    # A speed preset fills the knobs not given (`--speed turbo --steps 6`: six steps).
+    from ...pipelines.speed import preset_settings
+
+    settings = GenerationSettings(**{**preset_settings(args.speed), **typed.given()}).resolve(adapter_cfg.variant)
     for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x] + \
             [path for path, _ in loras]:
         if not Path(p).is_file():
             raise InputError(f"input file {p} does not exist")
-    defaults = sampling_defaults(adapter_cfg.variant)
-    args.seed = defaults.seed if args.seed is None else args.seed
-    fps = args.fps or defaults.fps
-    out = output_path(args, fps)
+    out = output_path(args, settings.seed)
+    device, dtype = device_and_dtype(args.device, args.dtype)
+    if args.attention_backend:
+        check_attention_backend(args.attention_backend)
+    return base, adapter, adapter_cfg, settings, loras, out, device, dtype
 
-    from ...pipelines.pipeline_lynx import check_video_size
 
-    check_video_size(args.height or defaults.height, args.width or defaults.width,
-                     args.frames or defaults.num_frames)
-    from ...pipelines.windows import ContextWindows
-
-    windows = ContextWindows(frames=args.context_frames or defaults.num_frames, overlap=args.context_overlap,
-                             blend=args.context_blend)
-    layout = _parallel_layout(args, adapter_cfg, defaults, base, windows)
+def cmd_generate(args) -> int:
+    base, adapter, adapter_cfg, settings, loras, out, device, dtype = check_generate_args(args)
+    layout = _parallel_layout(args, adapter_cfg, settings, base)
     identity_kwargs = {}
     if args.image:
         from ...face import FaceAnalyzer
 
         analyzer = FaceAnalyzer(args.detector, models_dir=args.face_models)
-        identity_kwargs["identity"] = analyze_photos(analyzer, args.image, args.face_index, "generate")
+        identity_kwargs["identity"] = analyze_photos(analyzer, args.image, settings.face_index, "generate")
     elif args.identity:
         from ...face import FaceIdentity
 
         identity_kwargs["identity"] = FaceIdentity.load(args.identity)
     else:
-        import numpy as np
-
-        identity_kwargs["face_embedding"] = np.load(args.embedding)
+        identity_kwargs["face_embedding"] = _load_embedding(args.embedding)
         if args.reference:
-            identity_kwargs["reference_image"] = args.reference
+            from ...face import load_image
+
+            identity_kwargs["reference_image"] = load_image(args.reference)
 
     faces_used = identity_kwargs["identity"].faces_used() if "identity" in identity_kwargs else []
     from ...face.identity import describe_face
@@ -313,88 +364,53 @@ def cmd_generate(args) -> int:
         from ...pipelines.parallel import lay_out
 
         lay_out(pipe, layout)
-    video_windows = windows.video_windows(args.frames or defaults.num_frames)
+    video_windows = _windows(settings).video_windows(settings.num_frames)
     if len(video_windows) > 1:
-        print(f"long video: {len(video_windows)} context windows of {windows.frames} frames, overlap "
-              f"{windows.overlap}, {windows.blend} blending", file=sys.stderr)
-    speed_kwargs = speed_setup(pipe, args, loras, rank)
-    g_i = speed_kwargs.get("guidance_scale_i", "default")
+        print(f"long video: {len(video_windows)} context windows of {settings.context_frames} frames, overlap "
+              f"{settings.context_overlap}, {settings.context_blend} blending", file=sys.stderr)
+    sigmas = speed_setup(pipe, args, loras, rank)
     started = time.time()
-    result = pipe(args.prompt, **identity_kwargs, negative_prompt=args.negative_prompt, height=args.height,
-                  width=args.width, num_frames=args.frames, seed=args.seed, output_type="np",
-                  guidance_parallel=True if rank is not None and args.guidance_parallel else None,
-                  guidance_scale_2=args.guidance_2, context_windows=windows, **speed_kwargs)
+    result = pipe(args.prompt, **identity_kwargs, **settings.model_dump(), output_type="np", sigmas=sigmas,
+                  guidance_parallel=True if rank is not None and args.guidance_parallel else None)
     frames = result.frames[0]
+    seconds = time.time() - started
     if rank:  # every rank holds the same video; rank 0 writes it
         return 0
 
-    from ...io.provenance import provenance_mark
     from ...io.safety import unchecked
-    from ...io.video import generation_record, save_video, write_sidecar
+    from ...pipelines.record import make_record, write_video
 
     # Refused frames raise UnsafeVideoError here, before any file or folder is made.
     safety = gate.check(frames) if gate else unchecked("switched off" if args.no_safety_check else "no classifier")
-    mark = provenance_mark(base=base, adapter=adapter, variant=adapter_cfg.variant, seed=args.seed)
-    save_video(frames, out, fps, mark=mark)
-    knobs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                 num_inference_steps=speed_kwargs.get("num_inference_steps"),
-                 guidance_scale=speed_kwargs.get("guidance_scale"), guidance_scale_i=g_i,
-                 ip_scale=speed_kwargs.get("ip_scale"), ref_scale=speed_kwargs.get("ref_scale"))
-    record = generation_record(
-        out, frames, fps, knobs, defaults, variant=adapter_cfg.variant, dtype=dtype, device=device, base=base,
-        adapter=adapter, photos=args.image or [], seconds=time.time() - started,
-        command=" ".join(shlex.quote(a) for a in sys.argv),
-        identity={"identity_file": args.identity, "embedding_file": args.embedding, "reference": args.reference,
-                  "faces": faces_used},
-        speed={"preset": args.speed, "loras": [{"path": str(Path(p).resolve()), "scale": w} for p, w in loras],
-               "compile": args.compile, "batch_branches": args.batch_branches,
-               **{k: v for k, v in speed_kwargs.items() if k in STRENGTH_WINDOWS and v is not None}},
-        experts=pipe.experts if pipe.transformer_2 is not None else None, guidance_scale_2=args.guidance_2,
-        base_transformer={sub: str(Path(f).resolve()) for sub, f in transformer_files(args).items() if f} or None,
-        context_windows={"frames": windows.frames, "overlap": windows.overlap, "blend": windows.blend,
-                         "windows": [list(w) for w in video_windows]} if len(video_windows) > 1 else None,
-        provenance=mark, safety=safety)
-    write_sidecar(out, record)
+    record = make_record(
+        out, args.prompt, result.settings, variant=adapter_cfg.variant, base=base, adapter=adapter, dtype=dtype,
+        device=device, source="lynx generate", safety=safety, photos=args.image or [], identity_file=args.identity,
+        embedding_file=args.embedding, reference=args.reference, seconds=seconds, faces=faces_used,
+        speed=speed_record(args, loras), experts=pipe.experts if pipe.transformer_2 is not None else None,
+        context_windows=video_windows, command_extra=model_command_flags(args),
+        base_transformer={sub: str(Path(f).resolve()) for sub, f in transformer_files(args).items() if f} or None)
+    write_video(frames, out, record)
     print(out)
     return 0
 
 
-# The strength windows: pipeline argument (its flag: dashes for underscores) -> help.
-STRENGTH_WINDOWS = {
-    "ip_start": "fraction of the denoising where the ID-adapter starts acting (default 0)",
-    "ip_end": "fraction where it stops (default 1; e.g. 0.6: identity only in the first 60%% of the steps)",
-    "ref_start": "fraction of the denoising where the Ref-adapter starts acting (default 0)",
-    "ref_end": "fraction where it stops (default 1)",
-    "guidance_i_start": "identity guidance (3 passes) from this fraction of the steps (default 0)",
-    "guidance_i_end": "... up to this one; the other steps run 2 passes (default 1)",
-}
-
-
 def add_speed_options(p: argparse.ArgumentParser) -> None:
-    """Lynx strength, LoRAs and the speed presets (the same knobs as `LynxPipeline.__call__`)."""
-    s = p.add_argument_group("strength and speed")
-    s.add_argument("--ip-scale", type=float, help="weight of the ID-adapter (default 1)")
-    s.add_argument("--ref-scale", type=float, help="weight of the Ref-adapter (default 1)")
-    for name, text in STRENGTH_WINDOWS.items():
-        s.add_argument("--" + name.replace("_", "-"), type=float, help=text)
-    s.add_argument("--ref-blocks", help='blocks where the Ref-adapter acts, e.g. "0-20,35-39" (default all)')
+    """LoRAs, the speed presets and compilation: how the model runs (the strength knobs are generation settings)."""
+    s = p.add_argument_group("speed")
     s.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                    help="a Wan2.1-T2V LoRA (diffusers, original Wan/lightx2v or kohya/ComfyUI layout); repeatable; "
                         "off for the reference pass")
     s.add_argument("--speed", choices=("exact", "fast", "turbo"), default="exact",
                    help="exact: the authors' recipe; fast: SeaCache per guidance branch + identity guidance in "
                         "the first 40%% of the steps; turbo: a step-distill --lora, 4 steps, guidance 1, lower "
-                        "Lynx strength. Flags given explicitly override the preset")
+                        "Lynx strength. Generation settings given explicitly override the preset")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block (regional, whole-graph); the first step is slow")
-    s.add_argument("--batch-branches", action="store_true",
-                   help="run a step's guidance branches as one batched call (more memory; off with "
-                        "--guidance-parallel)")
 
 
-def speed_setup(pipe, args, loras, rank) -> dict:
-    """Apply --lora, --speed and --compile to `pipe`, print what each set, and return the call's knobs: the
-    preset's values overridden by the flags given."""
+def speed_setup(pipe, args, loras, rank):
+    """Apply --lora, --speed and --compile to `pipe` and print what each set; returns the preset's step grid
+    (None: the scheduler's own). The preset's knob values are in the settings already (`preset_settings`)."""
     from ...pipelines import speed
 
     lines = speed.load_loras(pipe, loras)
@@ -408,12 +424,47 @@ def speed_setup(pipe, args, loras, rank) -> dict:
     if rank is None or rank == 0:
         for line in lines:
             print(line, file=sys.stderr)
-    given = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, ip_scale=args.ip_scale,
-                 ref_scale=args.ref_scale, ref_blocks=args.ref_blocks,
-                 **{name: getattr(args, name) for name in STRENGTH_WINDOWS})
-    if args.guidance_i is not None:
-        given["guidance_scale_i"] = None if args.guidance_i < 0 else args.guidance_i
-    return {**preset, **{k: v for k, v in given.items() if v is not None}, "batch_branches": args.batch_branches}
+    return preset.get("sigmas")
+
+
+def speed_record(args, loras) -> dict:
+    """The sidecar's "speed": the preset, the LoRAs with their scales, compilation."""
+    return {"preset": args.speed, "loras": [{"path": str(Path(p).resolve()), "scale": w} for p, w in loras],
+            "compile": args.compile}
+
+
+def _windows(settings):
+    from ...pipelines.windows import ContextWindows
+
+    return ContextWindows(frames=settings.context_frames, overlap=settings.context_overlap,
+                          blend=settings.context_blend)
+
+
+def given_flags(args, *adders, skip: tuple[str, ...] = ()) -> list[str]:
+    """The options of the `adders` groups given values other than their defaults, as flags again."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for add in adders:
+        add(parser)
+    flags_: list[str] = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in skip:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default or value is None:
+            continue
+        flag_ = action.option_strings[-1]
+        if action.nargs == 0:
+            flags_.append(flag_)
+        else:
+            for v in value if isinstance(action, argparse._AppendAction) else [value]:
+                flags_ += [flag_, str(v)]
+    return flags_
+
+
+def model_command_flags(args) -> list[str]:
+    """The model and speed options of this run, for the sidecar's equivalent command."""
+    return given_flags(args, add_model_options, add_speed_options,
+                       skip=("base", "adapter", "variant", "dtype", "device"))
 
 
 def _face_check_without_embedding(args, analyzer, missing: str) -> int:
@@ -552,7 +603,7 @@ COMMAND_MODULES: tuple[str, ...] = ("lynx.apps.cli.evaluate", "lynx.apps.cli.tra
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lynx", description="Lynx personalized video generation")
+    parser = Parser(prog="lynx", description="Lynx personalized video generation")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="make a video of the person in a photo doing what the prompt says")
@@ -561,32 +612,13 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--identity", help="identity file written by `lynx face`")
     who.add_argument("--embedding", help=".npy with a 512-d ArcFace embedding")
     who.add_argument("--reference", help="256x256 aligned face crop (full model, with --embedding)")
-    who.add_argument("--face-index", type=int, help="which face in a photo with several: 0 = the largest (default)")
     g.add_argument("--prompt", required=True, help="text, or @FILE to read it from a file")
-    g.add_argument("--negative-prompt", default=None, help="default: the authors' negative prompt")
     add_model_options(g)
     g.add_argument("--out", help="output file (.mp4, .webp or .gif); default: a name from the inputs in --out-dir")
     g.add_argument("--out-dir", default="outputs")
     g.add_argument("--format", choices=(".mp4", ".webp", ".gif"), default=".mp4", help="format of generated names")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite); more than --context-frames "
-                                              "makes a long video in overlapping context windows")
-    g.add_argument("--context-frames", type=int,
-                   help="long videos: frames per context window, 4k+1 (default the model window: 81 full, 121 lite)")
-    g.add_argument("--context-overlap", type=int, default=CONTEXT_OVERLAP_FRAMES,
-                   help=f"long videos: frames shared by neighbouring windows, a multiple of 4 "
-                        f"(default {CONTEXT_OVERLAP_FRAMES})")
-    g.add_argument("--context-blend", choices=CONTEXT_BLENDS, default="linear",
-                   help="long videos: how overlapping windows combine: linear ramps (default) or a plain average")
-    g.add_argument("--fps", type=int, help="default 16 full, 24 lite")
-    g.add_argument("--steps", type=int, help="denoising steps (default 50)")
-    g.add_argument("--guidance", type=float, help="text guidance scale g (default 5.0)")
-    g.add_argument("--guidance-i", type=float, help="identity guidance g_i (full default 2.0; negative: 2-way)")
-    g.add_argument("--guidance-2", type=float,
-                   help="Wan2.2 A14B: text guidance of the low-noise expert's steps (default: --guidance)")
-    g.add_argument("--seed", type=int, help="default 42")
+    add_settings_options(g)
     g.add_argument("--guidance-parallel", action="store_true",
                    help="under torchrun: run the guidance branches on different GPUs (3 for full, 2 for lite)")
     g.add_argument("--context-parallel", choices=("ulysses", "ring"),
@@ -633,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LynxError as e:
-        print(f"lynx {args.command}: error: {e}", file=sys.stderr)
+        print(f"lynx {args.command}: error: {e.render(cli_flag)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was overwritten", file=sys.stderr)

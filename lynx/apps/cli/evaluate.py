@@ -53,29 +53,20 @@ def _evaluator_kwargs(args) -> dict:
                 arcface_weights=args.arcface_weights, insightface_model=args.insightface_model)
 
 
-def _sidecar(video: str) -> dict:
-    from ...io.video import sidecar_path
-
-    try:
-        record = json.loads(sidecar_path(video).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def _sidecar_windows(video: str) -> list | None:
-    """The context windows (video-frame ranges) a long clip was made in, as its sidecar records them."""
-    windows = (_sidecar(video).get("context_windows") or {}).get("windows")
-    return windows if isinstance(windows, list) and len(windows) > 1 else None
+    """The context windows (video-frame ranges) a long clip was made in, as its generation record says."""
+    from ...pipelines.record import read_record
+
+    record = read_record(video)
+    return None if record is None or not record.context_windows else [list(w) for w in record.context_windows]
 
 
 def _sidecar_photos(video: str) -> list[str]:
-    ident = _sidecar(video).get("identity", {})
-    if not isinstance(ident, dict):
-        return []
-    # `lynx generate` records {"images": [{"path": ...}]}, `lynx bench` {"photos": [...]}.
-    photos = [i["path"] for i in ident.get("images", []) if isinstance(i, dict) and i.get("path")]
-    return photos + list(ident.get("photos", []))
+    """The photos a video's generation record names (none when it has no readable record)."""
+    from ...pipelines.record import read_record
+
+    record = read_record(video)
+    return [] if record is None else [i.path for i in record.identity.images]
 
 
 def cmd_eval(args) -> int:

@@ -13,7 +13,6 @@ import hashlib
 import inspect
 import json
 import os
-import shlex
 import sys
 import threading
 import time
@@ -26,10 +25,12 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from ...constants import SamplingConfig, sampling_defaults
+from ...constants import MAX_STEPS, TWO_WAY
 from ...errors import CheckpointError, InputError, LynxError, WeightsNotFoundError
 from ...io.files import atomic_write, slug
 from ...io.video import VIDEO_FORMATS, sidecar_path
+from ...pipelines.record import read_record
+from ...pipelines.settings import GenerationSettings, default, flag
 from ...runtime import device_and_dtype
 from ..cli import check_model_options, load_pipeline, memory_choice, transformer_files
 
@@ -67,17 +68,21 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class Setting:
-    """One generation setting of the page. `key` is the pipeline's argument (and the API's parameter), `flag`
-    the `lynx generate` option (None: the page's own), `kind` how a form value is checked: int, float,
-    float? (empty allowed), text or choice. `field` makes the form field from the variant's default value."""
+    """One generation setting of the page: how it is shown. `key` is the pipeline's argument (and the API's
+    parameter), a field of `GenerationSettings`, which holds its check, default and `lynx generate` flag; the
+    page's own settings (`format`) are `PAGE_SETTINGS`. `kind` says what an empty form field means: int and
+    float need a value, float? is two-way guidance, text is the default. `field` makes the form field from the
+    variant's default value."""
 
     key: str
-    flag: str | None
     kind: str
     field: Callable[[object], gr.components.Component]
-    to_pipeline: bool = True  # False: used when writing the file, not by the pipeline call
     choices: tuple = ()  # kind "choice": the accepted values
-    default: object = None  # for a setting the variant's SamplingConfig does not hold
+
+    @property
+    def flag(self) -> str | None:
+        """The `lynx generate` option (None: the page's own)."""
+        return flag(self.key) if self.key in GenerationSettings.model_fields else None
 
 
 def _number(label, info=None, **kw):
@@ -85,49 +90,50 @@ def _number(label, info=None, **kw):
     return lambda value: gr.Number(value, label=label, info=info, render=False, **kw)
 
 
-# The one list of settings: a new one (a preset too: kind "choice", a gr.Dropdown field) is one entry here;
-# the form, the API's parameters, the checks, the pipeline call, the sidecar and the command follow it.
+# The page's own settings: how the file is written, not how the video is made.
+PAGE_SETTINGS = {"format": ".mp4"}
+
+# The settings the page shows, in its order; their checks, defaults and flags are GenerationSettings' (a knob
+# added there is one entry here to appear on the page; the API, checks, pipeline call, sidecar and command follow).
 SETTINGS: tuple[Setting, ...] = (
-    Setting("negative_prompt", "--negative-prompt", "text",
+    Setting("negative_prompt", "text",
             lambda value: gr.Textbox(value, label="Negative prompt", lines=2, render=False)),
-    Setting("num_frames", "--frames", "int", _number("Frames", "4k+1", precision=0, minimum=1)),
-    Setting("height", "--height", "int", _number("Height", "multiple of 16", precision=0, minimum=16)),
-    Setting("width", "--width", "int", _number("Width", "multiple of 16", precision=0, minimum=16)),
-    Setting("num_inference_steps", "--steps", "int", _number("Steps", precision=0, minimum=1)),
-    Setting("seed", "--seed", "int", _number("Seed", precision=0, minimum=0)),
-    Setting("fps", "--fps", "int", _number("Frames per second", precision=0, minimum=1, maximum=240),
-            to_pipeline=False),
-    Setting("guidance_scale", "--guidance", "float", _number("Text guidance")),
-    Setting("guidance_scale_i", "--guidance-i", "float?", _number("Identity guidance", "empty: two-way guidance")),
-    Setting("ip_scale", "--ip-scale", "float", _number("ID scale")),
-    Setting("ref_scale", "--ref-scale", "float", _number("Ref scale", "full model only")),
+    Setting("num_frames", "int", _number("Frames", "4k+1", precision=0, minimum=1)),
+    Setting("height", "int", _number("Height", "multiple of 16", precision=0, minimum=16)),
+    Setting("width", "int", _number("Width", "multiple of 16", precision=0, minimum=16)),
+    # The limit is GenerationSettings' (said in its words); a gr.Number maximum would answer first, in Gradio's.
+    Setting("num_inference_steps", "int", _number("Steps", f"at most {MAX_STEPS}", precision=0, minimum=1)),
+    Setting("seed", "int", _number("Seed", precision=0)),
+    Setting("fps", "int", _number("Frames per second", precision=0)),
+    Setting("guidance_scale", "float", _number("Text guidance")),
+    Setting("guidance_scale_i", "float?", _number("Identity guidance", "empty: two-way guidance")),
+    Setting("ip_scale", "float", _number("ID scale")),
+    Setting("ref_scale", "float", _number("Ref scale", "full model only")),
     # Strength windows (docs/speed.md): fractions of the denoising steps; the defaults are the authors' sampling.
-    Setting("ip_start", "--ip-start", "float", _number("ID from", "fraction of the steps"), default=0.0),
-    Setting("ip_end", "--ip-end", "float", _number("ID until", "0.6: identity in the first 60%"), default=1.0),
-    Setting("guidance_i_end", "--guidance-i-end", "float",
-            _number("Identity guidance until", "later steps run 2 passes"), default=1.0),
-    Setting("ref_start", "--ref-start", "float", _number("Ref from", "full model only"), default=0.0),
-    Setting("ref_end", "--ref-end", "float", _number("Ref until", "full model only"), default=1.0),
-    Setting("ref_blocks", "--ref-blocks", "text",
-            lambda value: gr.Textbox(value, label="Ref blocks", info='e.g. "0-20,35-39"; empty: all', render=False),
-            default=""),
-    Setting("format", None, "choice",
-            lambda value: gr.Radio(list(VIDEO_FORMATS), value=value, label="Format", render=False),
-            to_pipeline=False, choices=VIDEO_FORMATS, default=".mp4"),
+    Setting("ip_start", "float", _number("ID from", "fraction of the steps")),
+    Setting("ip_end", "float", _number("ID until", "0.6: identity in the first 60%")),
+    Setting("guidance_i_end", "float", _number("Identity guidance until", "later steps run 2 passes")),
+    Setting("ref_start", "float", _number("Ref from", "full model only")),
+    Setting("ref_end", "float", _number("Ref until", "full model only")),
+    Setting("ref_blocks", "text",
+            lambda value: gr.Textbox(value, label="Ref blocks", info='e.g. "0-20,35-39"; empty: all', render=False)),
+    Setting("format", "choice", lambda value: gr.Radio(list(VIDEO_FORMATS), value=value, label="Format", render=False),
+            choices=VIDEO_FORMATS),
 )
+assert all(s.key in GenerationSettings.model_fields or s.key in PAGE_SETTINGS for s in SETTINGS), \
+    "a page setting that is neither a GenerationSettings field nor the page's own"
 
 
-STRENGTH_KEYS = ("ip_start", "ip_end", "guidance_i_end", "ref_start", "ref_end", "ref_blocks")
-
-
-def setting_defaults(d: SamplingConfig) -> dict:
+def setting_defaults(variant: str) -> dict:
     """The value of every setting when nobody changes it: the variant's defaults."""
-    return {s.key: getattr(d, s.key, s.default) for s in SETTINGS}
+    shown = {TWO_WAY: None, "all": ""}  # what an empty field means
+    values = {s.key: PAGE_SETTINGS[s.key] if s.key in PAGE_SETTINGS else default(variant, s.key) for s in SETTINGS}
+    return {k: shown.get(v, v) if isinstance(v, str) else v for k, v in values.items()}
 
 
-def settings_form(d: SamplingConfig) -> dict[str, gr.components.Component]:
+def settings_form(variant: str) -> dict[str, gr.components.Component]:
     """Every setting of `SETTINGS` as a form field with the variant's defaults, keyed by its name."""
-    return {s.key: s.field(value) for s, value in zip(SETTINGS, setting_defaults(d).values())}
+    return {s.key: s.field(value) for s, value in zip(SETTINGS, setting_defaults(variant).values())}
 
 
 def draw_faces(image: np.ndarray, faces, chosen) -> np.ndarray:
@@ -151,7 +157,9 @@ def format_seconds(s: float) -> str:
 class Run:
     """One generation, shared between the page's event (which reports it) and the thread that makes it."""
 
-    settings: dict
+    prompt: str
+    settings: GenerationSettings  # resolved
+    format: str
     photos: list[Path]
     identity_file: Path | None
     phase: str = "waiting for the GPU"
@@ -159,14 +167,14 @@ class Run:
     started: float = field(default_factory=time.time)
     first_step: float | None = None  # when step 1 ended: steps after it give the time per step
     out: Path | None = None
-    record: dict | None = None
+    record: dict | None = None  # the sidecar as written
     error: str | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def total(self) -> int:
-        return self.settings["num_inference_steps"]
+        return self.settings.num_inference_steps
 
     def message(self) -> str:
         if self.phase != "denoising":
@@ -195,6 +203,7 @@ class LynxWebApp:
         self.analyzer = face_analyzer  # a lynx.face.FaceAnalyzer, built on first use when not given
         self.identities: dict[str, object] = {}  # photo SHA-256 -> FaceIdentity
         self.gate, self.gate_loaded = None, False  # the safety classifier, loaded with the first video
+        self.claimed: set[Path] = set()  # output names claimed (empty files) by runs not finished yet
         # Called with the Run after every denoising step: a hook for embedding code, and where tests hold a run.
         self.on_step = lambda run: None
 
@@ -245,10 +254,6 @@ class LynxWebApp:
                                             notify=lambda m: print(f"lynx serve: {m}", file=sys.stderr, flush=True))
         self.gate_loaded = True
         return self.gate
-
-    @property
-    def defaults(self) -> SamplingConfig:
-        return sampling_defaults(self.variant)
 
     def missing_arcface(self) -> str | None:
         """What to download for the face embedding, looked for again on every call; None when it is there."""
@@ -403,73 +408,91 @@ class LynxWebApp:
 
     # ----- generation ----------------------------------------------------------------------------------
     def prepare(self, uploads, person: str, prompt: str, values: dict) -> Run:
-        """Check a request against the model state and the settings (those not in `values` take the variant's
-        defaults); the returned Run is ready to start."""
-        from ...pipelines.pipeline_lynx import check_video_size
-        from ...pipelines.speed import Strength
-
+        """Check a request against the model state, the settings (`GenerationSettings`' checks; those not in
+        `values` take the variant's defaults) and the photos' faces; the returned Run is ready to start."""
         if self.model_state == "error":
             raise CheckpointError(self.model_error)
         if self.missing():
             raise WeightsNotFoundError(self.missing())
         if not (prompt or "").strip():
             raise InputError("the prompt is empty: describe what the person should do")
-        s = {"prompt": prompt.strip()}
-        values = {**setting_defaults(self.defaults), **values}
+        defaults = setting_defaults(self.variant)
+        values = {**defaults, **values}
+        knobs, fmt = {}, PAGE_SETTINGS["format"]
         for setting in SETTINGS:
             key, value, kind = setting.key, values[setting.key], setting.kind
+            if kind == "choice":
+                if value not in setting.choices:
+                    raise InputError(f"{key} must be one of {', '.join(map(str, setting.choices))}, not {value!r}")
+                fmt = value
+                continue
             if kind == "text":
-                value = (value or "").strip() or None
-            elif kind == "int":
-                if value is None or value != int(value):
-                    raise InputError(f"{key} must be a whole number, got {value!r}")
-                value = int(value)
-            elif kind in ("float", "float?") and value is not None:
-                value = float(value)
-            elif kind == "float":
-                raise InputError(f"{key} needs a value (default {setting_defaults(self.defaults)[key]})")
-            elif kind == "choice" and value not in setting.choices:
-                raise InputError(f"{key} must be one of {', '.join(map(str, setting.choices))}, not {value!r}")
-            s[key] = value
-        check_video_size(s["height"], s["width"], s["num_frames"])
-        Strength(**{k: s[k] for k in ("ip_start", "ip_end", "ref_start", "ref_end", "guidance_i_end")})  # checks
-        if s["num_inference_steps"] < 1 or s["seed"] < 0 or not 1 <= s["fps"] <= 240:
-            raise InputError("steps must be at least 1, the seed 0 or more, and fps between 1 and 240")
+                value = (value or "").strip() or None if isinstance(value, str) or value is None else value
+            elif kind == "float?" and value is None:
+                value = TWO_WAY  # the empty identity guidance field
+            elif kind in ("int", "float") and value is None:
+                raise InputError(f"{key} needs a value (default {defaults[key]})")
+            knobs[key] = value
+        settings = GenerationSettings(**knobs).resolve(self.variant)  # the CLI's checks, limits and messages
+        if self.pipe is not None:  # the Ref blocks against this transformer, before the run is queued
+            from ...pipelines.speed import parse_blocks
+
+            parse_blocks(settings.ref_blocks, len(self.pipe.transformer.blocks))
         if person:
             identity_file = self.out_dir / IDENTITY_DIR / f"{person}.identity"
             if person not in self.identity_names():
                 raise InputError(f"no saved identity named {person!r}; save one from photos first")
-            return Run(s, [], identity_file)
+            return Run(prompt.strip(), settings, fmt, [], identity_file)
         if not uploads:
             raise InputError("no photo: upload a photo of the person, or pick a saved identity")
         if len(uploads) > MAX_PHOTOS:
             raise InputError(f"at most {MAX_PHOTOS} photos of one person, got {len(uploads)}")
-        return Run(s, [self.store_photo(u)[0] for u in uploads], None)
+        stored = [self.store_photo(u) for u in uploads]
+        for path, shown in stored:  # a photo the face check refused is refused here too, before the queue
+            self.identity_of(path, shown)
+        return Run(prompt.strip(), settings, fmt, [path for path, _ in stored], None)
 
     def claim_output(self, run: Run) -> Path:
         """`<person>-<prompt>-s<seed>.<fmt>` in the output directory, made unique (-2, -3, ...) and claimed at
-        once with an empty file: an existing video, from here or the CLI, is never replaced."""
-        s = run.settings
+        once with an empty file: an existing video, from here or the CLI, is never replaced. A claimed name is
+        given back when the run ends without a video, and by `release_claims` when the server stops."""
         who = run.identity_file.stem if run.identity_file else "person"
-        stem = f"{slug(who, 24)}-{slug(s['prompt'])}-s{s['seed']}"
+        stem = f"{slug(who, 24)}-{slug(run.prompt)}-s{run.settings.seed}"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for n in range(1, 10_000):
-            path = self.out_dir / f"{stem}{'' if n == 1 else f'-{n}'}{s['format']}"
+            path = self.out_dir / f"{stem}{'' if n == 1 else f'-{n}'}{run.format}"
             if sidecar_path(path).exists():
                 continue
             try:
                 os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-                return path
             except FileExistsError:
                 continue
+            self.claimed.add(path)
+            return path
         raise InputError(f"no free file name for {stem} in {self.out_dir}")
+
+    def release(self, path: Path | None) -> None:
+        """Give back a claimed name: the empty file goes (a written video is never touched)."""
+        if path is None or path not in self.claimed:
+            return
+        self.claimed.discard(path)
+        try:
+            if path.stat().st_size == 0 and not sidecar_path(path).exists():
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def release_claims(self) -> None:
+        """Give back every claimed name (the server is stopping: SIGTERM, Ctrl+C): no 0-byte file stays."""
+        for path in list(self.claimed):
+            self.release(path)
 
     def run(self, run: Run) -> None:
         """Make the video of a prepared Run (in a thread of its own); ends with run.done set."""
         from ... import face
-        from ...io.provenance import provenance_mark
         from ...io.safety import unchecked
-        from ...io.video import generation_record, save_video, write_sidecar
+        from ...pipelines.record import make_record, write_video
+        from ...pipelines.windows import ContextWindows
 
         try:
             with self.gpu:
@@ -487,29 +510,27 @@ class LynxWebApp:
                 if run.stop.is_set():
                     raise Cancelled
                 run.out = self.claim_output(run)
-                s = run.settings
                 run.phase = "encoding the prompt and the face"
-                call = {k.key: s[k.key] for k in SETTINGS if k.to_pipeline}
-                frames = self.pipe(s["prompt"], identity=identity, **call, output_type="np",
-                                   callback_on_step_end=lambda *a: self._step(run)).frames[0]
+                result = self.pipe(run.prompt, identity=identity, **run.settings.model_dump(), output_type="np",
+                                   callback_on_step_end=lambda *a: self._step(run))
+                frames = result.frames[0]
                 run.phase = "safety check"
                 gate = self.safety_gate()  # a refusal (UnsafeVideoError) ends the run before anything is written
                 safety = gate.check(frames) if gate else \
                     unchecked("no classifier" if self.config.safety_check else "switched off")
                 run.phase = "writing the video"
-                mark = provenance_mark(base=self.config.base, adapter=self.config.adapter, variant=self.variant,
-                                       seed=s["seed"])
-                save_video(frames, run.out, s["fps"], mark=mark)
-                knobs = {"prompt": s["prompt"], **call}
-                run.record = generation_record(
-                    run.out, frames, s["fps"], knobs, self.defaults, variant=self.variant,
-                    dtype=self.pipe.transformer.dtype, device=self.pipe._execution_device, base=self.config.base,
-                    adapter=self.config.adapter, photos=run.photos, seconds=time.time() - run.started,
-                    command=self.command(run), source="lynx serve",
-                    identity={"identity_file": str(run.identity_file) if run.identity_file else None,
-                              "faces": identity.faces_used()},
-                    provenance=mark, safety=safety, speed=self.strength_record(s))
-                write_sidecar(run.out, run.record)
+                settings = result.settings
+                windows = ContextWindows(frames=settings.context_frames, overlap=settings.context_overlap,
+                                         blend=settings.context_blend).video_windows(settings.num_frames)
+                record = make_record(
+                    run.out, run.prompt, settings, variant=self.variant, base=self.config.base,
+                    adapter=self.config.adapter, dtype=self.pipe.transformer.dtype, device=self.pipe._execution_device,
+                    source="lynx serve", safety=safety, photos=run.photos, identity_file=run.identity_file,
+                    seconds=time.time() - run.started, faces=identity.faces_used(),
+                    experts=self.pipe.experts if self.pipe.transformer_2 is not None else None,
+                    context_windows=windows, command_extra=self.command_flags())
+                write_video(frames, run.out, record)  # the video and its sidecar, or neither
+                run.record = record.model_dump(mode="json")
                 print(f"lynx serve: wrote {run.out}", file=sys.stderr, flush=True)
         except Cancelled:
             run.error = "cancelled"
@@ -521,8 +542,7 @@ class LynxWebApp:
             traceback.print_exc()
             run.error = f"internal error ({type(e).__name__}: {e}); the server's terminal has the details"
         finally:
-            if run.record is None and run.out is not None and run.out.is_file() and run.out.stat().st_size == 0:
-                run.out.unlink()  # the claimed name, never filled
+            self.release(run.out)  # the claimed name, never filled
             run.done.set()
 
     def _step(self, run: Run) -> dict:
@@ -534,52 +554,39 @@ class LynxWebApp:
             raise Cancelled
         return {}
 
-    def strength_record(self, s: dict) -> dict:
-        """The sidecar's "speed" entry, as `lynx generate` writes it: the strength windows not at their default."""
-        defaults = setting_defaults(self.defaults)
-        return {"preset": "exact", **{k: s[k] for k in STRENGTH_KEYS if s[k] not in (None, defaults[k])}}
-
-    def command(self, run: Run) -> str:
-        """The `lynx generate` line that makes the same video from a terminal."""
-        s = run.settings
-        who = ["--identity", str(run.identity_file)] if run.identity_file else ["--image", *map(str, run.photos)]
-        argv = ["lynx", "generate", *who, "--prompt", s["prompt"], "--base", str(self.config.base),
-                "--adapter", str(self.config.adapter), *self.config.model_flags]
-        defaults = setting_defaults(self.defaults)
-        for key, flag in ((k.key, k.flag) for k in SETTINGS if k.flag):
-            value, default = s[key], defaults[key]
-            if key == "guidance_scale_i" and value is None and default is not None:
-                value = -1  # the CLI's two-way guidance
-            if value is not None and (value != default or key == "seed"):  # a default needs no flag
-                argv += [flag, str(value)]
-        if self.config.face_models:
-            argv += ["--face-models", str(self.config.face_models)]
-        if self.config.detector != "auto":
-            argv += ["--detector", self.config.detector]
-        return " ".join(shlex.quote(a) for a in argv + ["--out", str(run.out)])
+    def command_flags(self) -> list[str]:
+        """What the equivalent `lynx generate` line adds to the settings: the model options serve was given."""
+        flags = list(self.config.model_flags)
+        if self.config.face_models and "--face-models" not in flags:
+            flags += ["--face-models", str(self.config.face_models)]
+        if self.config.detector != "auto" and "--detector" not in flags:
+            flags += ["--detector", self.config.detector]
+        return flags
 
     # ----- the output directory ------------------------------------------------------------------------
     def videos(self, limit: int = 100) -> list[Path]:
-        """Videos in the output directory that have a sidecar (this server's and the CLI's), newest first."""
+        """Videos in the output directory with a valid generation record (this server's and the CLI's), newest
+        first; a sidecar that is not one is skipped with a warning in the terminal (`read_record`)."""
         if not self.out_dir.is_dir():
             return []
         found = [p for p in self.out_dir.iterdir() if p.suffix in VIDEO_FORMATS and p.is_file()
                  and p.stat().st_size > 0 and sidecar_path(p).is_file()]
-        return sorted(found, key=lambda p: -p.stat().st_mtime)[:limit]
+        found.sort(key=lambda p: -p.stat().st_mtime)
+        return [p for p in found if read_record(p) is not None][:limit]
 
     def show(self, name: str):
         """The result panel for a video of the output directory, by its file name."""
         path = next((p for p in self.videos(10_000) if p.name == name), None)
-        if path is None:
+        record = read_record(path) if path is not None else None
+        if record is None:
             raise InputError(f"no video named {name!r} with a sidecar in the output directory")
-        record = json.loads(sidecar_path(path).read_text())
         is_mp4 = path.suffix == ".mp4"
-        about = (f"**{path.name}**: {record.get('width')}x{record.get('height')}, {record.get('num_frames')} frames "
-                 f"at {record.get('fps')} fps, seed {record.get('seed')}, {record.get('num_inference_steps')} steps, "
-                 f"made in {format_seconds(record.get('seconds') or 0)}\n\n> {record.get('prompt')}")
+        about = (f"**{path.name}**: {record.width}x{record.height}, {record.num_frames} frames at {record.fps} fps, "
+                 f"seed {record.seed}, {record.num_inference_steps} steps, made in "
+                 f"{format_seconds(record.seconds or 0)}\n\n> {record.prompt}")
         return (gr.update(value=str(path) if is_mp4 else None, visible=is_mp4),
                 gr.update(value=None if is_mp4 else str(path), visible=not is_mp4),
-                about, json.dumps(record, indent=2), record.get("command", ""),
+                about, json.dumps(record.model_dump(mode="json"), indent=2), record.command,
                 gr.update(value=str(path), visible=True))
 
 
@@ -629,7 +636,7 @@ def build_page(app: LynxWebApp) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
                                     placeholder="A person carves a pumpkin on a porch in the evening.")
                 with gr.Accordion("Settings", open=False):
-                    form = settings_form(app.defaults)
+                    form = settings_form(app.variant)
                     fields = list(form.values())
                     for row in [fields[:1]] + [fields[i:i + 3] for i in range(1, len(fields), 3)]:
                         with gr.Row():

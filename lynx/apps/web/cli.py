@@ -79,9 +79,27 @@ def load_options(args) -> dict:
     return {a.dest: getattr(args, a.dest) for a in _model_actions() if a.dest in accepted}
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0 (pick a free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0 to 65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0 to 65535; 0 picks a free port)")
+    return port
+
+
 def cmd_serve(args) -> int:
-    from ...runtime import default_adapter_dir, default_base_dir
+    from ...io.files import check_writable
+    from ...runtime import check_attention_backend, default_adapter_dir, default_base_dir, device_and_dtype
     from .app import LynxWebApp, ServeConfig, build_page
+
+    # The machine and the output folder are checked before the port is bound or anything loads.
+    device_and_dtype(args.device, args.dtype)
+    if args.attention_backend:
+        check_attention_backend(args.attention_backend)
+    check_writable(Path(args.out_dir) / "photos" / "probe", flag="--out-dir")
 
     config = ServeConfig(
         base=Path(args.base or default_base_dir()), adapter=Path(args.adapter or default_adapter_dir(args.variant)),
@@ -94,8 +112,22 @@ def cmd_serve(args) -> int:
         print(f"lynx serve: cannot generate yet; the page shows what to download:\n{app.missing()}\n",
               file=sys.stderr)
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    serve_until_stopped(build_page(app), args, "serve", [config.out_dir])
+    stop_on_sigterm()
+    try:
+        serve_until_stopped(build_page(app), args, "serve", [config.out_dir])
+    finally:
+        app.release_claims()  # names claimed by unfinished runs: no 0-byte file stays behind
     return 0
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (systemd, docker stop, kill) stops the server as Ctrl+C does, so the same cleanup runs."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 def cmd_study(args) -> int:
@@ -113,7 +145,7 @@ def cmd_study(args) -> int:
 
 def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=port, help=f"default {port}; 0 picks a free port")
+    p.add_argument("--port", type=port_number, default=port, help=f"default {port}; 0 picks a free port")
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
     p.add_argument("--max-upload-mb", type=int, default=25, help="largest accepted upload (default 25 MB)")
 

@@ -1,0 +1,279 @@
+"""Bad input, refused up front: a table of mistakes through `lynx generate` and through Python.
+
+Each CLI case must exit 2 with one line on stderr (no traceback), leave the output folder exactly as it was,
+and, for mistakes that need no model, fail before the pipeline is loaded: `load_pipeline` is replaced by a
+recorder, so the order of events is checked, not a timing. The table runs in-process (`lynx.apps.cli.main`,
+which is what `python -m lynx` calls); a few cases also run as real subprocesses. Python cases must raise a
+`LynxError` before the transformer runs. Then: strict JSON sidecars, and a failed encode that leaves nothing.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL
+from PIL import Image
+
+import lynx.apps.cli as cli
+from lynx import LynxPipeline
+from lynx.errors import LynxError, OutputError
+from lynx.io.safety import unchecked
+from lynx.pipelines.record import GenerationRecord, make_record, read_record, write_video
+from lynx.pipelines.settings import GenerationSettings
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--height", "32", "--width", "48", "--frames", "9", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, face_embedding, reference_crop):
+    d = tmp_path_factory.mktemp("inputs")
+    np.save(d / "emb.npy", face_embedding)
+    np.save(d / "short.npy", face_embedding[:10])
+    np.save(d / "nan.npy", np.full(512, np.nan, np.float32))
+    np.save(d / "text.npy", np.array(["a"] * 512))
+    Image.fromarray(reference_crop).save(d / "crop.png")
+    Image.fromarray(reference_crop).save(d / "photo.jpg")
+    (d / "a-file").write_text("not a folder")
+    return d
+
+
+def _has_flash_attn() -> bool:
+    from diffusers.models.attention_dispatch import _CAN_USE_FLASH_ATTN
+
+    return bool(_CAN_USE_FLASH_ATTN)
+
+
+# (case id, extra arguments, start of the expected message). `{in}` is the inputs folder, `{out}` the output
+# folder (made fresh per case, with an earlier video and sidecar in it). Arguments replace the defaults
+# (`--embedding`, `--reference`, `--out-dir`) when they name the same flag.
+CASES = [
+    ("fps-negative", ["--fps", "-5"], "--fps -5 must be between 1 and 240 (try 1)"),
+    ("fps-zero", ["--fps", "0"], "--fps 0 must be between 1 and 240 (try 1)"),
+    ("fps-high", ["--fps", "1000"], "--fps 1000 must be between 1 and 240 (try 240)"),
+    ("fps-fraction", ["--fps", "2.5"], "--fps 2.5 must be a whole number (try 2 or 3)"),
+    ("fps-text", ["--fps", "fast"], "--fps fast must be a whole number, not str"),
+    ("guidance-inf", ["--guidance", "inf"], "--guidance inf must be a finite number"),
+    ("guidance-nan", ["--guidance", "nan"], "--guidance nan must be a finite number"),
+    ("guidance-negative", ["--guidance", "-1"], "--guidance -1 must be at least 0"),
+    ("guidance-i-nan", ["--guidance-i", "nan"], "--guidance-i nan must be a finite number"),
+    ("guidance-i-word", ["--guidance-i", "default"], "--guidance-i default must be a number (three-way guidance)"),
+    ("ip-scale-nan", ["--ip-scale", "nan"], "--ip-scale nan must be a finite number"),
+    ("ip-scale-inf", ["--ip-scale=-inf"], "--ip-scale -inf must be a finite number"),
+    ("ref-scale-negative", ["--ref-scale", "-0.5"], "--ref-scale -0.5 must be at least 0 (try 0)"),
+    ("seed-negative", ["--seed", "-1"], "--seed -1 must be in [0, 2**63) (try 0)"),
+    ("seed-huge", ["--seed", str(2**63)], f"--seed {2**63} must be in [0, 2**63) (try {2**63 - 1})"),
+    ("seed-fraction", ["--seed", "1.5"], "--seed 1.5 must be a whole number (try 1 or 2)"),
+    ("steps-zero", ["--steps", "0"], "--steps 0 must be at least 1 (try 1)"),
+    ("steps-fraction", ["--steps", "2.5"], "--steps 2.5 must be a whole number (try 2 or 3)"),
+    ("steps-huge", ["--steps", "1000000"], "--steps 1000000 is above the limit of 200 (try 200, or pass "
+                                           "--allow-large"),
+    ("steps-zero-large", ["--steps", "0", "--allow-large"], "--steps 0 must be at least 1"),
+    ("frames-zero", ["--frames", "0"], "invalid video size: --frames 0 is not 4k+1 (try 1 or 5)"),
+    ("frames-not-4k1", ["--frames", "10"], "invalid video size: --frames 10 is not 4k+1 (try 9 or 13)"),
+    ("frames-huge", ["--frames", "1001"], "invalid video size: --frames 1001 is above the limit of 241"),
+    ("height-odd", ["--height", "30"], "invalid video size: --height 30 is not a positive multiple of 16"),
+    ("width-zero", ["--width", "0"], "invalid video size: --width 0 is not a positive multiple of 16"),
+    ("height-text", ["--height", "tall"], "--height tall must be a whole number, not str"),
+    ("size-together", ["--frames", "6", "--width", "20"], "invalid video size: --frames 6 is not 4k+1 (try 5 or 9); "
+                                                          "--width 20 is not a positive multiple of 16"),
+    ("embedding-photo", ["--embedding", "{in}/photo.jpg"], "--embedding {in}/photo.jpg is not a NumPy .npy file"),
+    ("embedding-short", ["--embedding", "{in}/short.npy"], "--embedding {in}/short.npy must hold 512 finite numbers"),
+    ("embedding-nan", ["--embedding", "{in}/nan.npy"], "--embedding {in}/nan.npy must hold 512 finite numbers"),
+    ("embedding-text", ["--embedding", "{in}/text.npy"], "--embedding {in}/text.npy must hold 512 finite numbers"),
+    ("embedding-missing", ["--embedding", "{in}/none.npy"], "input file {in}/none.npy does not exist"),
+    ("reference-missing", ["--reference", "{in}/none.png"], "input file {in}/none.png does not exist"),
+    ("reference-not-image", ["--reference", "{in}/emb.npy"], "emb.npy"),
+    ("device-bogus", ["--device", "toaster"], "--device toaster is not a device name"),
+    ("device-absent", ["--device", "cuda:99"], "--device cuda:99"),
+    ("attention-bogus", ["--attention-backend", "bogus"], "--attention-backend bogus is not a diffusers attention "
+                                                          "backend"),
+    ("dtype-bogus", ["--dtype", "fp8"], "lynx generate: error: argument --dtype: invalid choice"),
+    ("out-is-folder", ["--out", "{out}/folder.mp4"], "--out {out}/folder.mp4 is a folder"),
+    ("out-under-file", ["--out", "{in}/a-file/x.mp4"], "--out {in}/a-file/x.mp4: {in}/a-file is a file"),
+    ("out-dir-is-file", ["--out-dir", "{in}/a-file"], "--out-dir {in}/a-file/"),
+    ("out-suffix", ["--out", "{out}/x.avi"], "--out must end in .mp4, .webp or .gif"),
+    ("out-exists", ["--out", "{out}/old.mp4"], "{out}/old.mp4 already exists; pass --overwrite"),
+    ("sidecar-exists", ["--out", "{out}/lone.mp4"], "{out}/lone.mp4.json already exists; pass --overwrite"),
+    ("prompt-empty", ["--prompt", "  "], "--prompt is empty"),
+    ("prompt-file-missing", ["--prompt", "@{in}/none.txt"], "prompt file {in}/none.txt does not exist"),
+    ("two-people", ["--identity", "{in}/emb.npy"], "give the person with exactly one of"),
+    ("unknown-flag", ["--guidence", "3"], "lynx: error: unrecognized arguments: --guidence 3"),
+    ("variant-bogus", ["--variant", "medium"], "lynx generate: error: argument --variant: invalid choice"),
+    ("weights-missing", ["--base", "{in}/no-base"], "{in}/no-base"),
+]
+if not torch.cuda.is_available():
+    CASES.append(("cuda-absent", ["--device", "cuda"], "--device cuda: CUDA is not available on this machine"))
+if not _has_flash_attn():
+    CASES.append(("attention-flash-absent", ["--attention-backend", "flash"], "--attention-backend flash cannot "
+                                                                              "run here"))
+
+
+def _argv(extra, tiny_base, adapter, inputs, out):
+    fill = lambda a: a.replace("{in}", str(inputs)).replace("{out}", str(out))  # noqa: E731
+    extra = [fill(a) for a in extra]
+    given = {a for a in extra if a.startswith("--")}
+    defaults = {"--embedding": str(inputs / "emb.npy"), "--reference": str(inputs / "crop.png"),
+                "--prompt": "a man walks", "--base": str(tiny_base), "--adapter": str(adapter),
+                "--out-dir": str(out)}
+    argv = ["generate"]
+    for flag, value in defaults.items():
+        if flag not in given:
+            argv += [flag, value]
+    return argv + TINY + extra, fill
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _output_folder(tmp_path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.mp4").write_bytes(b"an earlier video")
+    (out / "old.mp4.json").write_text("{}")
+    (out / "lone.mp4.json").write_text("{}")  # a sidecar whose video was deleted
+    (out / "folder.mp4").mkdir()
+    (out / "folder.mp4" / "inside").write_text("kept")
+    return out
+
+
+@pytest.mark.parametrize("extra,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_cli_refuses_in_one_line_before_loading(tiny_base, adapter_dirs, files, tmp_path, capsys, monkeypatch,
+                                                extra, message):
+    assert len(CASES) >= 40
+    events = []
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: events.append("load") or pytest.fail("loaded"))
+    out = _output_folder(tmp_path)
+    before = _snapshot(out), _snapshot(files)
+    argv, fill = _argv(extra, tiny_base, adapter_dirs["full"], files, out)
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and events == []
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and lines, err
+    if message.startswith("{in}/no-base"):  # missing downloads are listed one per paragraph
+        assert fill(message) in err and lines[0].startswith("lynx generate: error: ")
+    else:
+        assert len(lines) == 1 and fill(message) in lines[0], err
+    assert (_snapshot(out), _snapshot(files)) == before
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--fps", "-5"], "lynx generate: error: --fps -5 must be between 1 and 240 (try 1)"),
+    (["--guidance", "nan"], "lynx generate: error: --guidance nan must be a finite number"),
+    (["--embedding", "{in}/photo.jpg"], "lynx generate: error: --embedding {in}/photo.jpg is not a NumPy .npy"),
+])
+def test_cli_subprocess(tiny_base, adapter_dirs, files, tmp_path, extra, message):
+    out = _output_folder(tmp_path)
+    before = _snapshot(out)
+    argv, fill = _argv(extra, tiny_base, adapter_dirs["full"], files, out)
+    r = subprocess.run([sys.executable, "-m", "lynx", *argv], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith(fill(message))
+    assert len(r.stderr.strip().splitlines()) == 1 and _snapshot(out) == before
+
+
+def test_serve_refuses_a_port_out_of_range():
+    r = subprocess.run([sys.executable, "-m", "lynx", "serve", "--port", "99999"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("lynx serve: error: argument --port: 99999 is not a port number (0 to 65535; "
+                                "0 picks a free port) (see lynx serve --help)")
+
+
+# ----- Python: the same mistakes as keyword arguments -------------------------------------------------------
+@pytest.fixture(scope="module")
+def full(tiny_base, adapter_dirs):
+    return LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["full"])
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(guidance_scale=float("inf")), "guidance_scale=inf must be a finite number"),
+    (dict(guidance_scale=float("nan")), "guidance_scale=nan must be a finite number"),
+    (dict(guidance_scale_i=float("nan")), "guidance_scale_i=nan must be a finite number"),
+    (dict(ip_scale=float("nan")), "ip_scale=nan must be a finite number"),
+    (dict(num_inference_steps=2.5), "num_inference_steps=2.5 must be a whole number (try 2 or 3)"),
+    (dict(num_inference_steps=0), "num_inference_steps=0 must be at least 1"),
+    (dict(height="64"), "height='64' must be a whole number, not str"),
+    (dict(num_frames=0), "invalid video size: num_frames=0 is not 4k+1"),
+    (dict(seed=-1), "seed=-1 must be in [0, 2**63)"),
+    (dict(seed=2**64), f"seed={2**64} must be in [0, 2**63)"),
+    (dict(fps=0), "fps=0 must be between 1 and 240"),
+    (dict(fps=True), "fps=True must be a whole number, not bool"),
+    (dict(guidance_scale_i="default"), "guidance_scale_i='default' must be a number"),
+    (dict(negative_prompt=3), "negative_prompt=3 must be text, not int"),
+    (dict(output_type="mp4"), "output_type must be 'np', 'pil' or 'latent'"),
+    (dict(prompt=["a", "b"]), "prompt must be one string"),
+    (dict(face_embedding=np.zeros(10)), "face_embedding must be 512 finite numbers"),
+])
+def test_python_refuses_before_the_transformer_runs(full, face_embedding, reference_crop, monkeypatch, kw, message):
+    calls = []
+    monkeypatch.setattr(full, "predict", lambda *a, **k: calls.append(1) or pytest.fail("the transformer ran"))
+    args = dict(prompt="a man walks", face_embedding=face_embedding, reference_image=reference_crop, **SMALL)
+    with pytest.raises(LynxError) as e:
+        full(**{**args, **kw})
+    assert str(e.value).startswith(message) and "\n" not in str(e.value) and calls == []
+
+
+def test_python_refuses_unknown_settings():
+    with pytest.raises(LynxError, match="unknown setting 'steps'"):
+        GenerationSettings(steps=3)
+
+
+# ----- what is written: strict JSON, both files or neither ------------------------------------------------
+def _record(video, **settings):
+    return make_record(video, "a man walks", GenerationSettings(**settings).resolve("full"), variant="full",
+                       base="base", adapter="adapter", dtype=torch.float32, device="cpu", source="python",
+                       safety=unchecked("switched off"))
+
+
+def test_sidecars_are_strict_json_and_bad_ones_are_skipped(tmp_path, caplog):
+    frames = np.zeros((5, 16, 16, 3), np.uint8)
+    video = write_video(frames, tmp_path / "a.mp4", _record(tmp_path / "a.mp4", seed=3))
+    text = (tmp_path / "a.mp4.json").read_text()
+    record = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert record["seed"] == 3 and record["fps"] == 16 and record["provenance"]["seed"] == 3
+    assert read_record(video) == GenerationRecord.from_json(text)
+    assert "--seed 3" in record["command"] and record["command"].startswith("lynx generate")
+
+    (tmp_path / "a.mp4.json").write_text(text.replace('"guidance_scale": 5.0', '"guidance_scale": NaN'))
+    with caplog.at_level(logging.WARNING):
+        assert read_record(video) is None
+    assert "skipping" in caplog.text and "a.mp4.json" in caplog.text
+    (tmp_path / "a.mp4.json").write_text("{")
+    assert read_record(video) is None
+
+
+def test_a_failed_encode_leaves_nothing_and_keeps_the_earlier_video(tmp_path, monkeypatch):
+    import lynx.pipelines.record as record_module
+
+    frames = np.zeros((5, 16, 16, 3), np.uint8)
+    path = tmp_path / "a.mp4"
+    write_video(frames, path, _record(path, seed=1))
+    before = _snapshot(tmp_path)
+
+    def broken(frames, tmp, fps, **kw):
+        Path(tmp).write_bytes(b"half a video")
+        raise OutputError("could not encode a.mp4: ffmpeg exited with status 1")
+
+    monkeypatch.setattr(record_module, "encode_video", broken)
+    with pytest.raises(OutputError, match="could not encode"):
+        write_video(frames, path, _record(path, seed=2))
+    assert _snapshot(tmp_path) == before  # no temporary left, the earlier video and sidecar intact
+    monkeypatch.undo()
+    # The encoder itself: an impossible rate is an OutputError, not an empty file reported as written.
+    from lynx.io.video import encode_video
+
+    with pytest.raises(OutputError, match="frames per second"):
+        encode_video(frames, tmp_path / "b.mp4", float("inf"))
+    assert not (tmp_path / "b.mp4").exists()
