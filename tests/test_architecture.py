@@ -114,3 +114,13 @@ def test_library_imports_load_no_front_end():
             "print(sorted(m for m in sys.modules if m.startswith('lynx.apps')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_web_page_does_not_import_the_command_line():
+    """The two front ends share model options through lynx.apps.options; neither reaches into the other."""
+    graph = import_graph()
+    web = {m for m in graph if m.startswith("lynx.apps.web")}
+    assert web and not {dep for m in web for dep in graph[m] if dep.startswith("lynx.apps.cli")}
+    code = "import sys, lynx.apps.web.app, lynx.apps.web.study; print('lynx.apps.cli' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -144,7 +144,7 @@ def cmd_bench(args) -> int:
 
 
 def register(subparsers) -> None:
-    from . import add_safety_options
+    from ..options import add_safety_options
 
     e = subparsers.add_parser("eval", help="score identity fidelity of videos against reference photo(s)")
     e.add_argument("videos", nargs="+", metavar="VIDEO")

@@ -32,7 +32,7 @@ from ...io.video import VIDEO_FORMATS, sidecar_path
 from ...pipelines.record import read_record
 from ...pipelines.settings import GenerationSettings, default, flag
 from ...runtime import device_and_dtype
-from ..cli import check_model_options, load_pipeline, memory_choice, transformer_files
+from ..options import check_model_options, load_pipeline, memory_choice, transformer_files
 
 # Uploads: a phone photo is a few MB and at most ~50 MP; anything larger is refused before it is decoded.
 MAX_PHOTOS = 8

@@ -53,7 +53,7 @@ def serve_until_stopped(page, args, what: str, allowed: list[Path]) -> None:
 
 
 def _model_actions() -> list[argparse.Action]:
-    from ..cli import add_model_options
+    from ..options import add_model_options
 
     parser = argparse.ArgumentParser(add_help=False)
     add_model_options(parser)
@@ -73,7 +73,7 @@ def model_flags(args) -> list[str]:
 def load_options(args) -> dict:
     """The model options that `load_pipeline` takes, as its keywords: a model option added for `generate` reaches
     `serve` with no change here."""
-    from ..cli import load_pipeline
+    from ..options import load_pipeline
 
     accepted = inspect.signature(load_pipeline).parameters
     return {a.dest: getattr(args, a.dest) for a in _model_actions() if a.dest in accepted}
@@ -151,7 +151,7 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
 
 
 def register(subparsers) -> None:
-    from ..cli import add_model_options
+    from ..options import add_model_options
 
     s = subparsers.add_parser("serve", help="a web page: photos, face check, prompt, settings, generate, gallery")
     add_model_options(s)
