@@ -39,7 +39,8 @@ from ..constants import (
     sampling_defaults,
 )
 from .memory import MEMORY_PRESETS, MemoryPreset, get_preset
-from .pipeline_lynx import REFERENCE_SIZE, check_video_size
+from .pipeline_lynx import REFERENCE_SIZE
+from .settings import GenerationSettings
 
 GIB = 1024 ** 3  # card sizes are binary: a "24 GB" RTX 4090 has 24 GiB
 PHASES = ("text encoding", "reference passes", "denoising", "VAE decode")
@@ -320,7 +321,8 @@ def plan_memory(preset: str, variant: str = "full", frames: int | None = None, h
     p = get_preset(preset)
     d = sampling_defaults(variant)
     frames, height, width = frames or d.num_frames, height or d.height, width or d.width
-    check_video_size(height, width, frames)
+    # The same size rules (4k+1 frames, sides in steps of 16, limits) as a generation, in the same words.
+    GenerationSettings(num_frames=frames, height=height, width=width, allow_large=True)
     peaks, carried = activation_peaks(variant, frames, height, width, p.fp8_weights)
     peaks["VAE decode"] = carried + decode_peak(frames, height, width, p.vae_tiling)
     models = build_models(variant, fp8_weights=p.fp8_weights)
