@@ -28,6 +28,7 @@ from lynx import face
 from lynx.apps.web.app import LynxWebApp, ServeConfig, build_page
 from lynx.apps.web.cli import open_page
 from lynx.io.video import read_video
+from lynx.pipelines.speed import TURBO
 
 REPO = Path(__file__).resolve().parent.parent
 # Gradio's queue statistics use pandas options that pandas 3 deprecates: not ours to fix, and noisy.
@@ -192,6 +193,64 @@ def test_strength_windows_reach_the_pipeline_sidecar_and_command(web, photos):
     assert (side["ref_end"], side["guidance_i_end"], side["ref_blocks"]) == (0.5, 0.5, "0-1")
     assert "--guidance-i-end 0.5 --ref-end 0.5 --ref-blocks 0-1" in command
     assert not (read_video(video)[0] == read_video(plain_video)[0]).all()  # the pipeline got them
+
+
+def test_a_speed_preset_and_lora_set_the_page_defaults_the_sidecar_and_the_command(tiny_base, adapter_dirs,
+                                                                                    face_models, photos, tmp_path):
+    """`lynx serve --speed turbo --lora FILE:0.8`: the form starts from the preset's values (a request that gives
+    only the sizes gets them), the status says the preset, the sidecar records it and the command remakes the video."""
+    from test_lora import write_layout
+
+    lora = write_layout(tmp_path / "distill.safetensors", "kohya")
+    out = tmp_path / "out"
+    app = LynxWebApp(ServeConfig(base=tiny_base, adapter=adapter_dirs["full"], out_dir=out, face_models=face_models,
+                                 detector="dlib", speed="turbo", loras=[(str(lora), 0.8)]))
+    app.start()
+    assert app.loaded.wait(120) and app.model_state == "ready", app.model_error
+    page = build_page(app)
+    try:
+        client = Client(open_page(page, allowed=[out]), verbose=False, download_files=str(tmp_path / "dl"))
+        status = client.predict(api_name="/status")[0]
+        assert "Speed preset **turbo**, memory preset **none**, LoRA distill.safetensors at 0.8" in status
+        params = {p["parameter_name"]: p for p in client.view_api(print_info=False, return_format="dict")
+                  ["named_endpoints"]["/generate"]["parameters"]}
+        assert {k: params[k]["parameter_default"] for k in TURBO if k != "guidance_scale_i"} == \
+            {k: v for k, v in TURBO.items() if k != "guidance_scale_i"}
+        assert params["ip_end"]["parameter_default"] == 1.0  # a knob the preset leaves: the variant's default
+
+        steps = []
+        app.on_step = lambda run: steps.append((run.step, run.total))
+        sizes = {k: TINY[k] for k in ("height", "width", "num_frames")}
+        side = json.loads(client.predict(photos=[handle_file(photos / "astronaut.jpg")], person="",
+                                         prompt="a man walks", seed=11, **sizes, guidance_scale_i=None,
+                                         api_name="/generate")[4])  # None: the empty field (gradio_client needs it)
+        assert steps == [(i, 4) for i in range(1, 5)]  # the preset's 4 steps, on its grid of 4
+        assert (side["num_inference_steps"], side["guidance_scale"], side["guidance_scale_i"]) == (4, 1.0, "two-way")
+        assert (side["ip_scale"], side["ref_scale"], side["ref_end"]) == (0.8, 0.6, 0.5)
+        assert side["speed"] == {"preset": "turbo", "loras": [{"path": str(lora.resolve()), "scale": 0.8}],
+                                 "compile": False}
+        assert f"--speed turbo --lora {lora.resolve()}:0.8" in side["command"]
+
+        # The equivalent command loads the same LoRA and preset and makes the same video.
+        argv = shlex.split(side["command"])
+        argv[argv.index("--out") + 1] = str(tmp_path / "again.mp4")
+        proc = subprocess.run([sys.executable, "-m", "lynx", *argv[1:]], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 0, proc.stderr
+        assert "speed turbo: 4 steps of FlowMatchLCM" in proc.stderr
+        assert (read_video(tmp_path / "again.mp4")[0] == read_video(out / side["video"])[0]).all()
+    finally:
+        page.close()
+
+
+def test_serve_checks_the_speed_options_before_anything_starts(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    for args, message in [(["--speed", "turbo"], "--speed turbo needs a step-distill LoRA"),
+                          (["--lora", missing], f"input file {missing} does not exist")]:
+        proc = subprocess.run([sys.executable, "-m", "lynx", "serve", "--port", "0", "--out-dir", tmp_path / "out",
+                               *map(str, args)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 2 and message in proc.stderr and "open http" not in proc.stderr, proc.stderr
 
 
 def test_progress_a_queue_of_two_and_cancel(web, photos):

@@ -1,11 +1,12 @@
-"""Model options shared by the front ends (`lynx generate`, `lynx serve`, `lynx bench`): their flags, what can be
-checked about them before any weight loads, and loading a pipeline as they ask. Kept apart from the `lynx`
-command so the web page uses them without importing the command line."""
+"""Model and speed options shared by the front ends (`lynx generate`, `lynx serve`, `lynx bench`): their flags, what
+can be checked about them before any weight loads, and loading and setting up a pipeline as they ask. Kept apart
+from the `lynx` command so the web page uses them without importing the command line."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..constants import EXPERTS
 from ..errors import InputError
@@ -100,3 +101,71 @@ def load_pipeline(base, adapter, *, device, dtype, attention_backend=None, offlo
     if attention_backend:
         pipe.transformer.set_attention_backend(attention_backend)
     return pipe
+
+
+# ----- speed: LoRAs, presets, compilation (docs/speed.md) -------------------------------------------------------
+SPEED_CHOICES = ("exact", "fast", "turbo")  # lynx.pipelines.speed.SPEEDS, spelled here to keep torch unimported
+
+
+def add_speed_options(p: argparse.ArgumentParser) -> None:
+    """LoRAs, the speed presets and compilation: how the model runs (the strength knobs are generation settings)."""
+    s = p.add_argument_group("speed")
+    s.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="a Wan2.1-T2V LoRA (diffusers, original Wan/lightx2v or kohya/ComfyUI layout); repeatable; "
+                        "off for the reference pass")
+    s.add_argument("--speed", choices=SPEED_CHOICES, default="exact",
+                   help="exact: the authors' recipe; fast: SeaCache per guidance branch + identity guidance in "
+                        "the first 40%% of the steps; turbo: a step-distill --lora, 4 steps, guidance 1, lower "
+                        "Lynx strength. Generation settings given explicitly override the preset")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (regional, whole-graph); the first step is slow")
+
+
+def check_speed_options(speed: str, lora_specs) -> list[tuple[str, float]]:
+    """The LoRAs of `--lora` specs as (file, scale), checked before any model loads: turbo needs one, each exists."""
+    from ..models.lora import parse_lora_spec
+
+    loras = [parse_lora_spec(spec) for spec in lora_specs or []]
+    if speed == "turbo" and not loras:
+        raise InputError("--speed turbo needs a step-distill LoRA: add --lora FILE (e.g. lightx2v's Wan2.1-T2V-14B "
+                         "StepDistill-CfgDistill rank-32/64 LoRA)")
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise InputError(f"input file {path} does not exist")
+    return loras
+
+
+def speed_setup(pipe, speed: str, loras, compile: bool = False) -> list[str]:
+    """Load the LoRAs into `pipe`, apply the speed preset and compile if asked; a line per setting (printed by the
+    front end). The preset's knob values go in the settings (`preset_settings`), its step grid in the call
+    (`speed_sigmas`)."""
+    from ..pipelines import speed as speeds
+
+    lines = speeds.load_loras(pipe, loras)
+    lines += speeds.apply_speed(pipe, speed, loras)[1]
+    if compile:
+        speeds.compile_transformer(pipe.transformer)
+        lines.append("compile: every transformer block compiled (torch.compile, fullgraph)")
+    return lines
+
+
+def speed_sigmas(speed: str, num_steps: int):
+    """The step grid the preset samples on, for `num_steps` steps (None: the scheduler's own)."""
+    if speed != "turbo":
+        return None
+    from ..pipelines.speed import turbo_sigmas
+
+    return turbo_sigmas(num_steps)
+
+
+def speed_record(speed: str, loras, compile: bool = False) -> dict:
+    """The sidecar's "speed": the preset, the LoRAs with their scales, compilation."""
+    return {"preset": speed, "loras": [{"path": str(Path(p).resolve()), "scale": w} for p, w in loras],
+            "compile": compile}
+
+
+def speed_flags(speed: str, loras, compile: bool = False) -> list[str]:
+    """The same as `lynx generate` flags (absolute LoRA paths: the command runs from any folder)."""
+    return ((["--speed", speed] if speed != "exact" else [])
+            + [a for p, w in loras for a in ("--lora", f"{Path(p).resolve()}:{w}")]
+            + (["--compile"] if compile else []))

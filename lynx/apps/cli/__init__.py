@@ -16,10 +16,15 @@ from ...runtime import device_and_dtype
 from ..options import (
     MEMORY_CHOICES,
     add_model_options,
+    add_speed_options,
     check_model_options,
+    check_speed_options,
     load_pipeline,
     load_safety_gate,
     memory_choice,
+    speed_record,
+    speed_setup,
+    speed_sigmas,
     transformer_files,
 )
 
@@ -219,18 +224,12 @@ def check_generate_args(args):
         missing += [m for m in [arcface_missing(args.face_models)] if m]
     if missing:
         raise WeightsNotFoundError("\n\n".join(missing))
-    from ...models.lora import parse_lora_spec
-
-    loras = [parse_lora_spec(spec) for spec in args.lora or []]
-    if args.speed == "turbo" and not loras:
-        raise InputError("--speed turbo needs a step-distill LoRA: add --lora FILE (e.g. lightx2v's Wan2.1-T2V-14B "
-                         "StepDistill-CfgDistill rank-32/64 LoRA)")
+    loras = check_speed_options(args.speed, args.lora)
     # A speed preset fills the knobs not given (`--speed turbo --steps 6`: six steps).
     from ...pipelines.speed import preset_settings
 
     settings = GenerationSettings(**{**preset_settings(args.speed), **typed.given()}).resolve(adapter_cfg.variant)
-    for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x] + \
-            [path for path, _ in loras]:
+    for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x]:
         if not Path(p).is_file():
             raise InputError(f"input file {p} does not exist")
     out = output_path(args, settings.seed)
@@ -286,7 +285,13 @@ def cmd_generate(args) -> int:
     if len(video_windows) > 1:
         print(f"long video: {len(video_windows)} context windows of {settings.context_frames} frames, overlap "
               f"{settings.context_overlap}, {settings.context_blend} blending", file=sys.stderr)
-    sigmas = speed_setup(pipe, args, loras, rank)
+    lines = speed_setup(pipe, args.speed, loras, args.compile)
+    if args.batch_branches and rank is not None:
+        lines.append("batch-branches: off under --guidance-parallel")
+    if not rank:
+        for line in lines:
+            print(line, file=sys.stderr)
+    sigmas = speed_sigmas(args.speed, settings.num_inference_steps)
     started = time.time()
     result = pipe(args.prompt, **identity_kwargs, **settings.model_dump(), output_type="np", sigmas=sigmas,
                   guidance_parallel=True if rank is not None and args.guidance_parallel else None)
@@ -304,51 +309,13 @@ def cmd_generate(args) -> int:
         out, args.prompt, result.settings, variant=adapter_cfg.variant, base=base, adapter=adapter, dtype=dtype,
         device=device, source="lynx generate", safety=safety, photos=args.image or [], identity_file=args.identity,
         embedding_file=args.embedding, reference=args.reference, seconds=seconds, faces=faces_used,
-        speed=speed_record(args, loras), experts=pipe.experts if pipe.transformer_2 is not None else None,
+        speed=speed_record(args.speed, loras, args.compile),
+        experts=pipe.experts if pipe.transformer_2 is not None else None,
         context_windows=video_windows, command_extra=model_command_flags(args),
         base_transformer={sub: str(Path(f).resolve()) for sub, f in transformer_files(args).items() if f} or None)
     write_video(frames, out, record)
     print(out)
     return 0
-
-
-def add_speed_options(p: argparse.ArgumentParser) -> None:
-    """LoRAs, the speed presets and compilation: how the model runs (the strength knobs are generation settings)."""
-    s = p.add_argument_group("speed")
-    s.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
-                   help="a Wan2.1-T2V LoRA (diffusers, original Wan/lightx2v or kohya/ComfyUI layout); repeatable; "
-                        "off for the reference pass")
-    s.add_argument("--speed", choices=("exact", "fast", "turbo"), default="exact",
-                   help="exact: the authors' recipe; fast: SeaCache per guidance branch + identity guidance in "
-                        "the first 40%% of the steps; turbo: a step-distill --lora, 4 steps, guidance 1, lower "
-                        "Lynx strength. Generation settings given explicitly override the preset")
-    s.add_argument("--compile", action="store_true",
-                   help="torch.compile each transformer block (regional, whole-graph); the first step is slow")
-
-
-def speed_setup(pipe, args, loras, rank):
-    """Apply --lora, --speed and --compile to `pipe` and print what each set; returns the preset's step grid
-    (None: the scheduler's own). The preset's knob values are in the settings already (`preset_settings`)."""
-    from ...pipelines import speed
-
-    lines = speed.load_loras(pipe, loras)
-    preset, more = speed.apply_speed(pipe, args.speed, loras)
-    lines += more
-    if args.compile:
-        speed.compile_transformer(pipe.transformer)
-        lines.append("compile: every transformer block compiled (torch.compile, fullgraph)")
-    if args.batch_branches and rank is not None:
-        lines.append("batch-branches: off under --guidance-parallel")
-    if rank is None or rank == 0:
-        for line in lines:
-            print(line, file=sys.stderr)
-    return preset.get("sigmas")
-
-
-def speed_record(args, loras) -> dict:
-    """The sidecar's "speed": the preset, the LoRAs with their scales, compilation."""
-    return {"preset": args.speed, "loras": [{"path": str(Path(p).resolve()), "scale": w} for p, w in loras],
-            "compile": args.compile}
 
 
 def _windows(settings):

@@ -32,7 +32,16 @@ from ...io.video import VIDEO_FORMATS, sidecar_path
 from ...pipelines.record import read_record
 from ...pipelines.settings import GenerationSettings, default, flag
 from ...runtime import device_and_dtype
-from ..options import check_model_options, load_pipeline, memory_choice, transformer_files
+from ..options import (
+    check_model_options,
+    load_pipeline,
+    memory_choice,
+    speed_flags,
+    speed_record,
+    speed_setup,
+    speed_sigmas,
+    transformer_files,
+)
 
 # Uploads: a phone photo is a few MB and at most ~50 MP; anything larger is refused before it is decoded.
 MAX_PHOTOS = 8
@@ -50,7 +59,9 @@ class Cancelled(Exception):
 @dataclass
 class ServeConfig:
     """What `lynx serve` was started with. `load_options` go to `load_pipeline` (device and dtype as the CLI
-    spells them); `model_flags` are the same options as `lynx generate` flags, for the equivalent command."""
+    spells them); `model_flags` are the same options as `lynx generate` flags, for the equivalent command.
+    `speed`, `loras` ((file, scale) pairs) and `compile` set the pipeline up once it is loaded, for every request;
+    the page's settings start from the speed preset's values."""
 
     base: Path
     adapter: Path
@@ -61,6 +72,9 @@ class ServeConfig:
     model_flags: list[str] = field(default_factory=list)
     safety_check: bool = True  # the NSFW gate before a video is written (docs/safety.md)
     safety_model: Path | None = None
+    speed: str = "exact"  # lynx.pipelines.speed's presets: exact, fast, turbo (docs/speed.md)
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    compile: bool = False
 
     def __post_init__(self):
         self.base, self.adapter, self.out_dir = Path(self.base), Path(self.adapter), Path(self.out_dir)
@@ -124,16 +138,21 @@ assert all(s.key in GenerationSettings.model_fields or s.key in PAGE_SETTINGS fo
     "a page setting that is neither a GenerationSettings field nor the page's own"
 
 
-def setting_defaults(variant: str) -> dict:
-    """The value of every setting when nobody changes it: the variant's defaults."""
+def setting_defaults(variant: str, speed: str = "exact") -> dict:
+    """The value of every setting when nobody changes it: the speed preset's values over the variant's defaults
+    (what `lynx generate --speed` fills in)."""
+    from ...pipelines.speed import preset_settings
+
     shown = {TWO_WAY: None, "all": ""}  # what an empty field means
-    values = {s.key: PAGE_SETTINGS[s.key] if s.key in PAGE_SETTINGS else default(variant, s.key) for s in SETTINGS}
+    preset = preset_settings(speed)
+    values = {s.key: PAGE_SETTINGS[s.key] if s.key in PAGE_SETTINGS else preset.get(s.key, default(variant, s.key))
+              for s in SETTINGS}
     return {k: shown.get(v, v) if isinstance(v, str) else v for k, v in values.items()}
 
 
-def settings_form(variant: str) -> dict[str, gr.components.Component]:
-    """Every setting of `SETTINGS` as a form field with the variant's defaults, keyed by its name."""
-    return {s.key: s.field(value) for s, value in zip(SETTINGS, setting_defaults(variant).values())}
+def settings_form(variant: str, speed: str = "exact") -> dict[str, gr.components.Component]:
+    """Every setting of `SETTINGS` as a form field with its default (`setting_defaults`), keyed by its name."""
+    return {s.key: s.field(value) for s, value in zip(SETTINGS, setting_defaults(variant, speed).values())}
 
 
 def draw_faces(image: np.ndarray, faces, chosen) -> np.ndarray:
@@ -190,7 +209,11 @@ class LynxWebApp:
     """The server's state: model, face detector, checked identities, the GPU lock. Thread-safe."""
 
     def __init__(self, config: ServeConfig, pipeline=None, face_analyzer=None):
+        """`pipeline`: one already loaded, set up here with the config's speed options as a loaded one would be."""
         self.config, self.out_dir, self.pipe = config, config.out_dir, pipeline
+        if pipeline is not None and (config.speed != "exact" or config.loras or config.compile):
+            for line in speed_setup(pipeline, config.speed, config.loras, config.compile):
+                print(f"lynx serve: {line}", file=sys.stderr, flush=True)
         self.variant = pipeline.variant if pipeline is not None else \
             ("lite" if config.adapter.name.endswith("lite") else "full")
         self.model_state = "ready" if pipeline is not None else "checking"
@@ -236,8 +259,10 @@ class LynxWebApp:
         print(f"lynx serve: loading {self.config.base} + {self.config.adapter} ({self.variant}, "
               f"{str(dtype).removeprefix('torch.')}, {device})", file=sys.stderr, flush=True)
         try:
-            self.pipe = load_pipeline(self.config.base, self.config.adapter, device=device, dtype=dtype, **options)
-            self.model_state = "ready"
+            pipe = load_pipeline(self.config.base, self.config.adapter, device=device, dtype=dtype, **options)
+            for line in speed_setup(pipe, self.config.speed, self.config.loras, self.config.compile):
+                print(f"lynx serve: {line}", file=sys.stderr, flush=True)
+            self.pipe, self.model_state = pipe, "ready"
         except Exception as e:  # whatever it is, the page must say it, not only the log
             if not isinstance(e, LynxError):
                 traceback.print_exc()
@@ -268,13 +293,24 @@ class LynxWebApp:
 
     def status(self) -> str:
         if self.model_state == "ready":
-            return (f"**Model ready**: Lynx {self.variant}, {str(self.pipe.transformer.dtype).removeprefix('torch.')} "
-                    f"on {self.pipe._execution_device}. Videos go to `{self.out_dir}`.")
-        if self.model_state == "error":
+            state = (f"**Model ready**: Lynx {self.variant}, {str(self.pipe.transformer.dtype).removeprefix('torch.')} "
+                     f"on {self.pipe._execution_device}. Videos go to `{self.out_dir}`.")
+        elif self.model_state == "error":
             return f"**The model cannot generate**: {self.model_error}"
-        return {"missing": "**Weights missing**: the face check works; generating needs the downloads below.",
-                "loading": "**Loading the model** in the background; the face check works already."
-                }.get(self.model_state, self.model_state)
+        else:
+            state = {"missing": "**Weights missing**: the face check works; generating needs the downloads below.",
+                     "loading": "**Loading the model** in the background; the face check works already."
+                     }.get(self.model_state, self.model_state)
+        return f"{state}\n\n{self.run_mode()}"
+
+    def run_mode(self) -> str:
+        """One line: the speed and memory presets (and LoRAs, compilation) every request of this server runs with."""
+        options = self.config.load_options
+        memory = memory_choice(options.get("memory"), options.get("offload", False))
+        loras = ", ".join(f"{Path(p).name} at {w}" for p, w in self.config.loras)
+        return (f"Speed preset **{self.config.speed}**, memory preset **{memory or 'none'}**"
+                f"{f', LoRA {loras}' if loras else ''}{', compiled' if self.config.compile else ''} "
+                "(set when the server starts: `lynx serve --speed/--memory/--lora`).")
 
     # ----- photos and faces ----------------------------------------------------------------------------
     def store_photo(self, upload: str) -> tuple[Path, str]:
@@ -416,7 +452,7 @@ class LynxWebApp:
             raise WeightsNotFoundError(self.missing())
         if not (prompt or "").strip():
             raise InputError("the prompt is empty: describe what the person should do")
-        defaults = setting_defaults(self.variant)
+        defaults = setting_defaults(self.variant, self.config.speed)
         values = {**defaults, **values}
         knobs, fmt = {}, PAGE_SETTINGS["format"]
         for setting in SETTINGS:
@@ -512,6 +548,7 @@ class LynxWebApp:
                 run.out = self.claim_output(run)
                 run.phase = "encoding the prompt and the face"
                 result = self.pipe(run.prompt, identity=identity, **run.settings.model_dump(), output_type="np",
+                                   sigmas=speed_sigmas(self.config.speed, run.settings.num_inference_steps),
                                    callback_on_step_end=lambda *a: self._step(run))
                 frames = result.frames[0]
                 run.phase = "safety check"
@@ -527,6 +564,7 @@ class LynxWebApp:
                     adapter=self.config.adapter, dtype=self.pipe.transformer.dtype, device=self.pipe._execution_device,
                     source="lynx serve", safety=safety, photos=run.photos, identity_file=run.identity_file,
                     seconds=time.time() - run.started, faces=identity.faces_used(),
+                    speed=speed_record(self.config.speed, self.config.loras, self.config.compile),
                     experts=self.pipe.experts if self.pipe.transformer_2 is not None else None,
                     context_windows=windows, command_extra=self.command_flags())
                 write_video(frames, run.out, record)  # the video and its sidecar, or neither
@@ -555,8 +593,9 @@ class LynxWebApp:
         return {}
 
     def command_flags(self) -> list[str]:
-        """What the equivalent `lynx generate` line adds to the settings: the model options serve was given."""
-        flags = list(self.config.model_flags)
+        """What the equivalent `lynx generate` line adds to the settings: the model and speed options serve was
+        given."""
+        flags = list(self.config.model_flags) + speed_flags(self.config.speed, self.config.loras, self.config.compile)
         if self.config.face_models and "--face-models" not in flags:
             flags += ["--face-models", str(self.config.face_models)]
         if self.config.detector != "auto" and "--detector" not in flags:
@@ -636,7 +675,7 @@ def build_page(app: LynxWebApp) -> gr.Blocks:
                 prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt",
                                     placeholder="A person carves a pumpkin on a porch in the evening.")
                 with gr.Accordion("Settings", open=False):
-                    form = settings_form(app.variant)
+                    form = settings_form(app.variant, app.config.speed)
                     fields = list(form.values())
                     for row in [fields[:1]] + [fields[i:i + 3] for i in range(1, len(fields), 3)]:
                         with gr.Row():

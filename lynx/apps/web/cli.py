@@ -100,12 +100,16 @@ def cmd_serve(args) -> int:
     if args.attention_backend:
         check_attention_backend(args.attention_backend)
     check_writable(Path(args.out_dir) / "photos" / "probe", flag="--out-dir")
+    from ..options import check_speed_options
+
+    loras = check_speed_options(args.speed, args.lora)
 
     config = ServeConfig(
         base=Path(args.base or default_base_dir()), adapter=Path(args.adapter or default_adapter_dir(args.variant)),
         out_dir=Path(args.out_dir), face_models=Path(args.face_models) if args.face_models else None,
         detector=args.detector, model_flags=model_flags(args), load_options=load_options(args),
-        safety_check=not args.no_safety_check, safety_model=Path(args.safety_model) if args.safety_model else None)
+        safety_check=not args.no_safety_check, safety_model=Path(args.safety_model) if args.safety_model else None,
+        speed=args.speed, loras=loras, compile=args.compile)
     app = LynxWebApp(config)
     app.start()
     if app.missing():
@@ -151,10 +155,11 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
 
 
 def register(subparsers) -> None:
-    from ..options import add_model_options
+    from ..options import add_model_options, add_speed_options
 
     s = subparsers.add_parser("serve", help="a web page: photos, face check, prompt, settings, generate, gallery")
     add_model_options(s)
+    add_speed_options(s)  # for every request: the page's settings start from the preset's values
     s.add_argument("--out-dir", default="outputs",
                    help="videos and sidecars; uploaded photos go to photos/, saved identities to faces/")
     _add_server_options(s, 7860)
