@@ -102,8 +102,6 @@ def test_missing_weights_say_what_to_download(tmp_path):
     (["--prompt", "@/nonexistent/prompt.txt"], "prompt file /nonexistent/prompt.txt does not exist"),
     (["--memory", "huge"], "invalid choice: 'huge'"),
     (["--offload", "--memory", "12gb"], "--offload is the 48gb preset; give either --offload or --memory 12gb"),
-    # The meta device holds no data: fp8 storage fails its real round trip there, before anything loads.
-    (["--memory", "24gb", "--device", "meta"], "use --memory 24gb-blocks"),
 ])
 def test_bad_arguments_get_clear_errors(tiny_base, adapter_dirs, identity_files, tmp_path, extra, message):
     emb, crop = identity_files

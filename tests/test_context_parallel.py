@@ -47,7 +47,7 @@ def tolerance(expected: torch.Tensor, variant: str) -> float:
     and lite); each step adds its error to the latents, whose scale bounds the step's update.
     """
     d = sampling_defaults(variant)
-    g, g_i = d.guidance_scale, d.guidance_scale_i if d.guidance_scale_i is not None else 1.0
+    g, g_i = d.guidance_scale, d.guidance_scale_i if isinstance(d.guidance_scale_i, float) else 1.0  # two-way
     gain = abs(1 - g_i) + abs(g_i - g) + abs(g)
     ulps_per_block = 8 * 2
     return KW["num_inference_steps"] * gain * CFG.num_layers * ulps_per_block * 2.0 ** -23 * expected.abs().max().item()

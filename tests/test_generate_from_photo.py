@@ -115,7 +115,7 @@ def test_cli_generate_reports_and_records_the_face_used(tiny_base, adapter_dirs,
     # Refused before the model loads, in one line, nothing written.
     for bad, message in ((7, "face index 7 is out of range: " + str(group_photo) + " has 6 face(s); valid: 0 "
                               "(the largest) to 5 (the smallest)"),
-                         (-1, "--face-index must be 0 or more (0 = the largest face), not -1")):
+                         (-1, "--face-index -1 must be 0 or more (0 = the largest face)")):
         r = run("--face-index", bad, "--out", tmp_path / "bad.gif")
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr and not any(line.startswith("loading ") for line in r.stderr.splitlines())

@@ -108,7 +108,7 @@ def test_bad_block_specs(spec, message):
 
 
 def test_bad_windows(full, face_embedding, reference_crop):
-    with pytest.raises(InputError, match=r"ip_start=0.8 and ip_end=0.2 must satisfy"):
+    with pytest.raises(InputError, match=r"ip_start=0.8 is after ip_end=0.2"):
         full("a man walks", **person(face_embedding, reference_crop), ip_start=0.8, ip_end=0.2, **SMALL)
 
 
