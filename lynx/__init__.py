@@ -8,6 +8,10 @@
 
 __version__ = "0.1.0"
 
+from .runtime import quiet_import_notices  # noqa: E402
+
+quiet_import_notices()
+
 from .constants import AdapterConfig, ResamplerConfig, SamplingConfig  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,

@@ -6,6 +6,7 @@ setting that does not come through a function argument in one page.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +22,18 @@ SAFETY_DIR_NAME = "nsfw_image_detection"
 
 # The one dtype vocabulary of the command line, configs and sidecars.
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# Optional libraries that announce at import time, through `logging`, what they could not load: torchao's wheel
+# built for another torch (its C++ kernels, its enum registrations, its tensor types in diffusers' safe globals).
+# None of it concerns a Lynx run, and it would precede every message of the `lynx` command; errors still show.
+IMPORT_NOTICES = ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao")
+
+
+def quiet_import_notices() -> None:
+    """Raise the import-notice loggers above to ERROR; called by `import lynx`, before diffusers is imported."""
+    for name in IMPORT_NOTICES:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def models_root() -> Path:
