@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lynx import LynxPipeline
 from lynx.testing import save_tiny_adapters, save_tiny_base
 
 
@@ -104,3 +105,19 @@ def screenshots(tmp_path):
     return tmp_path
 
 SMALL = dict(height=32, width=32, num_frames=5, num_inference_steps=3)
+
+
+# The tiny full and lite pipelines, loaded once per test module (tests may patch them with monkeypatch).
+@pytest.fixture(scope="module")
+def full(tiny_base, adapter_dirs):
+    return LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["full"])
+
+
+@pytest.fixture(scope="module")
+def lite(tiny_base, adapter_dirs):
+    return LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["lite"])
+
+
+def person(face_embedding, reference_crop):
+    """The pipeline's keywords for a person given by embedding and reference crop."""
+    return dict(face_embedding=face_embedding, reference_image=reference_crop)

@@ -328,30 +328,16 @@ def test_scrfd_decoding_with_onnxruntime(tmp_path):
 
 
 def test_scrfd_input_blob_matches_insightface_preprocessing():
-    class Recorder:
-        def __init__(self):
-            self.blob = None
-
-        def get_inputs(self):
-            return [type("I", (), {"name": "input.1", "shape": [1, 3, "?", "?"]})()]
-
-        def get_outputs(self):
-            return [None] * 9
-
-        def run(self, names, feeds):
-            self.blob = feeds["input.1"]
-            return _fake_scrfd_outputs()
-
     img = np.zeros((50, 100, 3), np.uint8)
     img[...] = (255, 0, 128)
-    rec = Recorder()
+    rec = _Recorder()
     ScrfdDetector(session=rec, channels="rgb").detect(img)
     assert rec.blob.shape == (1, 3, 640, 640) and rec.blob.dtype == np.float32
     # RGB order, (x - 127.5) / 128; the photo fills the top 320 rows, zero padding below.
     np.testing.assert_allclose(rec.blob[0, :, 100, 100], [127.5 / 128, -127.5 / 128, 0.5 / 128], atol=1e-6)
     np.testing.assert_allclose(rec.blob[0, :, 500, 100], [-127.5 / 128] * 3, atol=1e-6)
     # The default reproduces the authors' call: the network sees the channels swapped (BGR).
-    rec = Recorder()
+    rec = _Recorder()
     ScrfdDetector(session=rec).detect(img)
     np.testing.assert_allclose(rec.blob[0, :, 100, 100], [0.5 / 128, -127.5 / 128, 127.5 / 128], atol=1e-6)
 

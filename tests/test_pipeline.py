@@ -5,27 +5,13 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, person
 from diffusers import WanPipeline
 
 from lynx import LynxPipeline
 from lynx.errors import InputError
 from lynx.models.adapters import uninstall_adapters
 from lynx.pipelines.pipeline_lynx import flow_sigmas
-
-
-@pytest.fixture(scope="module")
-def full(tiny_base, adapter_dirs):
-    return LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["full"])
-
-
-@pytest.fixture(scope="module")
-def lite(tiny_base, adapter_dirs):
-    return LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["lite"])
-
-
-def person(face_embedding, reference_crop):
-    return dict(face_embedding=face_embedding, reference_image=reference_crop)
 
 
 def test_same_seed_same_video_other_seed_other_video(full, face_embedding, reference_crop):

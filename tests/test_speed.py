@@ -8,7 +8,7 @@ a step cache skips in each branch, what torch.compile traces, and how often a pr
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, person
 
 from lynx import LynxPipeline
 from lynx.errors import InputError
@@ -16,20 +16,6 @@ from lynx.models.adapters import Conditioning, conditioning, processors
 from lynx.pipelines import speed
 
 STEPS4 = {**SMALL, "num_inference_steps": 4}
-
-
-@pytest.fixture(scope="module")
-def full(tiny_base, adapter_dirs):
-    return LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["full"])
-
-
-@pytest.fixture(scope="module")
-def lite(tiny_base, adapter_dirs):
-    return LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["lite"])
-
-
-def person(face_embedding, reference_crop):
-    return dict(face_embedding=face_embedding, reference_image=reference_crop)
 
 
 def spy(pipe, monkeypatch):

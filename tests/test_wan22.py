@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL
+from conftest import SMALL, person
 
 from lynx import LynxPipeline
 from lynx.errors import CheckpointError, InputError
@@ -33,10 +33,6 @@ def high(base22, adapter_dirs):
 @pytest.fixture(scope="module")
 def both(base22, adapter_dirs):
     return LynxPipeline.from_pretrained(base22, adapter=adapter_dirs["full"], experts="both")
-
-
-def person(face_embedding, reference_crop):
-    return dict(face_embedding=face_embedding, reference_image=reference_crop)
 
 
 def spy(pipe, monkeypatch):
