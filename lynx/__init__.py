@@ -12,7 +12,6 @@ from .runtime import quiet_import_notices  # noqa: E402
 
 quiet_import_notices()
 
-from .constants import AdapterConfig, ResamplerConfig, SamplingConfig  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
     InputError,
@@ -24,12 +23,28 @@ from .errors import (  # noqa: E402
     UnsafeVideoError,
     WeightsNotFoundError,
 )
-from .face import FaceAnalyzer, FaceIdentity  # noqa: E402
-from .models.adapters import Conditioning, LynxAttnProcessor  # noqa: E402
-from .models.resampler import Resampler  # noqa: E402
-from .pipelines.parallel import parallelize  # noqa: E402
-from .pipelines.pipeline_lynx import LynxPipeline  # noqa: E402
-from .pipelines.settings import GenerationSettings  # noqa: E402
+
+# The rest is imported on first use: the `lynx` command answers --help and a mistyped setting without importing
+# torch and diffusers (seconds), and `from lynx import LynxPipeline` works as usual.
+_LAZY = {"AdapterConfig": "constants", "ResamplerConfig": "constants", "SamplingConfig": "constants",
+         "FaceAnalyzer": "face", "FaceIdentity": "face", "Conditioning": "models.adapters",
+         "LynxAttnProcessor": "models.adapters", "Resampler": "models.resampler", "parallelize": "pipelines.parallel",
+         "LynxPipeline": "pipelines.pipeline_lynx", "GenerationSettings": "pipelines.settings"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["LynxPipeline", "GenerationSettings", "parallelize", "LynxAttnProcessor", "Conditioning", "FaceAnalyzer",
            "FaceIdentity", "Resampler", "AdapterConfig", "ResamplerConfig", "SamplingConfig", "LynxError",

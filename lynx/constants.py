@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# The dtype names of the command line, configs and sidecars (`lynx.runtime.DTYPES` maps them to torch dtypes).
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
 # ArcFace 112x112 template for (left eye, right eye, nose tip, left mouth corner, right mouth corner).
 ARCFACE_TEMPLATE = (
     (38.2946, 51.6963),

@@ -9,10 +9,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from .constants import DTYPE_NAMES
 from .errors import EnvironmentProblem, option
+
+if TYPE_CHECKING:
+    import torch
 
 MODELS_ENV = "LYNX_MODELS"
 FACE_MODELS_ENV = "LYNX_FACE_MODELS"
@@ -20,8 +23,21 @@ SAFETY_MODEL_ENV = "LYNX_SAFETY_MODEL"
 BASE_DIR_NAME = "Wan2.1-T2V-14B-Diffusers"
 SAFETY_DIR_NAME = "nsfw_image_detection"
 
-# The one dtype vocabulary of the command line, configs and sidecars.
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
+
+
+def __getattr__(name: str):
+    # `DTYPES` (the one dtype vocabulary of the command line, configs and sidecars: DTYPE_NAMES as torch dtypes) is
+    # built on first use, so that `lynx --help` and a mistyped setting answer without importing torch.
+    if name == "DTYPES":
+        globals()["DTYPES"] = dtypes = _torch_dtypes()
+        return dtypes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # Optional libraries that announce at import time, through `logging`, what they could not load: torchao's wheel
@@ -66,15 +82,19 @@ def safety_model_dir() -> Path:
 def device_and_dtype(device: str | None, dtype: str | None) -> tuple[str, torch.dtype]:
     """The device (default: the current CUDA device, else CPU) and torch dtype (default bf16 on CUDA, fp32 on CPU),
     checked against this machine (`EnvironmentProblem` naming the fix)."""
+    import torch
+
     device = check_device(device) if device else (
         f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    if dtype is not None and dtype not in DTYPES:
-        raise EnvironmentProblem(f"{option('dtype', dtype)} is not one of {', '.join(DTYPES)}")
-    return device, DTYPES[dtype or ("bf16" if device.startswith("cuda") else "fp32")]
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        raise EnvironmentProblem(f"{option('dtype', dtype)} is not one of {', '.join(DTYPE_NAMES)}")
+    return device, _torch_dtypes()[dtype or ("bf16" if device.startswith("cuda") else "fp32")]
 
 
 def check_device(device: str) -> str:
     """`device` if this machine has it, else an `EnvironmentProblem` that says what it has instead."""
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

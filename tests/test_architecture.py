@@ -110,7 +110,8 @@ def test_the_walk_sees_hidden_and_relative_imports(tmp_path):
 
 
 def test_library_imports_load_no_front_end():
-    code = ("import sys, lynx, lynx.pipelines, lynx.training.trainer, lynx.evaluation.bench, lynx.face; "
+    code = ("import sys, lynx, lynx.pipelines.pipeline_lynx, lynx.training.trainer, lynx.evaluation.bench, lynx.face; "
+            "lynx.LynxPipeline, lynx.FaceAnalyzer, lynx.parallelize; "
             "print(sorted(m for m in sys.modules if m.startswith('lynx.apps')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -124,3 +125,16 @@ def test_the_web_page_does_not_import_the_command_line():
     code = "import sys, lynx.apps.web.app, lynx.apps.web.study; print('lynx.apps.cli' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_command_refuses_a_mistyped_setting_without_importing_torch(tmp_path):
+    """`import lynx` is light (its heavy names are imported on first use) and `lynx generate` checks its settings
+    before it needs torch or diffusers, so such a mistake is answered at once; the public names still resolve."""
+    code = ("import sys, lynx, lynx.apps.cli as cli; "
+            "code = cli.main(['generate', '--embedding', 'e.npy', '--prompt', 'a man walks', '--fps', '-5']); "
+            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'cv2') if m in sys.modules); "
+            "print(code, heavy, lynx.LynxPipeline.__name__, lynx.GenerationSettings.__name__, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.stdout.split() == ["2", "[]", "LynxPipeline", "GenerationSettings", "True"], r.stdout + r.stderr
+    assert r.stderr.strip() == "lynx generate: error: --fps -5 must be between 1 and 240 (try 1)"
+    assert set(lynx.__all__) <= set(dir(lynx)) and all(getattr(lynx, name) for name in lynx.__all__)

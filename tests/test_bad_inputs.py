@@ -1,10 +1,11 @@
 """Bad input, refused up front: a table of mistakes through `lynx generate` and through Python.
 
-Each CLI case must exit 2 with one line on stderr (no traceback), leave the output folder exactly as it was,
-and, for mistakes that need no model, fail before the pipeline is loaded: `load_pipeline` is replaced by a
-recorder, so the order of events is checked, not a timing. The table runs in-process (`lynx.apps.cli.main`,
-which is what `python -m lynx` calls); a few cases also run as real subprocesses. Python cases must raise a
-`LynxError` before the transformer runs. Then: strict JSON sidecars, and a failed encode that leaves nothing.
+Each CLI case runs `python -m lynx generate ...` as a process of its own and must exit 2 with one line on stderr
+(no traceback), leave the output and input folders exactly as they were, and fail before the model loads: the
+command prints `loading ...` just before it loads one (a correct command in the same table shows it does), so a
+lone error line is the order of events, not a timing. The command imports torch and diffusers only when a check
+needs them, so a mistyped setting is refused in a fraction of a second. Python cases must raise a `LynxError`
+before the transformer runs. Then: strict JSON sidecars, and a failed encode that leaves nothing.
 """
 
 import json
@@ -12,6 +13,7 @@ import logging
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,6 @@ import torch
 from conftest import SMALL
 from PIL import Image
 
-import lynx.apps.cli as cli
 from lynx import LynxPipeline
 from lynx.errors import LynxError, OutputError
 from lynx.io.safety import unchecked
@@ -144,48 +145,57 @@ def _output_folder(tmp_path) -> Path:
     return out
 
 
-@pytest.mark.parametrize("extra,message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_cli_refuses_in_one_line_before_loading(tiny_base, adapter_dirs, files, tmp_path, capsys, monkeypatch,
-                                                extra, message):
+def _lynx(argv, timeout=300):
+    return subprocess.run([sys.executable, "-m", "lynx", *argv], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_base, adapter_dirs, files, tmp_path_factory):
+    """Every case of the table as `python -m lynx generate ...` in a process of its own, three at a time (each
+    waits mostly on imports); plus one correct command on the same inputs, which must load and write a video."""
+    cases = {"control-correct": ([], None), **{c[0]: (c[1], c[2]) for c in CASES}}
+    before_inputs = _snapshot(files)
+    jobs = {}
+    for case_id, (extra, message) in cases.items():
+        out = _output_folder(tmp_path_factory.mktemp(case_id))
+        argv, fill = _argv(extra, tiny_base, adapter_dirs["full"], files, out)
+        jobs[case_id] = (argv, fill, out, _snapshot(out), message)
+    with ThreadPoolExecutor(3) as pool:
+        done = dict(zip(jobs, pool.map(lambda job: _lynx(job[0]), jobs.values())))
+    return {case_id: (done[case_id], *jobs[case_id][1:]) for case_id in jobs}, before_inputs, files
+
+
+def test_a_correct_command_announces_loading_and_writes_the_video(runs):
+    """The control that gives the table its meaning: `loading ...` is printed just before the model loads."""
+    r, _, out, before, _ = runs[0]["control-correct"]
+    assert r.returncode == 0, r.stderr
+    assert any(line.startswith("loading ") for line in r.stderr.splitlines()), r.stderr
+    written = Path(r.stdout.strip().splitlines()[-1])
+    assert written.parent == out and written.stat().st_size > 0
+    assert set(_snapshot(out)) == set(before) | {written.name, written.name + ".json"}
+
+
+@pytest.mark.parametrize("case_id", [c[0] for c in CASES])
+def test_cli_refuses_in_one_line_before_loading(runs, case_id):
+    """Exit 2, nothing on stdout, one line on stderr and nothing else: no traceback, and no `loading ...` line, so
+    the refusal came before any model loaded (the order of events, not a timing); the folders as they were."""
     assert len(CASES) >= 40
-    events = []
-    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: events.append("load") or pytest.fail("loaded"))
-    out = _output_folder(tmp_path)
-    before = _snapshot(out), _snapshot(files)
-    argv, fill = _argv(extra, tiny_base, adapter_dirs["full"], files, out)
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:  # argparse's own refusals
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2 and events == []
+    results, before_inputs, inputs = runs
+    r, fill, out, before, message = results[case_id]
+    err = r.stderr
     lines = err.strip().splitlines()
-    assert "Traceback" not in err and lines, err
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, err)
+    assert "Traceback" not in err and lines and not any(line.startswith("loading ") for line in lines), err
     if message.startswith("{in}/no-base"):  # missing downloads are listed one per paragraph
         assert fill(message) in err and lines[0].startswith("lynx generate: error: ")
     else:
         assert len(lines) == 1 and fill(message) in lines[0], err
-    assert (_snapshot(out), _snapshot(files)) == before
-
-
-@pytest.mark.parametrize("extra,message", [
-    (["--fps", "-5"], "lynx generate: error: --fps -5 must be between 1 and 240 (try 1)"),
-    (["--guidance", "nan"], "lynx generate: error: --guidance nan must be a finite number"),
-    (["--embedding", "{in}/photo.jpg"], "lynx generate: error: --embedding {in}/photo.jpg is not a NumPy .npy"),
-])
-def test_cli_subprocess(tiny_base, adapter_dirs, files, tmp_path, extra, message):
-    out = _output_folder(tmp_path)
-    before = _snapshot(out)
-    argv, fill = _argv(extra, tiny_base, adapter_dirs["full"], files, out)
-    r = subprocess.run([sys.executable, "-m", "lynx", *argv], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith(fill(message))
-    assert len(r.stderr.strip().splitlines()) == 1 and _snapshot(out) == before
+    assert _snapshot(out) == before and _snapshot(inputs) == before_inputs
 
 
 def test_serve_refuses_a_port_out_of_range():
-    r = subprocess.run([sys.executable, "-m", "lynx", "serve", "--port", "99999"], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    r = _lynx(["serve", "--port", "99999"])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == ("lynx serve: error: argument --port: 99999 is not a port number (0 to 65535; "
                                 "0 picks a free port) (see lynx serve --help)")

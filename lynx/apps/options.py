@@ -8,9 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..constants import EXPERTS
+from ..constants import DTYPE_NAMES, EXPERTS
 from ..errors import InputError
-from ..runtime import DTYPES
 
 # The preset names, spelled here so that building the parser imports no torch (lynx.pipelines.memory checks
 # them against its table).
@@ -30,7 +29,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="Wan2.2 A14B bases: the adapters act on the high-noise expert (default) or on both")
     p.add_argument("--adapter", help="lynx_full or lynx_lite directory (default $LYNX_MODELS/lynx_<variant>)")
     p.add_argument("--variant", choices=("full", "lite"), default="full", help="which default adapter dir to use")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
     p.add_argument("--attention-backend", help="diffusers attention backend: native, flash, _flash_3, sage, ...")
     p.add_argument("--memory", choices=MEMORY_CHOICES, default=None,

@@ -29,7 +29,6 @@ from ..constants import (
 )
 from ..errors import CheckpointError, InputError, WeightsNotFoundError
 from ..io.files import atomic_write
-from .adapters import install_adapters, model_keys, official_state_dicts, processors
 from .quantized import check_gguf_fits, is_gguf
 from .resampler import Resampler, resampler_config_from_state_dict
 
@@ -361,6 +360,9 @@ def load_adapters(transformer, adapter_dir, processor_class=None, dtype: torch.d
     """Install the adapters of `adapter_dir` into `transformer` (every tensor loaded strictly) and return the
     resampler. The processors take the transformer's device and dtype (or `dtype`); nothing is changed when
     a file does not fit. `read`: what `read_adapter_config` already returned for this directory."""
+    # Here, not at the top: checking model directories (`check_model_dirs`) must not import diffusers.
+    from .adapters import install_adapters, model_keys, processors
+
     config, states = read or read_adapter_config(adapter_dir, *transformer_dims(transformer.config))
     adapter_dir = Path(adapter_dir)
     # Built on the meta device and given the file's tensors: no randomly initialised 4.2 B-parameter copy
@@ -413,6 +415,8 @@ def save_adapters(directory, transformer, resampler: Resampler | dict[str, torch
     """Write the released files (`resampler`, `ip_layers`, `ref_layers` for full) from the adapters inside
     `transformer` (or from its state dict `state`, e.g. gathered from FSDP shards) and the `resampler` (or its
     state dict), loadable by the authors' code and ours."""
+    from .adapters import official_state_dicts
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     res_state = resampler if isinstance(resampler, dict) else resampler.state_dict()

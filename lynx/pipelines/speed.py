@@ -16,13 +16,16 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..constants import TWO_WAY
 from ..errors import InputError
-from ..models.adapters import Conditioning
+
+if TYPE_CHECKING:  # imported where used: `preset_settings` serves the CLI's checks, before diffusers is imported
+    from ..models.adapters import Conditioning
 
 # ----- where in the denoising the adapters and identity guidance act ----------------------------------------
 
@@ -111,6 +114,8 @@ def step_kwargs(scheduler, generator: torch.Generator | None) -> dict:
 def stack_conditionings(conds: list[Conditioning]) -> Conditioning:
     """One conditioning whose sample k is `conds[k]`: the c/u/i branches as one batched transformer call.
     The conditionings share scales, windows and blocks (they differ only in identity and reference)."""
+    from ..models.adapters import Conditioning
+
     first = conds[0]
     tokens = None if first.ip_tokens is None else torch.cat([c.ip_tokens for c in conds])
     features = None

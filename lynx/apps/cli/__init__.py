@@ -185,7 +185,6 @@ def check_generate_args(args):
 
     Returns (base, adapter, adapter config, resolved settings, output path, device, dtype); raises a `LynxError`
     (one line) on the first problem."""
-    from ...models.loading import check_model_dirs
     from ...runtime import check_attention_backend, default_adapter_dir, default_base_dir
 
     args.prompt = _read_prompt(args.prompt)
@@ -205,6 +204,8 @@ def check_generate_args(args):
     base = Path(args.base or default_base_dir())
     adapter = Path(args.adapter or default_adapter_dir(args.variant))
     # Every missing download is reported at once, before anything else is checked or loaded.
+    from ...models.loading import check_model_dirs
+
     missing = []
     try:
         adapter_cfg = check_model_dirs(base, adapter, transformer_files(args))
