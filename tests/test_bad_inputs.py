@@ -11,6 +11,7 @@ before the transformer runs. Then: strict JSON sidecars, and a failed encode tha
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -33,8 +34,10 @@ TINY = ["--height", "32", "--width", "48", "--frames", "9", "--steps", "2"]
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, face_embedding, reference_crop):
+def files(tmp_path_factory, tiny_base, face_embedding, reference_crop):
     d = tmp_path_factory.mktemp("inputs")
+    shutil.copytree(tiny_base, d / "bad-base")
+    (d / "bad-base" / "transformer" / "config.json").write_text('{"num_layers": ')  # cut off mid-download
     np.save(d / "emb.npy", face_embedding)
     np.save(d / "short.npy", face_embedding[:10])
     np.save(d / "nan.npy", np.full(512, np.nan, np.float32))
@@ -51,9 +54,10 @@ def _has_flash_attn() -> bool:
     return bool(_CAN_USE_FLASH_ATTN)
 
 
-# (case id, extra arguments, start of the expected message). `{in}` is the inputs folder, `{out}` the output
-# folder (made fresh per case, with an earlier video and sidecar in it). Arguments replace the defaults
-# (`--embedding`, `--reference`, `--out-dir`) when they name the same flag.
+# (case id, extra arguments, the expected message: a text its one line holds, or a tuple of texts the error holds,
+# "!"-prefixed for texts it must not hold; ids in PARAGRAPHS may take several lines, a download per paragraph).
+# `{in}` is the inputs folder, `{out}` the output folder (made fresh per case, with an earlier video and sidecar in
+# it). Arguments replace the defaults (`--embedding`, `--reference`, `--out-dir`) when they name the same flag.
 CASES = [
     ("fps-negative", ["--fps", "-5"], "--fps -5 must be between 1 and 240 (try 1)"),
     ("fps-zero", ["--fps", "0"], "--fps 0 must be between 1 and 240 (try 1)"),
@@ -90,15 +94,17 @@ CASES = [
     ("embedding-text", ["--embedding", "{in}/text.npy"], "--embedding {in}/text.npy must hold 512 finite numbers"),
     ("embedding-missing", ["--embedding", "{in}/none.npy"], "input file {in}/none.npy does not exist"),
     ("reference-missing", ["--reference", "{in}/none.png"], "input file {in}/none.png does not exist"),
-    ("reference-not-image", ["--reference", "{in}/emb.npy"], "emb.npy"),
+    ("reference-not-image", ["--reference", "{in}/emb.npy"], "--reference {in}/emb.npy is not an image file"),
     ("device-bogus", ["--device", "toaster"], "--device toaster is not a device name"),
-    ("device-absent", ["--device", "cuda:99"], "--device cuda:99"),
+    ("device-absent", ["--device", "cuda:99"], "--device cuda:99: this machine has" if torch.cuda.is_available()
+     else "--device cuda:99: CUDA is not available on this machine"),
     ("attention-bogus", ["--attention-backend", "bogus"], "--attention-backend bogus is not a diffusers attention "
                                                           "backend"),
     ("dtype-bogus", ["--dtype", "fp8"], "lynx generate: error: argument --dtype: invalid choice"),
     ("out-is-folder", ["--out", "{out}/folder.mp4"], "--out {out}/folder.mp4 is a folder"),
     ("out-under-file", ["--out", "{in}/a-file/x.mp4"], "--out {in}/a-file/x.mp4: {in}/a-file is a file"),
-    ("out-dir-is-file", ["--out-dir", "{in}/a-file"], "--out-dir {in}/a-file/"),
+    ("out-dir-is-file", ["--out-dir", "{in}/a-file"], ("--out-dir {in}/a-file/", ": {in}/a-file is a file, not a "
+                                                                                 "folder")),
     ("out-suffix", ["--out", "{out}/x.avi"], "--out must end in .mp4, .webp or .gif"),
     ("out-exists", ["--out", "{out}/old.mp4"], "{out}/old.mp4 already exists; pass --overwrite"),
     ("sidecar-exists", ["--out", "{out}/lone.mp4"], "{out}/lone.mp4.json already exists; pass --overwrite"),
@@ -107,8 +113,14 @@ CASES = [
     ("two-people", ["--identity", "{in}/emb.npy"], "give the person with exactly one of"),
     ("unknown-flag", ["--guidence", "3"], "lynx: error: unrecognized arguments: --guidence 3"),
     ("variant-bogus", ["--variant", "medium"], "lynx generate: error: argument --variant: invalid choice"),
-    ("weights-missing", ["--base", "{in}/no-base"], "{in}/no-base"),
+    ("weights-missing", ["--base", "{in}/no-base"], ("The Wan2.1-T2V base model was not found at {in}/no-base",
+                                                      "hf download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir "
+                                                      "{in}/no-base")),
+    ("base-config-corrupt", ["--base", "{in}/bad-base"], (
+        "The Wan2.1-T2V base model at {in}/bad-base is incomplete or damaged", "transformer/config.json is not "
+        "valid JSON", "--include 'transformer/*' --local-dir {in}/bad-base", "!ByteDance/lynx")),
 ]
+PARAGRAPHS = {"weights-missing", "base-config-corrupt"}
 if not torch.cuda.is_available():
     CASES.append(("cuda-absent", ["--device", "cuda"], "--device cuda: CUDA is not available on this machine"))
 if not _has_flash_attn():
@@ -187,10 +199,10 @@ def test_cli_refuses_in_one_line_before_loading(runs, case_id):
     lines = err.strip().splitlines()
     assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, err)
     assert "Traceback" not in err and lines and not any(line.startswith("loading ") for line in lines), err
-    if message.startswith("{in}/no-base"):  # missing downloads are listed one per paragraph
-        assert fill(message) in err and lines[0].startswith("lynx generate: error: ")
-    else:
-        assert len(lines) == 1 and fill(message) in lines[0], err
+    assert lines[0].startswith("lynx generate: error: ") or lines[0].startswith("lynx: error: ")
+    assert len(lines) == 1 or case_id in PARAGRAPHS, err
+    for text in (message,) if isinstance(message, str) else message:
+        assert (fill(text.removeprefix("!")) in err) != text.startswith("!"), (text, err)
     assert _snapshot(out) == before and _snapshot(inputs) == before_inputs
 
 
@@ -207,32 +219,99 @@ def full(tiny_base, adapter_dirs):
     return LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["full"])
 
 
-@pytest.mark.parametrize("kw,message", [
+# (keyword arguments, start of the LynxError's message); "{in}" is the inputs folder.
+PY_CASES = [
     (dict(guidance_scale=float("inf")), "guidance_scale=inf must be a finite number"),
     (dict(guidance_scale=float("nan")), "guidance_scale=nan must be a finite number"),
+    (dict(guidance_scale=-1), "guidance_scale=-1 must be at least 0 (try 0)"),
     (dict(guidance_scale_i=float("nan")), "guidance_scale_i=nan must be a finite number"),
+    (dict(guidance_scale_i=float("inf")), "guidance_scale_i=inf must be a finite number"),
+    (dict(guidance_scale_i="default"), "guidance_scale_i='default' must be a number"),
+    (dict(guidance_scale_2=2.0), "guidance_scale_2 is the low-noise expert's guidance; this base has one"),
     (dict(ip_scale=float("nan")), "ip_scale=nan must be a finite number"),
+    (dict(ip_scale=float("inf")), "ip_scale=inf must be a finite number"),
+    (dict(ref_scale=-1), "ref_scale=-1 must be at least 0 (try 0)"),
+    (dict(ip_start=0.8, ip_end=0.2), "ip_start=0.8 is after ip_end=0.2"),
+    (dict(ref_blocks="0-99"), "ref_blocks: '0-99' is outside the transformer's blocks 0-3"),
     (dict(num_inference_steps=2.5), "num_inference_steps=2.5 must be a whole number (try 2 or 3)"),
     (dict(num_inference_steps=0), "num_inference_steps=0 must be at least 1"),
+    (dict(num_inference_steps=True), "num_inference_steps=True must be a whole number, not bool"),
+    (dict(num_inference_steps=1000000), "num_inference_steps=1000000 is above the limit of 200 (try 200, or pass "
+                                        "allow_large=True"),
     (dict(height="64"), "height='64' must be a whole number, not str"),
+    (dict(height=0), "invalid video size: height=0 is not a positive multiple of 16"),
+    (dict(width=20), "invalid video size: width=20 is not a positive multiple of 16 (try 16 or 32)"),
     (dict(num_frames=0), "invalid video size: num_frames=0 is not 4k+1"),
+    (dict(num_frames=10), "invalid video size: num_frames=10 is not 4k+1 (try 9 or 13)"),
+    (dict(num_frames=1001), "invalid video size: num_frames=1001 is above the limit of 241"),
+    (dict(context_frames=10), "invalid video size: context_frames=10 is not 4k+1"),
     (dict(seed=-1), "seed=-1 must be in [0, 2**63)"),
     (dict(seed=2**64), f"seed={2**64} must be in [0, 2**63)"),
+    (dict(seed=1.5), "seed=1.5 must be a whole number (try 1 or 2)"),
     (dict(fps=0), "fps=0 must be between 1 and 240"),
+    (dict(fps=-5), "fps=-5 must be between 1 and 240 (try 1)"),
     (dict(fps=True), "fps=True must be a whole number, not bool"),
-    (dict(guidance_scale_i="default"), "guidance_scale_i='default' must be a number"),
+    (dict(face_index=-1), "face_index=-1 must be 0 or more"),
     (dict(negative_prompt=3), "negative_prompt=3 must be text, not int"),
     (dict(output_type="mp4"), "output_type must be 'np', 'pil' or 'latent'"),
     (dict(prompt=["a", "b"]), "prompt must be one string"),
+    (dict(prompt=None), "give exactly one of prompt (text) or prompt_embeds"),
     (dict(face_embedding=np.zeros(10)), "face_embedding must be 512 finite numbers"),
-])
-def test_python_refuses_before_the_transformer_runs(full, face_embedding, reference_crop, monkeypatch, kw, message):
+    (dict(face_embedding=np.full(512, np.nan)), "face_embedding must be 512 finite numbers"),
+    (dict(face_embedding=None), "give the person exactly one way"),
+    (dict(reference_image="{in}/emb.npy"), "reference_image: {in}/emb.npy is not an image file"),
+    (dict(reference_image=np.zeros((10, 10), np.uint8)), "reference_image must be the 256x256 aligned face crop"),
+    (dict(generator=3), "generator must be a torch.Generator, not int (for a number, pass seed=)"),
+    (dict(latents=torch.zeros(3)), "latents must be a tensor of shape [1, 16, 2, 4, 4] for these settings, not [3]"),
+    (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs may only name"),
+]
+
+
+@pytest.mark.parametrize("kw,message", PY_CASES, ids=[",".join(c[0]) for c in PY_CASES])
+def test_python_refuses_before_the_transformer_runs(full, face_embedding, reference_crop, files, monkeypatch, kw,
+                                                    message):
+    assert len(PY_CASES) >= 40
     calls = []
     monkeypatch.setattr(full, "predict", lambda *a, **k: calls.append(1) or pytest.fail("the transformer ran"))
     args = dict(prompt="a man walks", face_embedding=face_embedding, reference_image=reference_crop, **SMALL)
+    kw = {k: v.replace("{in}", str(files)) if isinstance(v, str) else v for k, v in kw.items()}
     with pytest.raises(LynxError) as e:
         full(**{**args, **kw})
+    message = message.replace("{in}", str(files))
     assert str(e.value).startswith(message) and "\n" not in str(e.value) and calls == []
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(device="toaster"), "device='toaster' is not a device name (try cpu, cuda or cuda:0)"),
+    (dict(device="cuda:99"), "device='cuda:99': this machine has" if torch.cuda.is_available() else
+     "device='cuda:99': CUDA is not available on this machine"),
+    (dict(experts="middle"), "experts must be one of high, both, not 'middle'"),
+    (dict(transformer_file="{in}/emb.npy"), "{in}/emb.npy: a base transformer file must be a GGUF file (.gguf)"),
+    (dict(base_dir="{in}/no-base"), "The Wan2.1-T2V base model was not found at {in}/no-base"),
+    (dict(adapter="{in}/no-adapter"), "Adapter directory {in}/no-adapter not found."),
+    (dict(), None),  # the control: correct arguments do reach the recorders
+])
+def test_from_pretrained_refuses_before_reading_a_weight(tiny_base, adapter_dirs, files, monkeypatch, kw, message):
+    """Checked before any weight is read: the loaders are replaced by recorders that must not be called."""
+    import transformers
+
+    import lynx.pipelines.pipeline_lynx as module
+
+    loads = []
+    readers = ((module, "load_adapters"), (transformers.UMT5EncoderModel, "from_pretrained"),
+               (module.AutoencoderKLWan, "from_pretrained"), (module.WanTransformer3DModel, "from_pretrained"))
+    for owner, name in readers:
+        monkeypatch.setattr(owner, name, lambda *a, name=name, **k: loads.append(name))
+    fill = lambda v: v.replace("{in}", str(files)) if isinstance(v, str) else v  # noqa: E731
+    args = {"base_dir": tiny_base, "adapter": adapter_dirs["full"], **{k: fill(v) for k, v in kw.items()}}
+    if message is None:
+        with pytest.raises(Exception):  # the recorders return no model, so the loading stops after them
+            LynxPipeline.from_pretrained(**args)
+        assert loads[:1] == ["load_adapters"] or "from_pretrained" in loads
+        return
+    with pytest.raises(LynxError) as e:
+        LynxPipeline.from_pretrained(**args)
+    assert str(e.value).startswith(fill(message)) and loads == []
 
 
 def test_python_refuses_unknown_settings():
@@ -262,6 +341,42 @@ def test_sidecars_are_strict_json_and_bad_ones_are_skipped(tmp_path, caplog):
     assert "skipping" in caplog.text and "a.mp4.json" in caplog.text
     (tmp_path / "a.mp4.json").write_text("{")
     assert read_record(video) is None
+
+
+def test_the_output_folder_is_proven_writable_with_room_before_any_work(tmp_path, monkeypatch):
+    """No permission and a nearly full disk are refused up front (simulated: the suite may run as root, for whom
+    every folder is writable, and on a disk of any size)."""
+    import lynx.io.files as files_module
+    from lynx.io.files import check_writable
+
+    out = tmp_path / "out"
+    out.mkdir()
+    check_writable(out / "a.mp4")  # a writable folder with room passes
+    real_access = os.access
+    monkeypatch.setattr(files_module.os, "access", lambda p, mode: False if Path(p) == out else real_access(p, mode))
+    with pytest.raises(OutputError) as e:
+        check_writable(out / "sub" / "a.mp4", flag="--out-dir")
+    assert str(e.value) == f"--out-dir {out}/sub/a.mp4: no permission to write in {out}"
+    monkeypatch.undo()
+
+    class Full:
+        f_bavail, f_frsize = 256, 4096  # 1 MB left
+
+    monkeypatch.setattr(files_module.os, "statvfs", lambda p: Full)
+    with pytest.raises(OutputError) as e:
+        check_writable(out / "a.mp4")
+    assert str(e.value) == f"--out {out}/a.mp4: only 1 MB free in {out}"
+    assert list(out.iterdir()) == []
+
+
+def test_no_message_or_doc_names_huggingface_cli():
+    """The installed huggingface_hub ships `hf`, not `huggingface-cli`: every download instruction says `hf`."""
+    texts = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), *sorted((REPO / "lynx").rglob("*.py"))]
+    assert len(texts) > 20
+    assert [str(p) for p in texts if "huggingface-cli" in p.read_text()] == []
+    from lynx.models.loading import download_instructions
+
+    assert "hf download Wan-AI/Wan2.1-T2V-14B-Diffusers --local-dir" in download_instructions(Path("models/x"))
 
 
 def test_a_failed_encode_leaves_nothing_and_keeps_the_earlier_video(tmp_path, monkeypatch):

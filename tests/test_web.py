@@ -346,7 +346,7 @@ def test_claimed_names_are_given_back_when_the_server_stops(web, photos):
     assert run.settings.num_inference_steps == 3 and run.format == ".mp4"
     path = web.claim_output(run)
     assert path.is_file() and path.stat().st_size == 0
-    web.release_claims()
+    web.shutdown()
     assert not path.exists() and not web.claimed
 
 
@@ -431,6 +431,25 @@ def test_serve_without_weights_says_what_to_download_and_checks_faces(photos, tm
     finally:
         stop(proc, log, signal.SIGTERM)  # as systemd or docker stop it
     assert "cannot generate yet" in "".join(log)
+
+
+def test_sigterm_during_a_run_stops_the_server_and_leaves_no_empty_video(tiny_base, adapter_dirs, face_models,
+                                                                       photos, tmp_path):
+    """A real `lynx serve` with a run under way (its output name claimed as a 0-byte file) is sent SIGTERM, as
+    systemd or `docker stop` would: it exits 0, without a traceback, and the claimed name is gone."""
+    out = tmp_path / "out"
+    proc, url, log = start_command("serve", "--port", "0", "--out-dir", out, "--base", tiny_base, "--adapter",
+                                   adapter_dirs["full"], "--face-models", face_models, "--detector", "dlib",
+                                   "--no-safety-check", cwd=tmp_path, env={})
+    try:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+        client.submit(photos=[handle_file(photos / "astronaut.jpg")], person="", prompt="a long run",
+                      **{**TINY, "num_inference_steps": 200}, api_name="/generate")
+        claimed = wait_for(lambda: [p for p in out.glob("*.mp4") if p.stat().st_size == 0], "a claimed name", 120)
+    finally:
+        stop(proc, log, signal.SIGTERM)
+    assert claimed and not any(p.exists() for p in claimed), "".join(log)
+    assert not list(out.glob("*.mp4")) and not list(out.glob("*.json"))
 
 
 # ----- the page in a real browser ---------------------------------------------------------------------------

@@ -188,8 +188,10 @@ def require_base_dir(path, adapter_dir=None, transformer_files: dict | None = No
         if report.path.is_dir() and report.transformer_config is None and "transformer" not in parts:
             parts.append("transformer")
         adapter = adapter_dir if adapter_dir is not None and _adapter_incomplete(adapter_dir) else None
+        where = (f"The Wan2.1-T2V base model at {report.path} is incomplete or damaged" if report.path.is_dir()
+                 else f"The Wan2.1-T2V base model was not found at {report.path}")
         raise WeightsNotFoundError(
-            f"The Wan2.1-T2V base model was not found at {report.path}:\n  - " + "\n  - ".join(report.problems)
+            f"{where}:\n  - " + "\n  - ".join(report.problems)
             + "\n" + download_instructions(report.path, adapter, base_parts=parts if report.path.is_dir() else None))
     return report.path
 

@@ -46,6 +46,7 @@ from ..models.loading import SECOND_EXPERT, check_base_fits, load_adapters, read
 from ..models.lora import check_lora, lora_off, read_lora
 from ..models.quantized import cast_plain_weights, component_quantization, is_quantized, load_gguf_transformer
 from ..models.resampler import Resampler
+from ..runtime import check_device
 from . import speed
 from .settings import WINDOWS, GenerationSettings
 
@@ -138,6 +139,8 @@ class LynxPipeline(WanPipeline):
 
         if experts not in EXPERTS:
             raise InputError(f"experts must be one of {', '.join(EXPERTS)}, not {experts!r}")
+        if device is not None:  # before any weight loads: a missing GPU is known in a second, not after minutes
+            check_device(str(device))
         base_dir = Path(base_dir)
         if adapter is None and (base_dir / SAVED_ADAPTER_DIR).is_dir():
             adapter = base_dir / SAVED_ADAPTER_DIR  # written by LynxPipeline.save_pretrained
@@ -592,6 +595,17 @@ class LynxPipeline(WanPipeline):
         bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if bad:
             raise InputError(f"callback_on_step_end_tensor_inputs may only name {self._callback_tensor_inputs}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise InputError(f"generator must be a torch.Generator, not {type(generator).__name__} (for a number, "
+                             "pass seed=)")
+        if latents is not None:
+            space = self.vae_scale_factor_spatial
+            expected = [1, self.transformer.config.in_channels,
+                        (settings.num_frames - 1) // self.vae_scale_factor_temporal + 1,
+                        settings.height // space, settings.width // space]
+            got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            if got != expected:
+                raise InputError(f"latents must be a tensor of shape {expected} for these settings, not {got}")
         strength = speed.Strength(ip_scale, ref_scale, *(getattr(settings, k) for pair in WINDOWS for k in pair),
                                   speed.parse_blocks(settings.ref_blocks, len(self.transformer.blocks)))
         if generator is None:

@@ -258,7 +258,10 @@ def cmd_generate(args) -> int:
         if args.reference:
             from ...face import load_image
 
-            identity_kwargs["reference_image"] = load_image(args.reference)
+            try:
+                identity_kwargs["reference_image"] = load_image(args.reference)
+            except InputError as e:  # the file's own problem, said of the flag that named it
+                raise InputError(f"--reference {e}") from None
 
     faces_used = identity_kwargs["identity"].faces_used() if "identity" in identity_kwargs else []
     from ...face.identity import describe_face

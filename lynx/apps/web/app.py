@@ -227,6 +227,7 @@ class LynxWebApp:
         self.identities: dict[str, object] = {}  # photo SHA-256 -> FaceIdentity
         self.gate, self.gate_loaded = None, False  # the safety classifier, loaded with the first video
         self.claimed: set[Path] = set()  # output names claimed (empty files) by runs not finished yet
+        self.running: list[Run] = []  # runs whose thread has not ended
         # Called with the Run after every denoising step: a hook for embedding code, and where tests hold a run.
         self.on_step = lambda run: None
 
@@ -491,7 +492,7 @@ class LynxWebApp:
     def claim_output(self, run: Run) -> Path:
         """`<person>-<prompt>-s<seed>.<fmt>` in the output directory, made unique (-2, -3, ...) and claimed at
         once with an empty file: an existing video, from here or the CLI, is never replaced. A claimed name is
-        given back when the run ends without a video, and by `release_claims` when the server stops."""
+        given back when the run ends without a video, and by `shutdown` when the server stops."""
         who = run.identity_file.stem if run.identity_file else "person"
         stem = f"{slug(who, 24)}-{slug(run.prompt)}-s{run.settings.seed}"
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -518,8 +519,14 @@ class LynxWebApp:
         except FileNotFoundError:
             pass
 
-    def release_claims(self) -> None:
-        """Give back every claimed name (the server is stopping: SIGTERM, Ctrl+C): no 0-byte file stays."""
+    def shutdown(self, timeout: float = 300.0) -> None:
+        """The server is stopping (SIGTERM, Ctrl+C): cancel the runs under way, wait until each has stopped after
+        its current denoising step (a thread killed inside a kernel at exit aborts the process), then give back
+        every claimed name."""
+        for run in list(self.running):
+            run.stop.set()
+        for run in list(self.running):
+            run.done.wait(timeout)
         for path in list(self.claimed):
             self.release(path)
 
@@ -530,6 +537,7 @@ class LynxWebApp:
         from ...pipelines.record import make_record, write_video
         from ...pipelines.windows import ContextWindows
 
+        self.running.append(run)
         try:
             with self.gpu:
                 run.phase = "waiting for the model to load"
@@ -581,6 +589,7 @@ class LynxWebApp:
             run.error = f"internal error ({type(e).__name__}: {e}); the server's terminal has the details"
         finally:
             self.release(run.out)  # the claimed name, never filled
+            self.running.remove(run)
             run.done.set()
 
     def _step(self, run: Run) -> dict:

@@ -75,7 +75,8 @@ def load_options(args) -> dict:
     `serve` with no change here."""
     from ..options import load_pipeline
 
-    accepted = inspect.signature(load_pipeline).parameters
+    # Keyword-only: the base and adapter directories travel in ServeConfig itself.
+    accepted = {n for n, p in inspect.signature(load_pipeline).parameters.items() if p.kind is p.KEYWORD_ONLY}
     return {a.dest: getattr(args, a.dest) for a in _model_actions() if a.dest in accepted}
 
 
@@ -120,7 +121,7 @@ def cmd_serve(args) -> int:
     try:
         serve_until_stopped(build_page(app), args, "serve", [config.out_dir])
     finally:
-        app.release_claims()  # names claimed by unfinished runs: no 0-byte file stays behind
+        app.shutdown()  # runs under way stop after their step; no claimed 0-byte file stays behind
     return 0
 
 
