@@ -14,8 +14,10 @@ the device: the time and peak memory of a step need no download. Its pipelines s
 All pipelines run identical weights (VAE and text encoder shared, each its own transformer copy), runs
 interleaved; only the per-step work differs:
 Wan runs 2 transformer passes per step (cond, uncond); Lynx full runs 3 (c, i, u) plus the adapter
-attentions in every block, Lynx lite runs 2 plus the ID attentions in every second block. The one-off
-reference pass (full) is timed separately. Random weights: this measures speed, never quality.
+attentions in every block, Lynx lite runs 2 plus the ID attentions in every second block; the control is
+lite with its ID branch off (Wan's passes less the text keys/values, no adapter work), so Lynx / control
+is the adapters' own cost. The one-off reference pass (full) is timed separately. Random weights: this
+measures speed, never quality.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def tokens(video: dict) -> Tokens:
 def flop_parts(cfg: TinyModelConfig, video: dict, variant: str | None = None) -> dict[str, float]:
     """FLOPs (multiply-adds x 2) of one transformer pass in a denoising step after the first, by where they go:
     the formula of docs/benchmarks.md. `variant` None is diffusers' Wan; "full"/"lite" Lynx, whose text and
-    adapter keys/values were computed at the first step and are reused."""
+    adapter keys/values were computed at the first step and are reused; "off" Lynx with its adapters switched off
+    (ip_scale=0): Wan's pass less the text keys/values, the control of `bench`."""
     n, D, F, C = cfg.num_layers, cfg.hidden_dim, cfg.ffn_dim, cfg.vae_z_dim
     t = tokens(video)
     L, T, S = t.video, t.text, t.reference
@@ -80,7 +83,7 @@ def flop_parts(cfg: TinyModelConfig, video: dict, variant: str | None = None) ->
         "cross-attention text k/v": n * 4 * T * D * D if variant is None else 0,  # Lynx: once per prompt
         "feed-forward": n * 4 * L * D * F,
     }
-    if variant is not None:
+    if variant in ("full", "lite"):
         adapters = tiny_adapter_config(variant, cfg)
         q = adapters.resampler.num_queries + adapters.num_registers
         parts["ID-adapter attention"] = len(adapters.ip_blocks) * 4 * L * q * D
@@ -93,7 +96,7 @@ def pass_flops(cfg: TinyModelConfig, video: dict, variant: str | None = None) ->
 
 
 def predicted_ratio(cfg: TinyModelConfig, video: dict, variant: str) -> float:
-    """Lynx step / Wan step by the FLOP count: passes x per-pass FLOPs (full 3 passes, lite and Wan 2)."""
+    """Lynx step / Wan step by the FLOP count: passes x per-pass FLOPs (full 3 passes, lite, off and Wan 2)."""
     passes = 3 if variant == "full" else 2
     return passes * pass_flops(cfg, video, variant) / (2 * pass_flops(cfg, video))
 
@@ -148,6 +151,10 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int, 
         lynx = LynxPipeline(**{**parts, "transformer": transformer})
         runs[f"lynx {variant} ({passes} passes)"] = (
             lynx, variant, dict(face_embedding=emb, reference_image=ref if variant == "full" else None))
+    # The control: lite with its identity branch off runs Wan's two passes less only the text keys/values (kept
+    # from the first step), no adapter work. Its distance from its own FLOP prediction is what dropping those
+    # projections does to the ratio, with no adapter in the picture.
+    runs[CONTROL] = (runs["lynx lite (2 passes)"][0], "lite", dict(face_embedding=emb, ip_scale=0.0))
 
     def install(pipe, variant):
         # Seeded: the same random adapter weights at every install.
@@ -224,7 +231,9 @@ def time_by_kind(run) -> dict[str, float]:
     return {k: v / total for k, v in out.items()}
 
 
-STEP_FLOPS = {"wan (2 passes)": (None, 2), "lynx full (3 passes)": ("full", 3), "lynx lite (2 passes)": ("lite", 2)}
+CONTROL = "control: lite, ID off (2 passes)"
+STEP_FLOPS = {"wan (2 passes)": (None, 2), "lynx full (3 passes)": ("full", 3), "lynx lite (2 passes)": ("lite", 2),
+              CONTROL: ("off", 2)}
 
 
 def build(cfg, device, dtype) -> dict:
@@ -375,10 +384,24 @@ def main():
             if name in peaks:
                 line += f"   peak {peaks[name]:.1f} GiB"
             print(line)
+        if CONTROL in r:
+            print_adapter_cost(cfg, video, r)
         if args.breakdown:
             print_breakdown(cfg, video)
         if args.profile:
             print_where(cfg, video, r)
+
+
+def print_adapter_cost(cfg, video, measured: dict[str, float]) -> None:
+    """Lynx against the control (the same passes with no adapter work): what the adapters and the third
+    branch cost, measured and by the FLOP count."""
+    control = measured[CONTROL]
+    for name in ("lynx full (3 passes)", "lynx lite (2 passes)"):
+        variant, passes = STEP_FLOPS[name]
+        predicted = passes * pass_flops(cfg, video, variant) / (2 * pass_flops(cfg, video, "off"))
+        off = measured[name] / control / predicted - 1
+        print(f"  {name.split(' (')[0]} / control: measured x{measured[name] / control:5.2f}, predicted "
+              f"x{predicted:5.2f} ({off:+5.1%}{'' if abs(off) <= 0.05 else ' > 5%'})")
 
 
 def print_breakdown(cfg, video) -> None:

@@ -57,12 +57,15 @@ def test_wan_step_is_two_passes_of_the_formula(parts):
     assert second_step_flops(WanPipeline(**parts), guidance_scale=5.0) == 2 * step_time.pass_flops(CFG, VIDEO)
 
 
-@pytest.mark.parametrize("variant, passes", [("full", 3), ("lite", 2)])
+@pytest.mark.parametrize("variant, passes", [("full", 3), ("lite", 2), ("off", 2)])
 def test_lynx_step_is_its_passes_of_the_formula(parts, variant, passes, face_embedding, reference_crop):
+    """"off" is the benchmark's control: lite with ip_scale=0, Wan's passes less the text keys/values."""
     pipe = LynxPipeline(**{**parts, "transformer": copy.deepcopy(parts["transformer"])})
-    pipe.register_modules(resampler=add_tiny_adapters(pipe.transformer, variant, CFG))
+    pipe.register_modules(resampler=add_tiny_adapters(pipe.transformer, "full" if variant == "full" else "lite",
+                                                      CFG))
     counted = second_step_flops(pipe, face_embedding=face_embedding,
-                                reference_image=reference_crop if variant == "full" else None)
+                                reference_image=reference_crop if variant == "full" else None,
+                                **({"ip_scale": 0.0} if variant == "off" else {}))
     assert counted == passes * step_time.pass_flops(CFG, VIDEO, variant)
     # The text keys/values are what a Lynx pass does not recompute: without them the formula would be Wan's.
     parts_lynx = step_time.flop_parts(CFG, VIDEO, variant)
