@@ -137,6 +137,22 @@ def test_lite_leaves_odd_blocks_alone(transformer):
     assert not list(model.blocks[1].attn2.processor.parameters())
 
 
+@pytest.mark.parametrize("variant", ["full", "lite"])
+def test_processors_reads_the_blocks_as_a_walk_would(transformer, variant):
+    # `processors` reads attn1/attn2 of each block (the fast path `conditioning` takes on every call); it must
+    # find exactly what a walk over every module finds, in the same order, for a transformer, one block and a
+    # module without Wan's layout (the walk itself).
+    model, _ = adapted(transformer, variant)
+
+    def walk(module):
+        return [m for m in module.modules() if isinstance(m, LynxAttnProcessor)]
+
+    assert list(processors(model)) == walk(model) and len(walk(model)) == 2 * CFG.num_layers
+    assert list(processors(model.blocks[1])) == walk(model.blocks[1])
+    wrapped = torch.nn.Sequential(model)
+    assert list(processors(wrapped)) == walk(model)
+
+
 def test_ref_branch_matches_hand_computation(transformer):
     model, config = adapted(transformer, "full")
     block = 1

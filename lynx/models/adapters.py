@@ -257,6 +257,13 @@ def adapter_config(transformer: nn.Module) -> AdapterConfig | None:
 
 def processors(module: nn.Module) -> Iterator[LynxAttnProcessor]:
     """Every Lynx processor inside `module` (a transformer or a block), block by block, self-attention first."""
+    blocks = getattr(module, "blocks", None)
+    if blocks is None and hasattr(module, "attn1"):
+        blocks = (module,)
+    if blocks is not None and all(hasattr(b, "attn1") and hasattr(b, "attn2") for b in blocks):
+        # Wan's processors live only in attn1/attn2 of each block: read them there rather than walk every module
+        # (a walk is most of what `conditioning` costs per transformer call).
+        return (a.processor for b in blocks for a in (b.attn1, b.attn2) if isinstance(a.processor, LynxAttnProcessor))
     return (m for m in module.modules() if isinstance(m, LynxAttnProcessor))
 
 
