@@ -444,7 +444,8 @@ def test_sigterm_during_a_run_stops_the_server_and_leaves_no_empty_video(tiny_ba
     try:
         client = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
         client.submit(photos=[handle_file(photos / "astronaut.jpg")], person="", prompt="a long run",
-                      **{**TINY, "num_inference_steps": 200}, api_name="/generate")
+                      **{**TINY, "height": 64, "width": 96, "num_frames": 9, "num_inference_steps": 200},
+                      api_name="/generate")
         claimed = wait_for(lambda: [p for p in out.glob("*.mp4") if p.stat().st_size == 0], "a claimed name", 120)
     finally:
         stop(proc, log, signal.SIGTERM)

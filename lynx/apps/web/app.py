@@ -519,12 +519,16 @@ class LynxWebApp:
         except FileNotFoundError:
             pass
 
+    def cancel_runs(self) -> None:
+        """Ask every run under way to stop after its current denoising step (safe in a signal handler)."""
+        for run in list(self.running):
+            run.stop.set()
+
     def shutdown(self, timeout: float = 300.0) -> None:
         """The server is stopping (SIGTERM, Ctrl+C): cancel the runs under way, wait until each has stopped after
         its current denoising step (a thread killed inside a kernel at exit aborts the process), then give back
         every claimed name."""
-        for run in list(self.running):
-            run.stop.set()
+        self.cancel_runs()
         for run in list(self.running):
             run.done.wait(timeout)
         for path in list(self.claimed):

@@ -117,7 +117,7 @@ def cmd_serve(args) -> int:
         print(f"lynx serve: cannot generate yet; the page shows what to download:\n{app.missing()}\n",
               file=sys.stderr)
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    stop_on_sigterm()
+    stop_on_signals(app.cancel_runs)
     try:
         serve_until_stopped(build_page(app), args, "serve", [config.out_dir])
     finally:
@@ -125,14 +125,18 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def stop_on_sigterm() -> None:
-    """SIGTERM (systemd, docker stop, kill) stops the server as Ctrl+C does, so the same cleanup runs."""
+def stop_on_signals(cancel) -> None:
+    """SIGTERM (systemd, docker stop, kill) stops the server as Ctrl+C does, so the same cleanup runs; both
+    call `cancel` first, so a generation under way stops after its current step instead of running on (and
+    writing its video) while the web server closes."""
     import signal
 
     def interrupt(signum, frame):
+        cancel()
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def cmd_study(args) -> int:
