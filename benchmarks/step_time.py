@@ -183,13 +183,17 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int, 
         pipe.to(device=device, dtype=dtype)
         run(name, 2)  # warm-up: allocator, thread pool, kernel selection
     results = {name: [] for name in runs}
+    cpu = not str(device).startswith("cuda")
     for _ in range(repeats):  # interleaved, so a slow spell of the machine hits every pipeline alike
+        if cpu and not shared:
+            for transformer in {id(p.transformer): p.transformer for p, _, _ in runs.values()}.values():
+                relocate(transformer)
         for name in runs:
-            if str(device).startswith("cuda"):
+            if not cpu:
                 torch.cuda.reset_peak_memory_stats()
-            # Every step sample, and the fastest kept: a neighbour's load only ever adds time.
-            results[name].extend(run(name, steps))
-            if str(device).startswith("cuda"):
+            # The fastest step of the round: a neighbour's load only ever adds time.
+            results[name].append(min(run(name, steps)))
+            if not cpu:
                 peaks[name] = torch.cuda.max_memory_allocated() / 2**30
     if profile:
         for name in runs:
@@ -201,7 +205,21 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int, 
     full.reference_features(ref, torch.Generator().manual_seed(1))
     _sync(device)
     results["lynx full reference pass (once per video)"] = [clock() - t0]
-    return {k: min(v) for k, v in results.items()}
+    return results
+
+
+def relocate(module: torch.nn.Module) -> None:
+    """Give every weight of `module` new storage, same values. On a CPU a step's time depends by a few per cent
+    on where its weights happen to sit in memory (cache sets, pages), fixed for the life of a process; with
+    fresh storage every round, each pipeline is timed over several layouts instead of one lucky or unlucky one."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = tensor.data.clone()
+
+
+def per_round_ratio(rounds: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of `name`'s step / `base`'s step in the same round."""
+    return statistics.median(a / b for a, b in zip(rounds[name], rounds[base]))
 
 
 peaks: dict[str, float] = {}  # CUDA peak memory of each pipeline's timed run, GiB
@@ -329,7 +347,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=list(SIZES))
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU time is measured, so 1 is exact)")
@@ -372,17 +390,19 @@ def main():
             print(f"  whole clip {r['seconds']:.1f} s, {r['steps']} steps, {r['passes']} transformer passes, "
                   f"median step {r['per_step']:.2f} s, {r['tflops']:.3f} TFLOP/s{mfu}, peak {r['peak']:.1f} GiB")
             continue
-        r = bench(size, args.steps, args.device, dtype, args.repeats, args.profile)
+        rounds = bench(size, args.steps, args.device, dtype, args.repeats, args.profile)
+        r = {name: statistics.median(v) for name, v in rounds.items()}  # each round's fastest step, median
         base = r["wan (2 passes)"]
         print(f"\n{size}: {video}, {tokens(video).video} video tokens, {cfg.num_layers} blocks x {cfg.hidden_dim} wide")
         for name, seconds in r.items():
-            line = f"  {name:45s} {seconds * 1e3:9.2f} ms   x{seconds / base:5.2f} of Wan's step"
+            ratio = per_round_ratio(rounds, name, "wan (2 passes)") if name in STEP_FLOPS else seconds / base
+            line = f"  {name:45s} {seconds * 1e3:9.2f} ms   x{ratio:5.2f} of Wan's step"
             if name in STEP_FLOPS:
                 variant, passes = STEP_FLOPS[name]
                 tflops = passes * pass_flops(cfg, video, variant) / seconds / 1e12
                 if variant is not None:
                     predicted = predicted_ratio(cfg, video, variant)
-                    off = seconds / base / predicted - 1
+                    off = ratio / predicted - 1
                     line += f"   predicted x{predicted:5.2f} ({off:+5.1%}{'' if abs(off) <= 0.05 else ' > 5%'})"
                 line += f"   {tflops:7.3f} TFLOP/s"
                 if args.peak_tflops:
@@ -391,22 +411,22 @@ def main():
                 line += f"   peak {peaks[name]:.1f} GiB"
             print(line)
         if CONTROL in r:
-            print_adapter_cost(cfg, video, r)
+            print_adapter_cost(cfg, video, rounds)
         if args.breakdown:
             print_breakdown(cfg, video)
         if args.profile:
             print_where(cfg, video, r)
 
 
-def print_adapter_cost(cfg, video, measured: dict[str, float]) -> None:
+def print_adapter_cost(cfg, video, rounds: dict[str, list[float]]) -> None:
     """Lynx against the control (the same passes with no adapter work): what the adapters and the third
     branch cost, measured and by the FLOP count."""
-    control = measured[CONTROL]
     for name in ("lynx full (3 passes)", "lynx lite (2 passes)"):
         variant, passes = STEP_FLOPS[name]
         predicted = passes * pass_flops(cfg, video, variant) / (2 * pass_flops(cfg, video, "off"))
-        off = measured[name] / control / predicted - 1
-        print(f"  {name.split(' (')[0]} / control: measured x{measured[name] / control:5.2f}, predicted "
+        measured = per_round_ratio(rounds, name, CONTROL)
+        off = measured / predicted - 1
+        print(f"  {name.split(' (')[0]} / control: measured x{measured:5.2f}, predicted "
               f"x{predicted:5.2f} ({off:+5.1%}{'' if abs(off) <= 0.05 else ' > 5%'})")
 
 

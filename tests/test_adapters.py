@@ -101,12 +101,13 @@ def manual_attention(q, k, v, heads):
     return (w @ v).transpose(1, 2).reshape(b, s, -1)
 
 
+@pytest.mark.parametrize("scale", [0.7, 1.0])  # 1.0: the branch is added without the (exact) product
 @pytest.mark.parametrize("variant,registers", [("full", 0), ("full", 2), ("lite", 0)])
-def test_id_branch_matches_hand_computation(transformer, variant, registers):
+def test_id_branch_matches_hand_computation(transformer, variant, registers, scale):
     model, config = adapted(transformer, variant, num_registers=registers)
     block = 2
     attn = model.blocks[block].attn2
-    cond = make_cond(config, ip_scale=0.7)
+    cond = make_cond(config, ip_scale=scale)
     g = torch.Generator().manual_seed(5)
     h = torch.randn(1, 10, CFG.hidden_dim, generator=g)
     text = torch.randn(1, 6, CFG.hidden_dim, generator=g)
@@ -125,7 +126,7 @@ def test_id_branch_matches_hand_computation(transformer, variant, registers):
             k = k / torch.sqrt(k.pow(2).mean(-1, keepdim=True) + 1e-5)
         q = attn.norm_q(attn.to_q(h))
         branch = manual_attention(q, k, layer.to_v_ip(tokens), attn.heads)
-        expected = base + 0.7 * F.linear(branch, attn.to_out[0].weight)
+        expected = base + scale * F.linear(branch, attn.to_out[0].weight)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 

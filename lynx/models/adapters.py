@@ -136,22 +136,28 @@ class LynxAttnProcessor(nn.Module):
         self.record, self.recorded = False, None
 
     # ----- per-call state ------------------------------------------------------------------------------
+    def set_call(self, **values) -> None:
+        """Set per-call inputs (`call_attributes`). They are tensors, tuples and numbers, never parameters or
+        modules, so they go straight into the instance's dict, past nn.Module's checks: `conditioning` sets them
+        on every processor around every transformer call, and those checks were most of its cost."""
+        self.__dict__.update(values)
+
     def bind(self, cond: Conditioning) -> None:
         """Take this processor's inputs from `cond` (cached keys/values included)."""
         self.unbind()
         if self.branch == "ip" and cond.ip_tokens is not None and cond.ip_scale != 0:
-            self.source, self.scale = cond.ip_tokens, float(cond.ip_scale)
+            self.set_call(source=cond.ip_tokens, scale=float(cond.ip_scale))
         elif (self.branch == "ref" and cond.ref_features is not None and cond.ref_scale != 0
               and (cond.ref_blocks is None or self.block in cond.ref_blocks)):
-            self.source, self.scale = cond.ref_features[self.block], float(cond.ref_scale)
+            self.set_call(source=cond.ref_features[self.block], scale=float(cond.ref_scale))
         if self.source is not None and cond.cache_kv:
-            self.kv = cond._kv.get((self.block, self.branch))
+            self.set_call(kv=cond._kv.get((self.block, self.branch)))
 
     def unbind(self, cond: Conditioning | None = None) -> None:
         """Hand computed keys/values back to `cond` (when it caches them) and forget the call's inputs."""
         if cond is not None and cond.cache_kv and getattr(self, "kv", None) is not None:
             cond._kv[(self.block, self.branch)] = self.kv
-        self.source, self.kv, self.scale = None, None, 1.0
+        self.set_call(source=None, kv=None, scale=1.0)
 
     # ----- maths ---------------------------------------------------------------------------------------
     def attend(self, query, key, value, mask=None, kind: str = "self") -> torch.Tensor:
@@ -204,7 +210,10 @@ class LynxAttnProcessor(nn.Module):
             if self.kv is None:
                 self.kv = self.branch_kv(attn, self.source.to(query.dtype))
             k, v = self.kv
-            out = out + self.scale * self.attend(plain_query, k, v, None, self.branch)
+            extra = self.attend(plain_query, k, v, None, self.branch)
+            # At scale 1 (the authors' default) the product is exact, so skipping it changes no bit and saves
+            # one pass over a [batch, tokens, width] tensor per branch and block (the size of the video).
+            out = out + extra if self.scale == 1.0 else out + self.scale * extra
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
@@ -322,8 +331,7 @@ def conditioning(module: nn.Module, cond: Conditioning | None, text: torch.Tenso
                 p.unbind()
             else:
                 p.bind(cond)
-            p.keep_text = text_kv is not None
-            p.text_kv = text_kv.get(p) if text_kv is not None else None
+            p.set_call(keep_text=text_kv is not None, text_kv=text_kv.get(p) if text_kv is not None else None)
         try:
             yield cond
         finally:
@@ -331,8 +339,7 @@ def conditioning(module: nn.Module, cond: Conditioning | None, text: torch.Tenso
                 p.unbind(cond)
                 if text_kv is not None and p.text_kv is not None:
                     text_kv[p] = p.text_kv
-                for name, value in previous.items():
-                    setattr(p, name, value)
+                p.set_call(**previous)
 
 
 @contextlib.contextmanager

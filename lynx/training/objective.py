@@ -250,11 +250,11 @@ class PackedLynxAttnProcessor(LynxAttnProcessor):
 
     def bind(self, cond: Conditioning) -> None:
         super().bind(cond)
-        self.packing = cond.packing
+        self.set_call(packing=cond.packing)
 
     def unbind(self, cond: Conditioning | None = None) -> None:
         super().unbind(cond)
-        self.packing = None
+        self.set_call(packing=None)
 
     def attend(self, query, key, value, mask=None, kind: str = "self") -> torch.Tensor:
         if self.packing is None:
@@ -280,14 +280,12 @@ def checkpoint_block(block: nn.Module) -> None:
 def _bound(saved):
     current = [(p, {a: getattr(p, a) for a in attrs}) for p, attrs in saved]
     for p, attrs in saved:
-        for name, value in attrs.items():
-            setattr(p, name, value)
+        p.set_call(**attrs)
     try:
         yield
     finally:
         for p, attrs in current:
-            for name, value in attrs.items():
-                setattr(p, name, value)
+            p.set_call(**attrs)
 
 
 class LynxTrainModel(nn.Module):
