@@ -179,6 +179,30 @@ def test_concurrent_writers_on_one_database(bench_run):
     assert rows == [(f"rater{i}", key, expected[key]) for i in range(4) for key in sorted(expected)]
 
 
+def test_a_clip_is_whole_whenever_a_rater_gets_its_name(tmp_path):
+    # Many raters asking for the same (large) video at once: every one gets a name whose file is already
+    # complete, and no second copy truncates it while it is being served.
+    (tmp_path / "m").mkdir()
+    video = tmp_path / "m" / "a.mp4"
+    video.write_bytes(os.urandom(32 * 2**20))
+    study = Study(tmp_path)
+    item = next(iter(study.items.values()))
+    sizes, names = [], set()
+
+    def ask():
+        path = study.clip(item)
+        names.add(path)
+        sizes.append(path.stat().st_size)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(names) == 1 and sizes == [video.stat().st_size] * 8
+    assert next(iter(names)).read_bytes() == video.read_bytes()
+
+
 def test_a_plain_directory_of_method_folders(tmp_path):
     for method in ("a", "b"):
         save_video(np.zeros((5, 16, 16, 3), np.uint8), tmp_path / method / "clip.webp", 8)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import random
 import secrets
 import shutil
 import sqlite3
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,14 +98,20 @@ class Study:
         self.clips = Path(tempfile.mkdtemp(prefix="lynx-study-"))
         atexit.register(shutil.rmtree, self.clips, True)
         self.tokens = {key: secrets.token_hex(8) for key in self.items}
+        self._copying = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.db, timeout=60, isolation_level=None)  # autocommit: each statement is atomic
 
     def clip(self, item: Item) -> Path:
         path = self.clips / f"{self.tokens[item.key]}{item.path.suffix.lower()}"
-        if not path.exists():
-            shutil.copyfile(item.path, path)
+        # Two raters can ask for the same video at once: one copies, and the name appears only when whole (a
+        # second copy over the first truncated it while the server was still sending it).
+        with self._copying:
+            if not path.exists():
+                part = path.with_name(f".{path.name}.part")
+                shutil.copyfile(item.path, part)
+                os.replace(part, path)
         return path
 
     def next_item(self, rater: str) -> tuple[Item | None, int]:
