@@ -11,8 +11,9 @@ The "real" size is Wan2.1-14B's shape (40 blocks, 5120 wide) at 81x480x832 with 
 the device: the time and peak memory of a step need no download. Its pipelines share one transformer
 (three copies would not fit) and run one after the other instead of interleaved.
 
-All pipelines run identical weights (VAE and text encoder shared, each its own transformer copy), runs
-interleaved; only the per-step work differs:
+All pipelines run identical weights (VAE and text encoder shared, each its own transformer copy and scheduler);
+their generations run at once, taking turns one denoising step at a time, so each step of one is timed beside a
+step of every other (`interleaved`); only the per-step work differs:
 Wan runs 2 transformer passes per step (cond, uncond); Lynx full runs 3 (c, i, u) plus the adapter
 attentions in every block, Lynx lite runs 2 plus the ID attentions in every second block; the control is
 lite with its ID branch off (Wan's passes less the text keys/values, no adapter work), so Lynx / control
@@ -23,7 +24,9 @@ measures speed, never quality.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 
@@ -103,10 +106,11 @@ def predicted_ratio(cfg: TinyModelConfig, video: dict, variant: str) -> float:
     return passes * pass_flops(cfg, video, variant) / (2 * pass_flops(cfg, video))
 
 
-# CPU: the process's own CPU time on one thread, not wall time: the development machine is shared, and a
-# neighbour's load stretches wall time (by 3x and more) but not the CPU time this process is given.
+# CPU: the measuring thread's own CPU time (on one intra-op thread), not wall time: the development machine is
+# shared, and a neighbour's load stretches wall time (by 3x and more) but not the CPU time this thread is given.
 # CUDA: wall time after a synchronize.
 clock = time.perf_counter
+cpu_settings = False  # main sets them for CPU runs: one intra-op thread, subnormals flushed
 
 
 def _sync(device):
@@ -136,6 +140,8 @@ def step_times(pipe, call_kwargs, steps, device, profiler=None) -> list[float]:
 
 
 def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int, profile: bool = False) -> dict:
+    """Step times of every pipeline at `size`: name -> samples, aligned across pipelines (the i-th sample of each
+    was taken at the same time), plus the one-off reference pass."""
     import copy
 
     from diffusers import WanPipeline
@@ -146,17 +152,25 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int, 
     ref = (torch.rand(256, 256, 3) * 255).to(torch.uint8).numpy()
     common = dict(prompt="a person walks", negative_prompt="", **video)
     shared = size in SHARED_TRANSFORMER
-    runs = {"wan (2 passes)": (WanPipeline(**parts), None, dict(guidance_scale=5.0))}
+
+    def pipeline(cls, transformer=None):
+        # Each its own scheduler: a scheduler counts the steps of the generation it serves, and interleaved
+        # generations would advance one another's.
+        return cls(**{**parts, "scheduler": copy.deepcopy(parts["scheduler"]),
+                      "transformer": transformer or parts["transformer"]})
+
+    runs = {"wan (2 passes)": (pipeline(WanPipeline), None, dict(guidance_scale=5.0))}
     for variant, passes in (("full", 3), ("lite", 2)):
         # Identical weights; unless shared, Lynx gets its own transformer copy so Wan keeps diffusers' processors.
         transformer = parts["transformer"] if shared else copy.deepcopy(parts["transformer"])
-        lynx = LynxPipeline(**{**parts, "transformer": transformer})
         runs[f"lynx {variant} ({passes} passes)"] = (
-            lynx, variant, dict(face_embedding=emb, reference_image=ref if variant == "full" else None))
+            pipeline(LynxPipeline, transformer), variant,
+            dict(face_embedding=emb, reference_image=ref if variant == "full" else None))
     # The control: lite with its identity branch off runs Wan's two passes less only the text keys/values (kept
     # from the first step), no adapter work. Its distance from its own FLOP prediction is what dropping those
-    # projections does to the ratio, with no adapter in the picture.
-    runs[CONTROL] = (runs["lynx lite (2 passes)"][0], "lite", dict(face_embedding=emb, ip_scale=0.0))
+    # projections does to the ratio, with no adapter in the picture. Lite's transformer, a pipeline of its own.
+    runs[CONTROL] = (pipeline(LynxPipeline, runs["lynx lite (2 passes)"][0].transformer), "lite",
+                     dict(face_embedding=emb, ip_scale=0.0))
 
     def install(pipe, variant):
         # Seeded: the same random adapter weights at every install.
@@ -165,9 +179,6 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int, 
         pipe.register_modules(resampler=resampler.to(dtype))
         for proc in processors(pipe.transformer):
             proc.to(dtype)
-
-    def run(name, n):
-        return run_profiled(name, n, None)
 
     def run_profiled(name, n, profiler):
         pipe, variant, kw = runs[name]
@@ -179,22 +190,40 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int, 
             if variant is not None and shared:
                 pipe.unload_lynx_adapters()  # the shared transformer gets diffusers' processors back
 
-    for name, (pipe, ad, _) in runs.items():
+    for name, (pipe, _, _) in runs.items():
         pipe.to(device=device, dtype=dtype)
-        run(name, 2)  # warm-up: allocator, thread pool, kernel selection
+        if not shared:
+            if name == CONTROL:
+                pipe.register_modules(resampler=runs["lynx lite (2 passes)"][0].resampler)
+            elif runs[name][1] is not None:
+                install(pipe, runs[name][1])
     results = {name: [] for name in runs}
     cpu = not str(device).startswith("cuda")
-    for _ in range(repeats):  # interleaved, so a slow spell of the machine hits every pipeline alike
-        if cpu and not shared:
-            for transformer in {id(p.transformer): p.transformer for p, _, _ in runs.values()}.values():
-                relocate(transformer)
+    if shared:
+        # One transformer: whole generations in turn, each installing or removing the adapters; a round's sample
+        # is each pipeline's fastest step (a neighbour's load only ever adds time).
         for name in runs:
-            if not cpu:
+            run_profiled(name, 2, None)  # warm-up: allocator, thread pool, kernel selection
+        for _ in range(repeats):
+            for name in runs:
+                if not cpu:
+                    torch.cuda.reset_peak_memory_stats()
+                results[name].append(min(run_profiled(name, steps, None)))
+                if not cpu:
+                    peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        jobs = {name: (pipe, {**common, **kw}) for name, (pipe, _, kw) in runs.items()}
+        interleaved(jobs, 2, device)  # warm-up
+        for _ in range(repeats):
+            if cpu:
+                for transformer in {id(p.transformer): p.transformer for p, _, _ in runs.values()}.values():
+                    relocate(transformer)
+            else:
                 torch.cuda.reset_peak_memory_stats()
-            # The fastest step of the round: a neighbour's load only ever adds time.
-            results[name].append(min(run(name, steps)))
-            if not cpu:
-                peaks[name] = torch.cuda.max_memory_allocated() / 2**30
+            for name, times in interleaved(jobs, steps, device).items():
+                results[name] += times
+        if not cpu:  # all pipelines ran at once: one peak for all
+            peaks.update(dict.fromkeys(runs, torch.cuda.max_memory_allocated() / 2**30))
     if profile:
         for name in runs:
             where[name] = time_by_kind(lambda prof: run_profiled(name, steps, prof))
@@ -208,6 +237,68 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int, 
     return results
 
 
+def interleaved(jobs: dict, steps: int, device) -> dict[str, list[float]]:
+    """Run every job's generation (name -> (pipeline, call kwargs)) at once, each in its own thread, taking turns
+    one denoising step at a time: a baton passes at the end of each step. Returns the seconds of each step after
+    the first, per job; the i-th steps of all jobs ran within one turn of each other (a few tenths of a second),
+    so a slow spell of a shared machine, seconds long, stretches them alike and their ratio stays. Only the thread
+    holding the baton runs, and its own time is measured (CPU: the thread's CPU time)."""
+    order, active = list(jobs), list(jobs)
+    turn = threading.Condition()
+    state = {"holder": order[0]}
+    times = {name: [] for name in order}
+    errors = []
+    threads_per_op = torch.get_num_threads()
+
+    def pass_baton(name, leave=False):
+        with turn:
+            i = active.index(name)
+            if leave:
+                active.pop(i)
+            state["holder"] = active[(i if leave else i + 1) % len(active)] if active else None
+            turn.notify_all()
+
+    def wait_baton(name):
+        with turn:
+            turn.wait_for(lambda: state["holder"] == name)
+
+    def worker(name):
+        pipe, kwargs = jobs[name]
+        start = None
+
+        def stamp(p, i, t, tensors):
+            nonlocal start
+            _sync(device)
+            if start is not None:  # the first step also holds text encoding and the reference pass: not kept
+                times[name].append(clock() - start)
+            pass_baton(name)
+            wait_baton(name)
+            start = clock()
+            return {}
+
+        # Per-thread CPU state: intra-op threads and the flush-to-zero mode are set for each thread anew.
+        if cpu_settings:
+            torch.set_num_threads(threads_per_op)
+            torch.set_flush_denormal(True)
+        wait_baton(name)
+        try:
+            pipe.set_progress_bar_config(disable=True)
+            pipe(**kwargs, num_inference_steps=steps, output_type="latent", callback_on_step_end=stamp)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
+        finally:
+            pass_baton(name, leave=True)
+
+    threads = [threading.Thread(target=worker, args=(name,), name=f"bench {name}") for name in order]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return times
+
+
 def relocate(module: torch.nn.Module) -> None:
     """Give every weight of `module` new storage, same values. On a CPU a step's time depends by a few per cent
     on where its weights happen to sit in memory (cache sets, pages), fixed for the life of a process; with
@@ -217,9 +308,20 @@ def relocate(module: torch.nn.Module) -> None:
             tensor.data = tensor.data.clone()
 
 
-def per_round_ratio(rounds: dict[str, list[float]], name: str, base: str) -> float:
-    """Median over rounds of `name`'s step / `base`'s step in the same round."""
-    return statistics.median(a / b for a, b in zip(rounds[name], rounds[base]))
+def paired_ratio(samples: dict[str, list[float]], name: str, base: str) -> tuple[float, float, float]:
+    """Median of `name`'s step / `base`'s step over samples taken at the same time (`bench`), and the 95 %
+    confidence interval of that median (order statistics, distribution-free): a shared machine's steps scatter
+    by 10 % and more, and the interval says whether a few per cent are measured or drawn."""
+    ratios = sorted(a / b for a, b in zip(samples[name], samples[base]))
+    n = len(ratios)
+    k = max(0, int((n - 1.96 * math.sqrt(n)) / 2))  # binomial(n, 1/2) bounds on the median's rank
+    return statistics.median(ratios), ratios[k], ratios[n - 1 - k]
+
+
+def against(measured: tuple[float, float, float], predicted: float) -> str:
+    """`measured` (ratio, low, high) as per cent from `predicted`, flagged when the ratio is over 5 % away."""
+    off, low, high = (m / predicted - 1 for m in measured)
+    return f"{off:+5.1%} [{low:+.1%}, {high:+.1%}]{'' if abs(off) <= 0.05 else ' > 5%'}"
 
 
 peaks: dict[str, float] = {}  # CUDA peak memory of each pipeline's timed run, GiB
@@ -346,8 +448,8 @@ def clip(size: str, speed: str, memory: str | None, steps: int | None, device: s
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=list(SIZES))
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=8, help="per generation; every step after the first is timed")
+    parser.add_argument("--repeats", type=int, default=10, help="generations of each pipeline (rounds)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU time is measured, so 1 is exact)")
@@ -365,10 +467,12 @@ def main():
     if args.profile and args.device != "cpu":
         parser.error("--profile reads operators' CPU time: use it with --device cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    global clock
+    global clock, cpu_settings
     if not args.device.startswith("cuda"):
         torch.set_num_threads(args.threads)
-        clock = time.process_time
+        # With more than one intra-op thread the others' time counts too: the process's (only one pipeline runs at
+        # a time).
+        clock, cpu_settings = (time.thread_time if args.threads == 1 else time.process_time), True
         # Random weights leave some activations subnormal, which x86 CPUs process on a slow path (GELU-tanh on
         # one tensor: 2.0 ms at unit scale, 3.3 ms at scale 100; 1.9 ms at both with flushing). Which pipeline
         # hits them depends on the random adapter draw, not on its work: flushed to zero, the work alone is timed.
@@ -390,20 +494,20 @@ def main():
             print(f"  whole clip {r['seconds']:.1f} s, {r['steps']} steps, {r['passes']} transformer passes, "
                   f"median step {r['per_step']:.2f} s, {r['tflops']:.3f} TFLOP/s{mfu}, peak {r['peak']:.1f} GiB")
             continue
-        rounds = bench(size, args.steps, args.device, dtype, args.repeats, args.profile)
-        r = {name: statistics.median(v) for name, v in rounds.items()}  # each round's fastest step, median
+        samples = bench(size, args.steps, args.device, dtype, args.repeats, args.profile)
+        r = {name: statistics.median(v) for name, v in samples.items()}
         base = r["wan (2 passes)"]
         print(f"\n{size}: {video}, {tokens(video).video} video tokens, {cfg.num_layers} blocks x {cfg.hidden_dim} wide")
         for name, seconds in r.items():
-            ratio = per_round_ratio(rounds, name, "wan (2 passes)") if name in STEP_FLOPS else seconds / base
+            measured = paired_ratio(samples, name, "wan (2 passes)") if name in STEP_FLOPS else (seconds / base,)
+            ratio = measured[0]
             line = f"  {name:45s} {seconds * 1e3:9.2f} ms   x{ratio:5.2f} of Wan's step"
             if name in STEP_FLOPS:
                 variant, passes = STEP_FLOPS[name]
                 tflops = passes * pass_flops(cfg, video, variant) / seconds / 1e12
                 if variant is not None:
                     predicted = predicted_ratio(cfg, video, variant)
-                    off = ratio / predicted - 1
-                    line += f"   predicted x{predicted:5.2f} ({off:+5.1%}{'' if abs(off) <= 0.05 else ' > 5%'})"
+                    line += f"   predicted x{predicted:5.2f} ({against(measured, predicted)})"
                 line += f"   {tflops:7.3f} TFLOP/s"
                 if args.peak_tflops:
                     line += f" (MFU {tflops / args.peak_tflops:.1%})"
@@ -411,23 +515,22 @@ def main():
                 line += f"   peak {peaks[name]:.1f} GiB"
             print(line)
         if CONTROL in r:
-            print_adapter_cost(cfg, video, rounds)
+            print_adapter_cost(cfg, video, samples)
         if args.breakdown:
             print_breakdown(cfg, video)
         if args.profile:
             print_where(cfg, video, r)
 
 
-def print_adapter_cost(cfg, video, rounds: dict[str, list[float]]) -> None:
+def print_adapter_cost(cfg, video, samples: dict[str, list[float]]) -> None:
     """Lynx against the control (the same passes with no adapter work): what the adapters and the third
     branch cost, measured and by the FLOP count."""
     for name in ("lynx full (3 passes)", "lynx lite (2 passes)"):
         variant, passes = STEP_FLOPS[name]
         predicted = passes * pass_flops(cfg, video, variant) / (2 * pass_flops(cfg, video, "off"))
-        measured = per_round_ratio(rounds, name, CONTROL)
-        off = measured / predicted - 1
-        print(f"  {name.split(' (')[0]} / control: measured x{measured:5.2f}, predicted "
-              f"x{predicted:5.2f} ({off:+5.1%}{'' if abs(off) <= 0.05 else ' > 5%'})")
+        measured = paired_ratio(samples, name, CONTROL)
+        print(f"  {name.split(' (')[0]} / control: measured x{measured[0]:5.2f}, predicted "
+              f"x{predicted:5.2f} ({against(measured, predicted)})")
 
 
 def print_breakdown(cfg, video) -> None:

@@ -1,5 +1,6 @@
 """The FLOP count of docs/benchmarks.md (`benchmarks/step_time.py`, where the predicted step ratios come from)
-against torch's own FLOP counter over a real denoising step of WanPipeline and LynxPipeline full and lite."""
+against torch's own FLOP counter over a real denoising step of WanPipeline and LynxPipeline full and lite, and the
+harness that times the steps: generations taking turns step by step, each unchanged by the others."""
 
 import copy
 import importlib.util
@@ -71,3 +72,78 @@ def test_lynx_step_is_its_passes_of_the_formula(parts, variant, passes, face_emb
     parts_lynx = step_time.flop_parts(CFG, VIDEO, variant)
     assert parts_lynx["cross-attention text k/v"] == 0
     assert step_time.flop_parts(CFG, VIDEO)["cross-attention text k/v"] > 0
+
+
+class _Recorder:
+    """A stand-in pipeline: `steps` steps, each logged, ending in the step callback as diffusers' loops do."""
+
+    def __init__(self, name, log, fail_at=None):
+        self.name, self.log, self.fail_at = name, log, fail_at
+
+    def set_progress_bar_config(self, **kwargs):
+        pass
+
+    def __call__(self, num_inference_steps, output_type, callback_on_step_end):
+        for i in range(num_inference_steps):
+            if i == self.fail_at:
+                raise RuntimeError(f"{self.name} failed")
+            self.log.append((self.name, i))
+            callback_on_step_end(self, i, None, {})
+
+
+def test_interleaved_generations_take_turns_one_step_at_a_time():
+    log = []
+    jobs = {name: (_Recorder(name, log), {}) for name in "abc"}
+    times = step_time.interleaved(jobs, 4, "cpu")
+    assert log == [(name, i) for i in range(4) for name in "abc"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}  # step 0 is not kept
+    assert all(t >= 0 for ts in times.values() for t in ts)
+
+
+def test_interleaved_reraises_a_failure_after_the_others_finish():
+    log = []
+    jobs = {"a": (_Recorder("a", log), {}), "b": (_Recorder("b", log, fail_at=1), {}), "c": (_Recorder("c", log), {})}
+    with pytest.raises(RuntimeError, match="b failed"):
+        step_time.interleaved(jobs, 3, "cpu")
+    assert log == [("a", 0), ("b", 0), ("c", 0), ("a", 1), ("c", 1), ("a", 2), ("c", 2)]
+
+
+class _Keeper:
+    """A pipeline whose output is kept (`interleaved` returns times only)."""
+
+    def __init__(self, pipe, **kwargs):
+        self.pipe, self.kwargs, self.output = pipe, kwargs, None
+
+    def set_progress_bar_config(self, **kwargs):
+        self.pipe.set_progress_bar_config(**kwargs)
+
+    def __call__(self, **kwargs):
+        self.output = self.pipe(**self.kwargs, **kwargs, generator=torch.Generator().manual_seed(0)).frames
+        return self.output
+
+
+def test_interleaved_pipelines_compute_what_each_computes_alone(parts, face_embedding):
+    """The benchmark's pipelines share weights, VAE and text encoder but each has its own scheduler: interleaved
+    step by step, each generation is the one it makes alone, bit for bit."""
+    lynx = LynxPipeline(**{**parts, "scheduler": copy.deepcopy(parts["scheduler"]),
+                           "transformer": copy.deepcopy(parts["transformer"])})
+    lynx.register_modules(resampler=add_tiny_adapters(lynx.transformer, "lite", CFG))
+    wan = WanPipeline(**{**parts, "scheduler": copy.deepcopy(parts["scheduler"])})
+    common = dict(prompt="a person walks", negative_prompt="", **VIDEO)
+    jobs = {"wan": _Keeper(wan, guidance_scale=5.0, **common),
+            "lynx": _Keeper(lynx, face_embedding=face_embedding, **common)}
+    step_time.interleaved({name: (job, {}) for name, job in jobs.items()}, 3, "cpu")
+    for job in jobs.values():
+        together = job.output
+        alone = job(num_inference_steps=3, output_type="latent")
+        assert torch.equal(together, alone)
+
+
+def test_paired_ratio_is_the_median_with_its_order_statistic_interval():
+    base = [2.0] * 100
+    samples = {"base": base, "x": [2.0 * (i + 1) / 100 for i in reversed(range(100))]}  # ratios 0.01 .. 1.00
+    median, low, high = step_time.paired_ratio(samples, "x", "base")
+    assert median == pytest.approx(0.505)
+    # n = 100: the median's 95 % interval runs from the 41st to the 60th of the sorted ratios
+    assert (low, high) == (pytest.approx(0.41), pytest.approx(0.60))
+    assert step_time.against((1.1, 1.0, 1.2), 1.0) == "+10.0% [+0.0%, +20.0%] > 5%"
