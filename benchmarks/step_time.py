@@ -289,7 +289,8 @@ def interleaved(jobs: dict, steps: int, device) -> dict[str, list[float]]:
         finally:
             pass_baton(name, leave=True)
 
-    threads = [threading.Thread(target=worker, args=(name,), name=f"bench {name}") for name in order]
+    # Daemons: Ctrl+C in the main thread ends the benchmark without waiting for the generations under way.
+    threads = [threading.Thread(target=worker, args=(name,), name=f"bench {name}", daemon=True) for name in order]
     for thread in threads:
         thread.start()
     for thread in threads:
