@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import platform
 import statistics
 import threading
 import time
@@ -359,6 +361,17 @@ STEP_FLOPS = {"wan (2 passes)": (None, 2), "lynx full (3 passes)": ("full", 3), 
               CONTROL: ("off", 2)}
 
 
+def cpu_name() -> str:
+    """The CPU's model and logical core count, for the printout: results are only read with the machine named."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs"
+
+
 def build(cfg, device, dtype) -> dict:
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in place on the device, in the run's dtype: no fp32 copy of 14B
@@ -481,7 +494,7 @@ def main():
     torch.manual_seed(0)
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
     print(f"device {args.device} ({device_name}), dtype {args.dtype}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}")
     for size in args.sizes:
