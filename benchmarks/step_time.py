@@ -184,7 +184,7 @@ def bench(size: str, steps: int, device: str, dtype: torch.dtype, repeats: int, 
 
     def run_profiled(name, n, profiler):
         pipe, variant, kw = runs[name]
-        if variant is not None and (shared or pipe.resampler is None):
+        if variant is not None and shared:  # otherwise installed once, before the rounds
             install(pipe, variant)
         try:
             return step_times(pipe, {**common, **kw}, n, device, profiler)
