@@ -343,17 +343,24 @@ def kind_of(op: str) -> str:
 
 def time_by_kind(run) -> dict[str, float]:
     """Shares of a step's operator time in matrix products, attention kernels and other operators (norms,
-    activations, copies, rotary embedding), by torch's profiler. Shares, because the profiler clocks wall
-    time, which a neighbour's load stretches; the printout scales them to the measured CPU time of a step."""
+    activations, copies, rotary embedding), and of each other operator ("  gelu"), by torch's profiler. Shares,
+    because the profiler clocks wall time, which a neighbour's load stretches; the printout scales them to the
+    measured CPU time of a step."""
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU])
     run(prof)
     out = {"matrix products": 0.0, "attention kernels": 0.0, "other operators": 0.0}
+    others: dict[str, float] = {}
     for event in prof.key_averages():
-        out[kind_of(event.key)] += event.self_cpu_time_total
+        kind = kind_of(event.key)
+        out[kind] += event.self_cpu_time_total
+        if kind == "other operators":
+            op = event.key.removeprefix("aten::")
+            others[op] = others.get(op, 0.0) + event.self_cpu_time_total
     total = sum(out.values())
-    return {k: v / total for k, v in out.items()}
+    # The largest other operators by name ("  gelu"), so the printout says which uncounted work takes the time.
+    return {k: v / total for k, v in out.items()} | {f"  {op}": v / total for op, v in others.items()}
 
 
 CONTROL = "control: lite, ID off (2 passes)"
@@ -564,9 +571,13 @@ ATTENTION_PARTS = ("self-attention scores, values", "cross-attention scores, val
 
 def print_where(cfg, video, measured: dict[str, float]) -> None:
     """Where a step's time goes (profiled shares x measured step), and the rate each kind of FLOP ran at."""
-    print(f"  {'time per step (profiled shares)':32s}" + "".join(f"{n.split(' (')[0]:>18s}" for n in where))
-    for kind in next(iter(where.values())):
-        print(f"  {kind:32s}" + "".join(f"{w[kind] * measured[n] * 1e3:9.1f} ms ({w[kind]:4.0%})"
+    print(f"  {'time per step (profiled shares)':32s}" + "".join(f"{n.split(' (')[0]:>24s}" for n in where))
+    first = next(iter(where.values()))
+    kinds = [k for k in first if not k.startswith(" ")]
+    # Under "other operators", its five largest in the first pipeline (Wan), each pipeline's time in them.
+    kinds += sorted((k for k in first if k.startswith(" ")), key=first.get, reverse=True)[:5]
+    for kind in kinds:
+        print(f"  {kind:32s}" + "".join(f"{w.get(kind, 0.0) * measured[n] * 1e3:15.1f} ms ({w.get(kind, 0.0):4.0%})"
                                         for n, w in where.items()))
     for kind, attention in (("matrix products", False), ("attention kernels", True)):
         rates = []
@@ -574,7 +585,7 @@ def print_where(cfg, video, measured: dict[str, float]) -> None:
             variant, passes = STEP_FLOPS[name]
             flops = sum(v for k, v in flop_parts(cfg, video, variant).items() if (k in ATTENTION_PARTS) == attention)
             rates.append(passes * flops / (w[kind] * measured[name]) / 1e9)
-        print(f"  {kind + ' GFLOP/s':32s}" + "".join(f"{r:18.1f}" for r in rates))
+        print(f"  {kind + ' GFLOP/s':32s}" + "".join(f"{r:24.1f}" for r in rates))
 
 
 if __name__ == "__main__":
