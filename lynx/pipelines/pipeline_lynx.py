@@ -43,7 +43,7 @@ from ..models.adapters import (
     uninstall_adapters,
 )
 from ..models.loading import SECOND_EXPERT, check_base_fits, load_adapters, read_adapter_config, save_adapters
-from ..models.lora import check_lora, lora_off, read_lora
+from ..models.lora import check_lora, lora_follows_compute_dtype, lora_off, read_lora
 from ..models.quantized import cast_plain_weights, component_quantization, is_quantized, load_gguf_transformer
 from ..models.resampler import Resampler
 from ..runtime import check_device
@@ -253,6 +253,7 @@ class LynxPipeline(WanPipeline):
         state, metadata, name = read_lora(pretrained_model_name_or_path_or_dict, **kwargs)
         check_lora(self.transformer, state, name)
         extra = {} if low_cpu_mem_usage is None else {"low_cpu_mem_usage": low_cpu_mem_usage}
+        lora_follows_compute_dtype(self.transformer)  # not the fp8 of the 24gb preset's stored weights
         self.load_lora_into_transformer(state, transformer=self.transformer, adapter_name=adapter_name,
                                         metadata=metadata, _pipeline=self, hotswap=hotswap, **extra)
 
@@ -278,6 +279,14 @@ class LynxPipeline(WanPipeline):
             plain.save_pretrained(save_directory, **kwargs)
         if self.resampler is not None:
             save_adapters(Path(save_directory) / SAVED_ADAPTER_DIR, self.transformer, self.resampler)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device=None) -> None:
+        """diffusers' model CPU offload. Called again without a device, as diffusers' LoRA loading does after it
+        has taken the hooks off, it keeps the device it was enabled for instead of the machine's default
+        accelerator (none at all when the CPU is the onload device)."""
+        if gpu_id is None and device is None:
+            device = getattr(self, "_offload_device", None)
+        super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 
     def enable_memory_preset(self, name: str, device=None):
         """Run within a GPU size: "max", "48gb", "24gb", "24gb-blocks" or "12gb" (`lynx.pipelines.memory`)."""
