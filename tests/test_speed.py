@@ -199,6 +199,50 @@ def test_a_compiled_generation_compiles_nothing_after_the_first_step(tiny_base, 
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("preset,hook", [("24gb", "layerwise_casting"), ("24gb-blocks", "group_offloading")])
+def test_compiled_blocks_under_a_hooked_memory_preset_break_only_at_its_hooks(tiny_base, adapter_dirs, face_embedding,
+                                                                              reference_crop, preset, hook):
+    """fp8 storage casts every layer in a hook and block offloading moves each block in one: a whole-graph
+    compile would raise at the first step. The blocks compile with graph breaks at those hooks instead, the
+    video unchanged, and no graph is added after the first step or by a second video."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    pipe = LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["full"])
+    pipe.enable_memory_preset(preset, "cpu")
+    kw = dict(**person(face_embedding, reference_crop), output_type="latent", seed=1, **STEPS4)
+    plain = pipe("a man walks", **kw).frames
+    line = speed.compile_transformer(pipe.transformer, backend=counting_backend)
+    assert f"graph breaks at the memory preset's hooks ({hook})" in line
+    after_step = []
+    out = pipe("a man walks", **kw, callback_on_step_end=lambda p, i, t, d: after_step.append(len(graphs)) or {})
+    assert len(set(after_step)) == 1 and after_step[0] > 3  # several graphs per block, all made in step 0
+    torch.testing.assert_close(out.frames, plain, rtol=1e-5, atol=1e-5)
+    pipe("a man walks", **kw)
+    assert len(graphs) == after_step[0]
+    torch._dynamo.reset()
+
+
+def test_compile_refuses_a_step_cache_and_layer_streaming(tiny_base, adapter_dirs):
+    from diffusers import SeaCacheConfig
+
+    pipe = LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["lite"])
+    pipe.transformer.enable_cache(SeaCacheConfig(threshold=0.2))
+    with pytest.raises(InputError, match="does not combine with a step cache"):
+        speed.compile_transformer(pipe.transformer)
+    pipe = LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["lite"])
+    pipe.enable_memory_preset("12gb", "cpu")
+    with pytest.raises(InputError, match="does not combine with --memory 12gb"):
+        speed.compile_transformer(pipe.transformer)
+    assert speed.compile_refusal("exact", "24gb") is None and speed.compile_refusal("turbo", None) is None
+
+
 # ----- batched branches ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["full", "lite"])

@@ -29,7 +29,7 @@ def test_turbo_with_a_lora_prints_what_it_set_and_records_it(tiny_base, adapter_
     assert meta["ip_end"] == 0.5 and meta["ref_end"] == 0.5 and meta["ref_blocks"] == "0-2"
 
 
-def test_turbo_needs_a_lora_and_lora_files_must_exist(tiny_base, adapter_dirs, tmp_path):
+def test_turbo_needs_a_lora_lora_files_must_exist_and_compile_fits_the_presets(tiny_base, adapter_dirs, tmp_path):
     np.save(tmp_path / "emb.npy", np.ones(512, np.float32))
     common = ["generate", "--embedding", tmp_path / "emb.npy", "--prompt", "a man walks", "--base", tiny_base,
               "--adapter", adapter_dirs["lite"], "--out-dir", tmp_path]
@@ -37,3 +37,10 @@ def test_turbo_needs_a_lora_and_lora_files_must_exist(tiny_base, adapter_dirs, t
     assert r.returncode == 2 and "--speed turbo needs a step-distill LoRA" in r.stderr
     r = lynx(*common, "--lora", tmp_path / "missing.safetensors:0.5")
     assert r.returncode == 2 and "missing.safetensors does not exist" in r.stderr
+    # Refused before anything loads: compiled blocks under a step cache or layer-by-layer streaming.
+    r = lynx(*common, "--speed", "fast", "--compile")
+    assert r.returncode == 2 and "--compile does not combine with a step cache (--speed fast)" in r.stderr
+    assert "Traceback" not in r.stderr and "loading" not in r.stderr
+    r = lynx(*common, "--memory", "12gb", "--compile")
+    assert r.returncode == 2 and "with --compile use --memory 24gb-blocks or 24gb" in r.stderr
+    assert "loading" not in r.stderr

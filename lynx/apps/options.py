@@ -120,10 +120,16 @@ def add_speed_options(p: argparse.ArgumentParser) -> None:
                    help="torch.compile each transformer block (regional, whole-graph); the first step is slow")
 
 
-def check_speed_options(speed: str, lora_specs) -> list[tuple[str, float]]:
-    """The LoRAs of `--lora` specs as (file, scale), checked before any model loads: turbo needs one, each exists."""
+def check_speed_options(speed: str, lora_specs, compile: bool = False, memory: str | None = None
+                        ) -> list[tuple[str, float]]:
+    """The LoRAs of `--lora` specs as (file, scale), checked before any model loads: turbo needs one, each exists;
+    `--compile` goes with the speed and memory presets."""
     from ..models.lora import parse_lora_spec
+    from ..pipelines.speed import compile_refusal
 
+    refusal = compile_refusal(speed, memory) if compile else None
+    if refusal:
+        raise InputError(refusal)
     loras = [parse_lora_spec(spec) for spec in lora_specs or []]
     if speed == "turbo" and not loras:
         raise InputError("--speed turbo needs a step-distill LoRA: add --lora FILE (e.g. lightx2v's Wan2.1-T2V-14B "
@@ -143,8 +149,7 @@ def speed_setup(pipe, speed: str, loras, compile: bool = False) -> list[str]:
     lines = speeds.load_loras(pipe, loras)
     lines += speeds.apply_speed(pipe, speed, loras)[1]
     if compile:
-        speeds.compile_transformer(pipe.transformer)
-        lines.append("compile: every transformer block compiled (torch.compile, fullgraph)")
+        lines.append(speeds.compile_transformer(pipe.transformer))
     return lines
 
 

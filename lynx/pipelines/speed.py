@@ -128,17 +128,65 @@ def stack_conditionings(conds: list[Conditioning]) -> Conditioning:
 # ----- compile ---------------------------------------------------------------------------------------------
 
 
-def compile_transformer(transformer, backend: str | None = None, **kwargs) -> None:
-    """diffusers' regional compilation: every `WanTransformerBlock` with its Lynx processors, whole-graph.
+# What a compiled block cannot hold. A step cache decides at every step which blocks run and what they
+# return: the block's graph is traced again at every step. Layer-by-layer streaming (the 12gb preset) hooks
+# every layer, cutting each block into dozens of graphs, each recompiled for the next kind of layer.
+COMPILE_WITH_CACHE = ("--compile does not combine with a step cache (--speed fast): the cache decides at every step "
+                      "which blocks run, so each would be compiled again at every step; use one of the two")
+COMPILE_WITH_LEAF_STREAMING = ("--compile does not combine with --memory 12gb: its layer-by-layer streaming hooks "
+                               "every layer and cuts each block into dozens of graphs; with --compile use --memory "
+                               "24gb-blocks or 24gb")
 
-    One graph serves all blocks; a generation compiles one for the reference passes and two at the first
-    denoising step (adapter and text keys/values being computed, then cached); nothing after that
-    (`tests/test_speed.py` counts it).
+
+def compile_refusal(speed: str, memory: str | None) -> str | None:
+    """Why `--compile` cannot go with these presets (one line naming what to change), or None; known before any
+    model loads."""
+    from .memory import MEMORY_PRESETS
+
+    if speed == "fast":
+        return COMPILE_WITH_CACHE
+    if memory in MEMORY_PRESETS and MEMORY_PRESETS[memory].transformer == "leaf_offload":
+        return COMPILE_WITH_LEAF_STREAMING
+    return None
+
+
+def _block_hooks(transformer) -> set[str]:
+    """Names of the diffusers hooks on the transformer's blocks and inside them (`"layerwise_casting"`, ...),
+    with `"...@leaf"` for those on a block's layers rather than the block."""
+    names = set()
+    for block in transformer.blocks:
+        for name, module in block.named_modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            for hook in getattr(registry, "hooks", {}) or {}:
+                names.add(hook if name == "" else f"{hook}@leaf")
+    return names
+
+
+def compile_transformer(transformer, backend: str | None = None, **kwargs) -> str:
+    """diffusers' regional compilation: every `WanTransformerBlock` with its Lynx processors. Returns a line
+    saying how (what the CLI prints).
+
+    Whole-graph where the blocks carry no diffusers hooks (`max`, `48gb`): one graph serves all blocks; a
+    generation compiles one for the reference passes and two at the first denoising step (adapter and text
+    keys/values being computed, then cached); nothing after that (`tests/test_speed.py` counts it). Under fp8
+    storage (`24gb`: a casting hook on every layer) or block offloading (`24gb-blocks`) the graph breaks at
+    those hooks, which run as they are, and the code between them is compiled, no more graphs after the first
+    step either. A step cache or layer-by-layer streaming is refused (`COMPILE_WITH_CACHE`, ...).
     """
-    options = {"fullgraph": True, **kwargs}
+    if getattr(transformer, "is_cache_enabled", False):
+        raise InputError(COMPILE_WITH_CACHE)
+    hooks = _block_hooks(transformer)
+    if "group_offloading@leaf" in hooks:
+        raise InputError(COMPILE_WITH_LEAF_STREAMING)
+    options = {"fullgraph": not hooks, **kwargs}
     if backend is not None:
         options["backend"] = backend
     transformer.compile_repeated_blocks(**options)
+    if options["fullgraph"]:
+        return "compile: every transformer block compiled (torch.compile, whole graph)"
+    kinds = sorted({h.removesuffix("@leaf") for h in hooks})
+    return (f"compile: every transformer block compiled (torch.compile), with graph breaks at the memory preset's "
+            f"hooks ({', '.join(kinds)})")
 
 
 # ----- presets ---------------------------------------------------------------------------------------------

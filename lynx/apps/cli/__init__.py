@@ -225,7 +225,7 @@ def check_generate_args(args):
         missing += [m for m in [arcface_missing(args.face_models)] if m]
     if missing:
         raise WeightsNotFoundError("\n\n".join(missing))
-    loras = check_speed_options(args.speed, args.lora)
+    loras = check_speed_options(args.speed, args.lora, args.compile, memory_choice(args.memory, args.offload))
     # A speed preset fills the knobs not given (`--speed turbo --steps 6`: six steps).
     from ...pipelines.speed import preset_settings
 

@@ -101,9 +101,9 @@ def cmd_serve(args) -> int:
     if args.attention_backend:
         check_attention_backend(args.attention_backend)
     check_writable(Path(args.out_dir) / "photos" / "probe", flag="--out-dir")
-    from ..options import check_speed_options
+    from ..options import check_speed_options, memory_choice
 
-    loras = check_speed_options(args.speed, args.lora)
+    loras = check_speed_options(args.speed, args.lora, args.compile, memory_choice(args.memory, args.offload))
 
     config = ServeConfig(
         base=Path(args.base or default_base_dir()), adapter=Path(args.adapter or default_adapter_dir(args.variant)),
