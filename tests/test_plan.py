@@ -91,3 +91,43 @@ def test_plan_command(tmp_path):
     assert "Lynx lite, memory preset 48gb, 9 frames at 32x48" in r.stdout and "denoising" in r.stdout
     # At a tiny video size the weights decide: 48gb holds the whole 14B transformer (28 GiB in bf16).
     assert "on a 12 GiB card: 48gb does not fit, 12gb fits" in r.stdout
+
+
+def lora_14b(path, rank: int, blocks: int = 40):
+    """A LoRA of the 14B's shapes (the original Wan layout) on each block's self-attention query."""
+    from safetensors.torch import save_file
+
+    state = {}
+    for b in range(blocks):
+        state[f"diffusion_model.blocks.{b}.self_attn.q.lora_A.weight"] = torch.zeros(rank, 5120)
+        state[f"diffusion_model.blocks.{b}.self_attn.q.lora_B.weight"] = torch.zeros(5120, rank)
+    save_file(state, str(path))
+    return path
+
+
+def test_a_lora_is_counted_where_the_transformer_layers_are(tmp_path):
+    """LoRA weights live in the transformer's layers, in bf16 (also under fp8 storage, as peft holds them
+    there): on the GPU wherever and whenever those layers are."""
+    from lynx.models.lora import lora_bytes
+
+    lora = lora_bytes(lora_14b(tmp_path / "q.safetensors", rank=4), build_models("lite").transformer)
+    assert lora == 40 * 2 * 4 * 5120 * 2  # A and B of 40 layers, bf16
+    size = dict(frames=5, height=64, width=64)
+    for preset, phase, extra in [("max", "text encoding", lora), ("48gb", "text encoding", 0),
+                                 ("24gb", "denoising", lora), ("24gb-blocks", "denoising", 2 * lora // 40),
+                                 ("12gb", "denoising", 0)]:
+        plain, with_lora = plan_memory(preset, "lite", **size), plan_memory(preset, "lite", **size, lora=lora)
+        weights = {p.phase: p.weights for p in plain.phases}
+        assert {p.phase: p.weights - weights[p.phase] for p in with_lora.phases}[phase] == extra, preset
+
+
+def test_plan_command_with_a_lora(tmp_path):
+    common = ("plan", "--memory", "24gb", "--variant", "lite", "--frames", "5", "--height", "32", "--width", "32")
+    r = lynx(*common, "--lora", lora_14b(tmp_path / "big.safetensors", rank=64, blocks=8))
+    assert r.returncode == 0, r.stderr
+    assert "the weights include LoRAs of 0.01 GiB in bf16" in r.stdout  # 8 x 2 x 64 x 5120 x 2 bytes
+    assert "kept in float32" not in r.stdout + r.stderr  # diffusers' loading advice has no place here
+    from test_lora import write_layout
+
+    r = lynx(*common, "--lora", write_layout(tmp_path / "tiny.safetensors", "kohya"))
+    assert r.returncode == 2 and "is a LoRA for a Wan transformer with 4+ blocks of width 24" in r.stderr

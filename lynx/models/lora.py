@@ -70,6 +70,16 @@ def read_lora(source, **kwargs) -> tuple[dict[str, torch.Tensor], dict | None, s
     return state, metadata, name
 
 
+def lora_bytes(source, transformer: nn.Module | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes a LoRA's weights take inside the transformer, in `dtype`: peft holds them in the dtype the layers
+    compute in (bf16 on a GPU, also under fp8 storage). What `lynx plan --lora` adds to the weights; checked
+    against `transformer` (its depth and width) when given."""
+    state, _, name = read_lora(source)
+    if transformer is not None:
+        check_lora(transformer, state, name)
+    return sum(t.numel() for t in state.values()) * torch.empty((), dtype=dtype).element_size()
+
+
 def lora_shape(state: dict[str, torch.Tensor]) -> tuple[int, int | None]:
     """(blocks the LoRA reaches, width it was made for, None if no self-attention query is in it)."""
     blocks = {int(m.group(1)) for k in state for m in [re.match(r"^transformer\.blocks\.(\d+)\.", k)] if m}

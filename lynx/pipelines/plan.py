@@ -20,6 +20,7 @@ allocated through torch and do show up in a measurement: the reason to measure.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -115,10 +116,23 @@ class Models:
     use_ref: bool
 
 
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """diffusers' advice on keeping some modules in fp32 is for loading weights, and followed there; the models
+    here are shapes on the meta device."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 def build_models(variant: str, dtype: torch.dtype = torch.bfloat16, fp8_weights: bool = False) -> Models:
     """Wan2.1-T2V-14B + Lynx `variant`, UMT5-XXL and the Wan VAE on the meta device, in the pipeline's dtypes."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
-    from diffusers.utils import logging as diffusers_logging
     from transformers import UMT5Config, UMT5EncoderModel
 
     from ..models.adapters import install_adapters, processors
@@ -126,22 +140,17 @@ def build_models(variant: str, dtype: torch.dtype = torch.bfloat16, fp8_weights:
     from .pipeline_lynx import _cast_like_reference
 
     config = {"full": full_adapter_config, "lite": lite_adapter_config}[variant]()
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # its advice on fp32 modules is for loading, and followed there
-    try:
+    with _quiet_diffusers():
         with torch.device("meta"):
             text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL_CONFIG)).to(dtype).eval()
             transformer = WanTransformer3DModel(**WAN_14B_TRANSFORMER_CONFIG)
             _cast_like_reference(transformer, dtype)  # as LynxPipeline.from_pretrained loads it
             install_adapters(transformer, config)
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    with torch.device("meta"):
-        for proc in processors(transformer):
-            proc.to(dtype)
-        transformer.eval()
-        resampler = Resampler(config.resampler).to(dtype).eval()
-        vae = AutoencoderKLWan(**WAN_VAE_CONFIG).to(dtype).eval()
+            for proc in processors(transformer):
+                proc.to(dtype)
+            transformer.eval()
+            resampler = Resampler(config.resampler).to(dtype).eval()
+            vae = AutoencoderKLWan(**WAN_VAE_CONFIG).to(dtype).eval()
     if fp8_weights:  # exactly what the 24gb preset applies (lynx.pipelines.memory)
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     return Models(text_encoder, resampler, transformer, vae, config.use_ref)
@@ -206,6 +215,22 @@ def resident_weights(preset: MemoryPreset, phase: str, models: Models) -> int:
     return total
 
 
+def lora_resident(preset: MemoryPreset, phase: str, models: Models, lora: int) -> int:
+    """Bytes of LoRA weights (`lora` in all) on the GPU while `phase` runs: they sit in the transformer's layers,
+    so they are where those layers are; under block streaming, the two blocks' share."""
+    if not lora:
+        return 0
+    if preset.transformer == "gpu":
+        return lora
+    if phase not in ("reference passes", "denoising"):
+        return 0
+    if preset.transformer == "model_offload":
+        return lora
+    if preset.transformer == "block_offload":
+        return 2 * lora // len(models.transformer.blocks)
+    return 0  # layer by layer: a LoRA matrix is smaller than the layer it wraps, which sets the largest leaf
+
+
 @lru_cache(maxsize=16)
 def activation_peaks(variant: str, frames: int, height: int, width: int, fp8_weights: bool,
                      dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, int], int]:
@@ -267,7 +292,7 @@ def decode_peak(frames: int, height: int, width: int, vae_tiling: bool, dtype: t
     """Peak bytes of live tensors while the VAE decodes the latents (which it counts) into the video."""
     from diffusers import AutoencoderKLWan
 
-    with torch.device("meta"):
+    with _quiet_diffusers(), torch.device("meta"):
         vae = AutoencoderKLWan(**WAN_VAE_CONFIG).to(dtype).eval()
     if vae_tiling:
         vae.enable_tiling()
@@ -299,6 +324,7 @@ class MemoryPlan:
     height: int
     width: int
     phases: list[PhasePlan] = field(default_factory=list)
+    lora: int = 0  # bytes of LoRA weights counted in the transformer's
 
     @property
     def peak(self) -> PhasePlan:
@@ -312,12 +338,16 @@ class MemoryPlan:
             rows.append(f"  {p.phase:18s} {p.weights / GIB:8.2f} {p.activations / GIB:12.2f} {p.total / GIB:7.2f}")
         rows.append(f"  peak: {self.peak.total / GIB:.2f} GiB in {self.peak.phase} "
                     f"(plus the CUDA context, about 0.5 GiB)")
+        if self.lora:
+            rows.append(f"  the weights include LoRAs of {self.lora / GIB:.2f} GiB in bf16, where the transformer's "
+                        "layers are")
         return "\n".join(rows)
 
 
 def plan_memory(preset: str, variant: str = "full", frames: int | None = None, height: int | None = None,
-                width: int | None = None) -> MemoryPlan:
-    """The predicted peak GPU memory of each phase of one video (bf16) under `preset`."""
+                width: int | None = None, lora: int = 0) -> MemoryPlan:
+    """The predicted peak GPU memory of each phase of one video (bf16) under `preset`, with LoRAs of `lora`
+    bytes (`lynx.models.lora.lora_bytes`) in the transformer."""
     p = get_preset(preset)
     d = sampling_defaults(variant)
     frames, height, width = frames or d.num_frames, height or d.height, width or d.width
@@ -326,11 +356,12 @@ def plan_memory(preset: str, variant: str = "full", frames: int | None = None, h
     peaks, carried = activation_peaks(variant, frames, height, width, p.fp8_weights)
     peaks["VAE decode"] = carried + decode_peak(frames, height, width, p.vae_tiling)
     models = build_models(variant, fp8_weights=p.fp8_weights)
-    plan = MemoryPlan(preset, variant, frames, height, width)
+    plan = MemoryPlan(preset, variant, frames, height, width, lora=lora)
     for phase in PHASES:
         if phase == "reference passes" and not models.use_ref:
             continue
-        plan.phases.append(PhasePlan(phase, resident_weights(p, phase, models), peaks[phase]))
+        weights = resident_weights(p, phase, models) + lora_resident(p, phase, models, lora)
+        plan.phases.append(PhasePlan(phase, weights, peaks[phase]))
     return plan
 
 

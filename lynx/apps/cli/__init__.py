@@ -472,12 +472,16 @@ def cmd_info(args) -> int:
 
 
 def cmd_plan(args) -> int:
+    from ...models.lora import lora_bytes
     from ...pipelines.memory import MEMORY_PRESETS, get_preset
-    from ...pipelines.plan import GIB, plan_memory
+    from ...pipelines.plan import GIB, build_models, plan_memory
 
+    loras = check_speed_options("exact", args.lora)  # each file exists
+    transformer = build_models(args.variant).transformer if loras else None  # the 14B's shapes, on meta
+    lora = sum(lora_bytes(path, transformer) for path, _ in loras)  # a LoRA for another model size is refused
     fits = []
     for name in args.memory or list(MEMORY_PRESETS):
-        plan = plan_memory(name, args.variant, args.frames, args.height, args.width)
+        plan = plan_memory(name, args.variant, args.frames, args.height, args.width, lora=lora)
         print(plan.table())
         print(f"  meant for: {get_preset(name).gpu}\n")
         if args.gpu_gib:  # the CUDA context comes on top of what torch allocates
@@ -540,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--height", type=int, help="default 480")
     pl.add_argument("--width", type=int, help="default 832")
     pl.add_argument("--gpu-gib", type=float, help="say which of the presets fit on a card of this many GiB")
+    pl.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                    help="count a LoRA's weights too, as `lynx generate --lora` loads them (repeatable)")
     pl.set_defaults(func=cmd_plan)
 
     import importlib
