@@ -38,6 +38,7 @@ import torch
 from lynx import LynxPipeline
 from lynx.constants import MAX_TEXT_TOKENS, ResamplerConfig
 from lynx.models.adapters import processors
+from lynx.pipelines import speed as speeds
 from lynx.pipelines.pipeline_lynx import REFERENCE_SIZE
 from lynx.testing import TinyModelConfig, add_tiny_adapters, tiny_adapter_config, tiny_components
 
@@ -401,9 +402,9 @@ def random_lora(transformer, rank: int) -> dict:
     return state
 
 
-def clip(size: str, speed: str, memory: str | None, steps: int | None, device: str, dtype, lora_rank: int) -> dict:
+def clip(size: str, speed: str, memory: str | None, steps: int | None, device: str, dtype, lora_rank: int,
+         compile: bool = False) -> dict:
     """One whole video of Lynx full with a speed (and memory) preset: seconds, s/step, peak memory."""
-    from lynx.pipelines import speed as speeds
 
     cfg, video = SIZES[size]
     parts = build(cfg, "cpu" if memory not in (None, "max") else device, dtype)
@@ -425,6 +426,8 @@ def clip(size: str, speed: str, memory: str | None, steps: int | None, device: s
         pipe.load_lora_weights(random_lora(pipe.transformer, lora_rank), adapter_name="distill")
         loras = [("random step-distill LoRA", 1.0)]
     kwargs, lines = speeds.apply_speed(pipe, speed, loras)
+    if compile:  # the first step then holds the compilation; the median step is the compiled one
+        lines.append(speeds.compile_transformer(pipe.transformer))
     if steps is not None:
         kwargs["num_inference_steps"] = steps
         if "sigmas" in kwargs:
@@ -484,6 +487,8 @@ def main():
     parser.add_argument("--memory", help="a memory preset of lynx.pipelines.memory (max, 48gb, 24gb, ...)")
     parser.add_argument("--clip-steps", type=int, help="override the preset's step count (e.g. 5 for a quick look)")
     parser.add_argument("--lora-rank", type=int, default=64, help="rank of turbo's random step-distill LoRA")
+    parser.add_argument("--compile", action="store_true", help="with --clip: compile the blocks as `lynx generate "
+                        "--compile` does (refused, as there, with --speed fast or --memory 12gb)")
     args = parser.parse_args()
     if args.profile and args.device != "cpu":
         parser.error("--profile reads operators' CPU time: use it with --device cpu")
@@ -507,8 +512,12 @@ def main():
     for size in args.sizes:
         cfg, video = SIZES[size]
         if args.clip:
-            r = clip(size, args.speed, args.memory, args.clip_steps, args.device, dtype, args.lora_rank)
-            print(f"\n{size}: {video}, lynx full, speed {args.speed}, memory {args.memory or 'max'}")
+            refusal = speeds.compile_refusal(args.speed, args.memory) if args.compile else None
+            if refusal:
+                parser.error(refusal)
+            r = clip(size, args.speed, args.memory, args.clip_steps, args.device, dtype, args.lora_rank, args.compile)
+            print(f"\n{size}: {video}, lynx full, speed {args.speed}, memory {args.memory or 'max'}"
+                  f"{', compiled' if args.compile else ''}")
             for line in r["lines"]:
                 print(f"  {line}")
             mfu = f" (MFU {r['tflops'] / args.peak_tflops:.1%})" if args.peak_tflops else ""
