@@ -246,7 +246,8 @@ def test_a_speed_preset_and_lora_set_the_page_defaults_the_sidecar_and_the_comma
 def test_serve_checks_the_speed_options_before_anything_starts(tmp_path):
     missing = tmp_path / "nope.safetensors"
     for args, message in [(["--speed", "turbo"], "--speed turbo needs a step-distill LoRA"),
-                          (["--lora", missing], f"input file {missing} does not exist")]:
+                          (["--lora", missing], f"input file {missing} does not exist"),
+                          (["--memory", "12gb", "--compile"], "--compile does not combine with --memory 12gb")]:
         proc = subprocess.run([sys.executable, "-m", "lynx", "serve", "--port", "0", "--out-dir", tmp_path / "out",
                                *map(str, args)], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
