@@ -150,6 +150,11 @@ def compile_refusal(speed: str, memory: str | None) -> str | None:
     return None
 
 
+# diffusers' hooks a compiled block may hold, by the first word of their names, as the compile line names them.
+_HOOK_KINDS = {"layerwise": "the fp8 casting hooks (24gb)", "group": "the block offloading hooks (24gb-blocks)",
+               "cp": "the context-parallel split and gather hooks"}
+
+
 def _block_hooks(transformer) -> set[str]:
     """Names of the diffusers hooks on the transformer's blocks and inside them (`"layerwise_casting"`, ...),
     with `"...@leaf"` for those on a block's layers rather than the block."""
@@ -169,9 +174,10 @@ def compile_transformer(transformer, backend: str | None = None, **kwargs) -> st
     Whole-graph where the blocks carry no diffusers hooks (`max`, `48gb`): one graph serves all blocks; a
     generation compiles one for the reference passes and two at the first denoising step (adapter and text
     keys/values being computed, then cached); nothing after that (`tests/test_speed.py` counts it). Under fp8
-    storage (`24gb`: a casting hook on every layer) or block offloading (`24gb-blocks`) the graph breaks at
-    those hooks, which run as they are, and the code between them is compiled, no more graphs after the first
-    step either. A step cache or layer-by-layer streaming is refused (`COMPILE_WITH_CACHE`, ...).
+    storage (`24gb`: a casting hook on every layer), block offloading (`24gb-blocks`) or context parallelism (a
+    split hook on the first block) the graph breaks at those hooks, which run as they are, and the code between
+    them is compiled, no more graphs after the first step either. A step cache or layer-by-layer streaming is
+    refused (`COMPILE_WITH_CACHE`, `COMPILE_WITH_LEAF_STREAMING`).
     """
     if getattr(transformer, "is_cache_enabled", False):
         raise InputError(COMPILE_WITH_CACHE)
@@ -184,9 +190,8 @@ def compile_transformer(transformer, backend: str | None = None, **kwargs) -> st
     transformer.compile_repeated_blocks(**options)
     if options["fullgraph"]:
         return "compile: every transformer block compiled (torch.compile, whole graph)"
-    kinds = sorted({h.removesuffix("@leaf") for h in hooks})
-    return (f"compile: every transformer block compiled (torch.compile), with graph breaks at the memory preset's "
-            f"hooks ({', '.join(kinds)})")
+    kinds = sorted({_HOOK_KINDS.get(h.removesuffix("@leaf").split("---")[0].split("_")[0], h) for h in hooks})
+    return f"compile: every transformer block compiled (torch.compile), with graph breaks at {', '.join(kinds)}"
 
 
 # ----- presets ---------------------------------------------------------------------------------------------
