@@ -1,6 +1,7 @@
 """Measure the peak GPU memory of each phase of one video under each memory preset, next to `lynx plan`.
 
     python benchmarks/memory_peak.py --memory 24gb 12gb --variant full          # real 14B size, random weights
+    python benchmarks/memory_peak.py --memory 24gb --lora-rank 64              # with a step-distill-sized LoRA
     python benchmarks/memory_peak.py --size tiny --device cpu                   # smoke run: phases, no numbers
 
 The real size is Wan2.1-T2V-14B + Lynx, UMT5-XXL and the Wan VAE from their released configs
@@ -62,6 +63,13 @@ def measure(args) -> dict:
     cuda = args.device.startswith("cuda")
     pipe = build(args.size, args.variant, args.device if args.memory == "max" else "cpu")
     pipe.enable_memory_preset(args.memory, args.device)
+    lora = 0
+    if args.lora_rank:  # after the preset, as `lynx generate --memory NAME --lora FILE` loads it
+        from step_time import random_lora
+
+        state = random_lora(pipe.transformer, args.lora_rank)
+        lora = sum(t.numel() for t in state.values()) * 2  # held in bf16, as `lynx plan --lora` counts it
+        pipe.load_lora_weights(state, adapter_name="lora")
     pipe.set_progress_bar_config(disable=True)
     peaks: dict[str, float] = {}
     current = [None]
@@ -91,7 +99,7 @@ def measure(args) -> dict:
     pipe("a person walks", face_embedding=emb, reference_image=ref if args.variant == "full" else None,
          num_inference_steps=2, output_type="latent" if args.no_decode else "np", **video)
     enter(None)
-    return {"preset": args.memory, "variant": args.variant, "peaks_gib": peaks,
+    return {"preset": args.memory, "variant": args.variant, "peaks_gib": peaks, "lora_bytes": lora,
             "device": torch.cuda.get_device_name() if cuda else args.device}
 
 
@@ -107,6 +115,8 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=480)
     ap.add_argument("--width", type=int, default=832)
     ap.add_argument("--no-decode", action="store_true", help="stop after denoising")
+    ap.add_argument("--lora-rank", type=int, default=0, help="load a random LoRA of this rank on every attention "
+                    "and feed-forward projection (lightx2v's step-distill LoRAs: 32 or 64) after the preset")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the child process of one preset
     args = ap.parse_args()
     if args.one:
@@ -116,7 +126,8 @@ def main() -> None:
     for name in args.memory:
         cmd = [sys.executable, __file__, "--one", "--memory", name, "--variant", args.variant, "--size", args.size,
                "--device", args.device, "--frames", str(args.frames), "--height", str(args.height),
-               "--width", str(args.width)] + (["--no-decode"] if args.no_decode else [])
+               "--width", str(args.width), "--lora-rank", str(args.lora_rank)] + \
+            (["--no-decode"] if args.no_decode else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -124,13 +135,15 @@ def main() -> None:
         result = json.loads(out.stdout.strip().splitlines()[-1])
         from lynx.pipelines.plan import GIB, plan_memory
 
-        predicted = {p.phase: p.total / GIB for p in plan_memory(name, args.variant, args.frames, args.height,
-                                                                  args.width).phases} if args.size == "real" else {}
+        plan = plan_memory(name, args.variant, args.frames, args.height, args.width,
+                           lora=result["lora_bytes"]) if args.size == "real" else None
+        predicted = {p.phase: p.total / GIB for p in plan.phases} if plan else {}
         for phase, gib in result["peaks_gib"].items():
             print(f"{name:12s} {args.variant} {phase:18s} measured {gib:6.2f} GiB   predicted "
                   f"{predicted.get(phase, float('nan')):6.2f} GiB   ({result['device']})")
         if not result["peaks_gib"]:
-            print(f"{name:12s} {args.variant} ran on {result['device']} (no CUDA: nothing measured)")
+            lora = f" with a rank-{args.lora_rank} LoRA" if args.lora_rank else ""
+            print(f"{name:12s} {args.variant} ran on {result['device']}{lora} (no CUDA: nothing measured)")
 
 
 if __name__ == "__main__":

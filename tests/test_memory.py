@@ -166,6 +166,21 @@ def test_a_lora_under_every_preset_gives_the_max_video_with_that_lora(case, lora
         assert torch.equal(out, expected)
 
 
+def test_the_memory_benchmark_runs_a_preset_with_a_lora():
+    """`benchmarks/memory_peak.py` (what a GPU session runs) smoke-run at tiny size on the CPU: the 24gb preset, a
+    random LoRA loaded after it (which raised at the first step before), one video."""
+    import os
+    import subprocess
+    import sys
+
+    from test_cli import REPO
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory_peak.py"), "--size", "tiny", "--device",
+                        "cpu", "--memory", "24gb", "--lora-rank", "4"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert "24gb         full ran on cpu with a rank-4 LoRA" in r.stdout, r.stderr
+
+
 def test_lite_decoded_video_under_the_smallest_preset(tiny_base, adapter_dirs, face_embedding):
     kw = dict(face_embedding=face_embedding, seed=2, **{**SMALL, "num_inference_steps": 2})
     plain = LynxPipeline.from_pretrained(tiny_base, adapter=adapter_dirs["lite"])("a man walks", **kw).frames
