@@ -67,8 +67,10 @@ def measure(args) -> dict:
     if args.lora_rank:  # after the preset, as `lynx generate --memory NAME --lora FILE` loads it
         from step_time import random_lora
 
+        from lynx.models.lora import lora_bytes
+
         state = random_lora(pipe.transformer, args.lora_rank)
-        lora = sum(t.numel() for t in state.values()) * 2  # held in bf16, as `lynx plan --lora` counts it
+        lora = lora_bytes(state)  # as `lynx plan --lora` counts it
         pipe.load_lora_weights(state, adapter_name="lora")
     pipe.set_progress_bar_config(disable=True)
     peaks: dict[str, float] = {}

@@ -405,7 +405,6 @@ def random_lora(transformer, rank: int) -> dict:
 def clip(size: str, speed: str, memory: str | None, steps: int | None, device: str, dtype, lora_rank: int,
          compile: bool = False) -> dict:
     """One whole video of Lynx full with a speed (and memory) preset: seconds, s/step, peak memory."""
-
     cfg, video = SIZES[size]
     parts = build(cfg, "cpu" if memory not in (None, "max") else device, dtype)
     pipe = LynxPipeline(**parts)

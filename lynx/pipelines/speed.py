@@ -190,7 +190,7 @@ def compile_transformer(transformer, backend: str | None = None, **kwargs) -> st
     transformer.compile_repeated_blocks(**options)
     if options["fullgraph"]:
         return "compile: every transformer block compiled (torch.compile, whole graph)"
-    kinds = sorted({_HOOK_KINDS.get(h.removesuffix("@leaf").split("---")[0].split("_")[0], h) for h in hooks})
+    kinds = sorted({_HOOK_KINDS.get(h.split("_")[0], h.removesuffix("@leaf")) for h in hooks})
     return f"compile: every transformer block compiled (torch.compile), with graph breaks at {', '.join(kinds)}"
 
 
