@@ -5,10 +5,13 @@
     python benchmarks/memory_peak.py --size tiny --device cpu                   # smoke run: phases, no numbers
 
 The real size is Wan2.1-T2V-14B + Lynx, UMT5-XXL and the Wan VAE from their released configs
-(`lynx.constants`) with random bf16 weights: memory needs no download. The models are built in host memory
-(about 40 GB) and placed by the preset, exactly as `lynx generate --memory NAME` places loaded ones. The peak of
-a phase is `torch.cuda.max_memory_allocated` between its start and the next phase's (reset at each start);
-the steps are cut to 2, which changes no peak. Each preset runs in a fresh process (presets do not stack).
+(`lynx.constants`) with random bf16 weights (drawn on the GPU): memory needs no download. The models are built
+on the GPU for `max`, in host memory (about 40 GB) for the others, and placed by the preset, exactly as
+`lynx generate --memory NAME` places loaded ones. The peak of a phase is `torch.cuda.max_memory_allocated`
+between its start and the next phase's (reset at each start); the steps are cut to 2, which changes no peak.
+Each phase's seconds are printed too: with real-size text encoder and VAE, they give a clip's time at any step
+count (text + reference + steps x the denoising phase's half + decode). Each preset runs in a fresh process
+(presets do not stack).
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 
 import torch
 
 
 def build(size: str, variant: str, device: str):
+    from accelerate import init_empty_weights
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from step_time import random_fill
     from transformers import UMT5Config, UMT5EncoderModel
 
     from lynx import LynxPipeline
@@ -43,17 +49,16 @@ def build(size: str, variant: str, device: str):
         resampler = add_tiny_adapters(parts["transformer"], variant, cfg)
         return LynxPipeline(**parts, resampler=resampler)
     config = {"full": full_adapter_config, "lite": lite_adapter_config}[variant]()
-    with torch.device("meta"):  # shapes first, then memory filled with random numbers: no slow initialisers
+    # Parameters as shapes first, then filled with random bf16 numbers (drawn on the GPU): no slow initialisers,
+    # no fp32 copy of 20 B parameters in host memory. Buffers (RoPE tables) are built as usual.
+    with init_empty_weights(include_buffers=False):
         text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL_CONFIG))
         transformer = WanTransformer3DModel(**WAN_14B_TRANSFORMER_CONFIG)
         install_adapters(transformer, config)
         vae = AutoencoderKLWan(**WAN_VAE_CONFIG)
         resampler = Resampler(config.resampler)
     for module in (text_encoder, transformer, vae, resampler):
-        module.to_empty(device=device).to(torch.bfloat16).eval().requires_grad_(False)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.normal_(0, 0.02)  # buffers (RoPE tables) keep whatever memory held: sizes are what count
+        random_fill(module, device, torch.bfloat16).to(device, torch.bfloat16).eval()
     return LynxPipeline(tiny_tokenizer(UMT5_XXL_CONFIG["vocab_size"]), text_encoder, vae,
                         UniPCMultistepScheduler.from_config(WAN_SCHEDULER_CONFIG), transformer, resampler)
 
@@ -74,15 +79,20 @@ def measure(args) -> dict:
         pipe.load_lora_weights(state, adapter_name="lora")
     pipe.set_progress_bar_config(disable=True)
     peaks: dict[str, float] = {}
-    current = [None]
+    seconds: dict[str, float] = {}
+    current = [None, 0.0]  # the phase, when it started
 
     def enter(phase):
-        if current[0] is not None and cuda:
-            peaks[current[0]] = max(peaks.get(current[0], 0.0), torch.cuda.max_memory_allocated() / 1024 ** 3)
         if cuda:
             torch.cuda.synchronize()
+        now = time.perf_counter()
+        if current[0] is not None:
+            seconds[current[0]] = seconds.get(current[0], 0.0) + now - current[1]
+            if cuda:
+                peaks[current[0]] = max(peaks.get(current[0], 0.0), torch.cuda.max_memory_allocated() / 1024 ** 3)
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
-        current[0] = phase
+        current[:] = [phase, time.perf_counter()]
 
     for method, phase in (("encode_text", "text encoding"), ("reference_features", "reference passes"),
                           ("predict_branches", "denoising"), ("decode", "VAE decode")):
@@ -101,8 +111,8 @@ def measure(args) -> dict:
     pipe("a person walks", face_embedding=emb, reference_image=ref if args.variant == "full" else None,
          num_inference_steps=2, output_type="latent" if args.no_decode else "np", **video)
     enter(None)
-    return {"preset": args.memory, "variant": args.variant, "peaks_gib": peaks, "lora_bytes": lora,
-            "device": torch.cuda.get_device_name() if cuda else args.device}
+    return {"preset": args.memory, "variant": args.variant, "peaks_gib": peaks, "seconds": seconds,
+            "lora_bytes": lora, "device": torch.cuda.get_device_name() if cuda else args.device}
 
 
 def main() -> None:
@@ -142,7 +152,8 @@ def main() -> None:
         predicted = {p.phase: p.total / GIB for p in plan.phases} if plan else {}
         for phase, gib in result["peaks_gib"].items():
             print(f"{name:12s} {args.variant} {phase:18s} measured {gib:6.2f} GiB   predicted "
-                  f"{predicted.get(phase, float('nan')):6.2f} GiB   ({result['device']})")
+                  f"{predicted.get(phase, float('nan')):6.2f} GiB   {result['seconds'][phase]:7.1f} s"
+                  f"{' (2 steps)' if phase == 'denoising' else ''}   ({result['device']})")
         if not result["peaks_gib"]:
             lora = f" with a rank-{args.lora_rank} LoRA" if args.lora_rank else ""
             print(f"{name:12s} {args.variant} ran on {result['device']}{lora} (no CUDA: nothing measured)")

@@ -24,6 +24,7 @@ measures speed, never quality.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 
 import diffusers
 import torch
+from accelerate import init_empty_weights
 
 from lynx import LynxPipeline
 from lynx.constants import MAX_TEXT_TOKENS, ResamplerConfig
@@ -380,14 +382,30 @@ def cpu_name() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs"
 
 
-def build(cfg, device, dtype) -> dict:
+def build(cfg, device, dtype, empty: bool = False) -> dict:
+    """The components at `cfg`'s size on `device` in `dtype`. `empty`: parameters left on the meta device for
+    `random_fill` (a 14B model's initialisers take a minute on a host's cores)."""
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in place on the device, in the run's dtype: no fp32 copy of 14B
     try:
-        with torch.device(device):
+        with torch.device(device), (init_empty_weights(include_buffers=False) if empty else contextlib.nullcontext()):
             return tiny_components(cfg)
     finally:
         torch.set_default_dtype(default_dtype)
+
+
+def random_fill(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """Give each parameter still on the meta device N(0, 0.02) values in `dtype` on `device`, drawn on the GPU
+    when there is one (seconds for 18 B parameters, where the host's cores take minutes). Buffers (RoPE tables)
+    were built for real and stay as they are."""
+    source = "cuda" if torch.cuda.is_available() else device
+    with torch.no_grad():
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_meta:
+                    value = torch.empty(p.shape, dtype=dtype, device=source).normal_(0, 0.02).to(device)
+                    sub._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    return module
 
 
 def random_lora(transformer, rank: int) -> dict:
@@ -406,10 +424,15 @@ def clip(size: str, speed: str, memory: str | None, steps: int | None, device: s
          compile: bool = False) -> dict:
     """One whole video of Lynx full with a speed (and memory) preset: seconds, s/step, peak memory."""
     cfg, video = SIZES[size]
-    parts = build(cfg, "cpu" if memory not in (None, "max") else device, dtype)
+    home = "cpu" if memory not in (None, "max") else device  # where the preset wants the weights to start
+    empty = size in SHARED_TRANSFORMER and home == "cpu"  # the 14B size on the host: drawn by random_fill
+    parts = build(cfg, home, dtype, empty)
     pipe = LynxPipeline(**parts)
-    with torch.device(parts["transformer"].device):
-        pipe.register_modules(resampler=add_tiny_adapters(pipe.transformer, "full", cfg).to(dtype))
+    with torch.device(home), (init_empty_weights(include_buffers=False) if empty else contextlib.nullcontext()):
+        resampler = add_tiny_adapters(pipe.transformer, "full", cfg)
+    for module in (parts["text_encoder"], parts["vae"], pipe.transformer, resampler):
+        random_fill(module, home, dtype)
+    pipe.register_modules(resampler=resampler.to(dtype))
     for proc in processors(pipe.transformer):
         proc.to(dtype)
     if memory not in (None, "max"):

@@ -147,3 +147,26 @@ def test_paired_ratio_is_the_median_with_its_order_statistic_interval():
     # n = 100: the median's 95 % interval runs from the 41st to the 60th of the sorted ratios
     assert (low, high) == (pytest.approx(0.41), pytest.approx(0.60))
     assert step_time.against((1.1, 1.0, 1.2), 1.0) == "+10.0% [+0.0%, +20.0%] > 5%"
+
+
+def test_a_model_built_empty_gets_random_weights_and_its_real_buffers():
+    """`build(..., empty=True)` + `random_fill`, how the benchmarks make a 14B model in host memory: every
+    parameter is drawn (N(0, 0.02), in the asked dtype, nothing left on the meta device), every buffer (the RoPE
+    tables) is the one a normal build computes, and a denoising step runs on it."""
+    normal = step_time.build(CFG, "cpu", torch.float32)
+    empty = step_time.build(CFG, "cpu", torch.float32, empty=True)
+    assert all(p.is_meta for p in empty["transformer"].parameters())
+    for name in ("text_encoder", "vae", "transformer"):
+        step_time.random_fill(empty[name], "cpu", torch.float32)
+        params = list(empty[name].parameters())
+        assert not any(p.is_meta for p in params) and all(p.dtype == torch.float32 for p in params)
+        values = torch.cat([p.flatten() for p in params])
+        assert abs(values.std().item() - 0.02) < 0.002 and abs(values.mean().item()) < 0.002
+        buffers = dict(normal[name].named_buffers())
+        for key, buffer in empty[name].named_buffers():
+            assert torch.equal(buffer, buffers[key]), key
+    assert len(dict(empty["transformer"].named_buffers())) > 0  # the check above saw the RoPE tables
+    pipe = WanPipeline(**empty)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe("a person walks", **VIDEO, num_inference_steps=1, output_type="latent").frames
+    assert torch.isfinite(latents).all()
