@@ -237,7 +237,14 @@ def activation_peaks(variant: str, frames: int, height: int, width: int, fp8_wei
     """Peak bytes of live tensors in the text, reference and denoising phases of one video, run on meta tensors
     (weights not counted; the fp8 preset's per-layer bf16 copies are, since they are made during the call),
     and the bytes still alive when the VAE starts decoding (texts, identity tokens, reference features, the
-    adapters' cached keys and values)."""
+    adapters' cached keys and values). Presets that store the weights alike share one run (it takes seconds)."""
+    peaks, carried = _activation_peaks(variant, frames, height, width, fp8_weights, dtype)
+    return dict(peaks), carried
+
+
+@lru_cache(maxsize=16)
+def _activation_peaks(variant: str, frames: int, height: int, width: int, fp8_weights: bool,
+                      dtype: torch.dtype) -> tuple[dict[str, int], int]:
     from ..models.adapters import Conditioning, conditioning, recording
 
     models = build_models(variant, dtype, fp8_weights)
