@@ -6,7 +6,7 @@
 
 The real size is Wan2.1-T2V-14B + Lynx, UMT5-XXL and the Wan VAE from their released configs
 (`lynx.constants`) with random bf16 weights (drawn on the GPU): memory needs no download. The models are built
-on the GPU for `max`, in host memory (about 40 GB) for the others, and placed by the preset, exactly as
+on the GPU for `max`, in host memory (about 51 GB) for the others, and placed by the preset, exactly as
 `lynx generate --memory NAME` places loaded ones. The peak of a phase is `torch.cuda.max_memory_allocated`
 between its start and the next phase's (reset at each start); the steps are cut to 2, which changes no peak.
 Each phase's seconds are printed too: with real-size text encoder and VAE, they give a clip's time at any step
