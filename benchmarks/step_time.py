@@ -399,12 +399,15 @@ def random_fill(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
     when there is one (seconds for 18 B parameters, where the host's cores take minutes). Buffers (RoPE tables)
     were built for real and stay as they are."""
     source = "cuda" if torch.cuda.is_available() else device
+    drawn: dict[int, torch.nn.Parameter] = {}  # a parameter shared by two modules stays shared
     with torch.no_grad():
         for sub in module.modules():
             for name, p in list(sub._parameters.items()):
                 if p is not None and p.is_meta:
-                    value = torch.empty(p.shape, dtype=dtype, device=source).normal_(0, 0.02).to(device)
-                    sub._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+                    if id(p) not in drawn:
+                        value = torch.empty(p.shape, dtype=dtype, device=source).normal_(0, 0.02).to(device)
+                        drawn[id(p)] = torch.nn.Parameter(value, requires_grad=False)
+                    sub._parameters[name] = drawn[id(p)]
     return module
 
 

@@ -170,3 +170,9 @@ def test_a_model_built_empty_gets_random_weights_and_its_real_buffers():
     pipe.set_progress_bar_config(disable=True)
     latents = pipe("a person walks", **VIDEO, num_inference_steps=1, output_type="latent").frames
     assert torch.isfinite(latents).all()
+    # A weight two modules share (tied embeddings) is drawn once and stays shared.
+    with torch.device("meta"):
+        tied = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    tied[1].weight = tied[0].weight
+    step_time.random_fill(tied, "cpu", torch.bfloat16)
+    assert tied[1].weight is tied[0].weight and tied[0].weight.dtype == torch.bfloat16
