@@ -29,8 +29,12 @@ fi
 
 smoke=0
 if [ "${1:-}" = "--smoke" ]; then smoke=1; shift; fi
+all_parts=(step mem24 turbo24 exact memmax compile mem24blocks)
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(step mem24 turbo24 exact memmax compile mem24blocks)
+[ ${#parts[@]} -eq 0 ] && parts=("${all_parts[@]}")
+for part in "${parts[@]}"; do  # a misspelt part is refused before any part runs
+  [[ " ${all_parts[*]} " == *" $part "* ]] || { echo "unknown part $part: ${all_parts[*]}"; exit 2; }
+done
 log="${OUT:-.}/gpu_session.log"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ! python3 -c "import diffusers" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
@@ -48,7 +52,7 @@ deadline=$(( $(date +%s) + ${BUDGET:-480} ))
 if [ $smoke = 1 ]; then
   gpu="--device cpu --dtype fp32"; size="--sizes small"; mem="--size tiny --device cpu"; steps="--clip-steps 2"
 else
-  gpu="--device cuda --dtype bf16 --peak-tflops 989"; size="--sizes real"; mem=""; steps=""
+  gpu="--device cuda --dtype bf16 --peak-tflops 989"; size="--sizes real"; mem=""; steps="--clip-steps 3"
 fi
 
 run_part() {  # name, limit in seconds, command...
@@ -75,12 +79,10 @@ for part in "${parts[@]}"; do
     step) run_part step 200 python3 benchmarks/step_time.py $size $gpu --steps 2 --repeats 1 ;;
     mem24) run_part mem24 150 python3 benchmarks/memory_peak.py --memory 24gb --lora-rank 64 $mem ;;
     turbo24) run_part turbo24 150 python3 benchmarks/step_time.py $size $gpu --clip --speed turbo --memory 24gb ;;
-    exact) run_part exact 120 python3 benchmarks/step_time.py $size $gpu --clip --speed exact --memory max \
-             ${steps:---clip-steps 3} ;;
+    exact) run_part exact 120 python3 benchmarks/step_time.py $size $gpu --clip --speed exact --memory max $steps ;;
     memmax) run_part memmax 120 python3 benchmarks/memory_peak.py --memory max $mem ;;
     compile) run_part compile 180 python3 benchmarks/step_time.py $size $gpu --clip --speed turbo --memory max \
                --compile ;;
     mem24blocks) run_part mem24blocks 200 python3 benchmarks/memory_peak.py --memory 24gb-blocks $mem ;;
-    *) echo "unknown part $part: step mem24 turbo24 exact memmax compile mem24blocks" | tee -a "$log"; exit 2 ;;
   esac
 done
