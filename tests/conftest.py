@@ -12,6 +12,24 @@ from lynx import LynxPipeline
 from lynx.testing import save_tiny_adapters, save_tiny_base
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pyproject's addopts): one worker per core, at most four, since each worker builds the session's
+    fixtures again and most tests are one thread of Python around tiny tensors."""
+    return min(_cores(), 4)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the cores: each gets its share of intra-op threads, in this process and in the commands its
+    # tests spawn (they read OMP_NUM_THREADS), so in-process and spawned results keep one reduction order.
+    threads = max(1, _cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     return save_tiny_base(tmp_path_factory.mktemp("models") / "Wan2.1-T2V-14B-Diffusers")
