@@ -451,7 +451,7 @@ def clip(size: str, speed: str, memory: str | None, steps: int | None, device: s
         pipe.load_lora_weights(random_lora(pipe.transformer, lora_rank), adapter_name="distill")
         loras = [("random step-distill LoRA", 1.0)]
     kwargs, lines = speeds.apply_speed(pipe, speed, loras)
-    if compile:  # the first step then holds the compilation; the median step is the compiled one
+    if compile:  # the first step runs uncompiled (it computes the kept keys/values), the second compiles
         lines.append(speeds.compile_transformer(pipe.transformer))
     if steps is not None:
         kwargs["num_inference_steps"] = steps
@@ -483,7 +483,9 @@ def clip(size: str, speed: str, memory: str | None, steps: int | None, device: s
     _sync(device)
     total = clock() - t0
     hook.remove()
-    later = list(zip(stamps, stamps[1:]))  # the steps after the first (which holds text and reference work)
+    # The steps after the first (which holds text and reference work) and, compiled, after the compilation.
+    skip = 2 if compile else 1
+    later = list(zip(stamps[skip - 1:], stamps[skip:]))
     per_step = statistics.median([b[0] - a[0] for a, b in later]) if later else float("nan")
     # The work the steps after the first asked of the transformer, by the FLOP count (a cache's skipped
     # blocks still counted: with a cache this is the uncached-equivalent rate, above what the device did).

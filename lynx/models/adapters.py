@@ -17,6 +17,10 @@ compiled block serves all blocks and all steps. The adapters' keys and values, w
 denoising steps, are computed inside the first call (where offloading hooks have put the weights on the
 device) and kept in the `Conditioning` for the calls after it; so are the text cross-attention's keys and values,
 once per prompt, when the conditionings of a generation share a `text_kv` store.
+
+Compiled blocks (`fixed_graph`, set by `lynx.pipelines.speed.compile_transformer`) see one graph per generation:
+a call that fills those caches runs uncompiled, and scales reach the processors as tensors, never as numbers
+torch.compile would specialise on, with a branch outside its window kept in the graph at scale 0.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import re
 import threading
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterator
 
 import torch
@@ -111,6 +116,11 @@ class LynxAttnProcessor(nn.Module):
     this block's features), `kv` (their keys and values once computed), `scale`, `text_kv` (a cross-attention's
     keys and values of the call's prompt once computed) and `keep_text` (compute and keep them), `record` /
     `recorded`.
+
+    `cross`: this processor is a block's cross-attention (`attn2`; set by `install_adapters`). `fixed_graph`: a
+    branch is bound whatever its scale (0 included: outside its window or its blocks) and the scale is a 0-d
+    tensor, so torch.compile sees the same graph for every scale, window and block choice (set for compiled
+    blocks; off, a branch at scale 0 is skipped).
     """
 
     _attention_backend = None
@@ -118,6 +128,7 @@ class LynxAttnProcessor(nn.Module):
     # The attributes one call's inputs live in (saved and restored around nested `conditioning` blocks).
     call_attributes: tuple[str, ...] = ("source", "kv", "scale", "text_kv", "keep_text")
     text_kv, keep_text = None, False
+    cross, fixed_graph = False, False
 
     def __init__(self, block: int, branch: str | None = None, hidden_dim: int = 0, in_dim: int | None = None,
                  bias: bool = True, num_registers: int = 0, key_norm: str = "block", key_norm_eps: float = 1e-5):
@@ -145,11 +156,17 @@ class LynxAttnProcessor(nn.Module):
     def bind(self, cond: Conditioning) -> None:
         """Take this processor's inputs from `cond` (cached keys/values included)."""
         self.unbind()
-        if self.branch == "ip" and cond.ip_tokens is not None and cond.ip_scale != 0:
-            self.set_call(source=cond.ip_tokens, scale=float(cond.ip_scale))
-        elif (self.branch == "ref" and cond.ref_features is not None and cond.ref_scale != 0
-              and (cond.ref_blocks is None or self.block in cond.ref_blocks)):
-            self.set_call(source=cond.ref_features[self.block], scale=float(cond.ref_scale))
+        if self.branch == "ip" and cond.ip_tokens is not None:
+            source, scale = cond.ip_tokens, float(cond.ip_scale)
+        elif self.branch == "ref" and cond.ref_features is not None:
+            chosen = cond.ref_blocks is None or self.block in cond.ref_blocks
+            source, scale = cond.ref_features[self.block], float(cond.ref_scale) if chosen else 0.0
+        else:
+            return
+        if self.fixed_graph:
+            self.set_call(source=source, scale=_scale_tensor(self.branch, scale, source.device))
+        elif scale != 0:
+            self.set_call(source=source, scale=scale)
         if self.source is not None and cond.cache_kv:
             self.set_call(kv=cond._kv.get((self.block, self.branch)))
 
@@ -212,10 +229,19 @@ class LynxAttnProcessor(nn.Module):
             k, v = self.kv
             extra = self.attend(plain_query, k, v, None, self.branch)
             # At scale 1 (the authors' default) the product is exact, so skipping it changes no bit and saves
-            # one pass over a [batch, tokens, width] tensor per branch and block (the size of the video).
-            out = out + extra if self.scale == 1.0 else out + self.scale * extra
+            # one pass over a [batch, tokens, width] tensor per branch and block (the size of the video); a
+            # tensor scale (`fixed_graph`) is always multiplied, inside the same fused kernel when compiled.
+            unit = isinstance(self.scale, float) and self.scale == 1.0
+            out = out + extra if unit else out + self.scale * extra
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+@lru_cache(maxsize=64)
+def _scale_tensor(branch: str, scale: float, device: torch.device) -> torch.Tensor:
+    """A `fixed_graph` branch's scale as a 0-d float32 tensor on `device`, made once per branch, value and device.
+    Per branch: were the ip and ref scales of a block one tensor when equal, torch.compile would guard on that."""
+    return torch.tensor(scale, dtype=torch.float32, device=device)
 
 
 # ----- installing into a transformer ---------------------------------------------------------------------
@@ -237,6 +263,7 @@ def install_adapters(transformer: nn.Module, config: AdapterConfig,
         ip = (processor_class(index, "ip", width, config.ip_input_dim, config.ip_bias, config.num_registers,
                               config.ip_key_norm, config.ip_key_norm_eps)
               if index in config.ip_blocks else processor_class(index))
+        ip.cross = True
         _set_processor(block.attn1, ref)
         _set_processor(block.attn2, ip)
     transformer.lynx_config = config
@@ -332,8 +359,14 @@ def conditioning(module: nn.Module, cond: Conditioning | None, text: torch.Tenso
             else:
                 p.bind(cond)
             p.set_call(keep_text=text_kv is not None, text_kv=text_kv.get(p) if text_kv is not None else None)
+        # A call that computes keys/values to keep runs once per conditioning and prompt: compiled blocks run it
+        # uncompiled, so their one graph is that of the calls after it, which read the kept ones.
+        fills = cond is not None and any(
+            p.fixed_graph and ((p.source is not None and p.kv is None and cond.cache_kv)
+                               or (p.cross and p.keep_text and p.text_kv is None)) for p in procs)
         try:
-            yield cond
+            with torch.compiler.set_stance("force_eager") if fills else contextlib.nullcontext():
+                yield cond
         finally:
             for p, previous in saved:
                 p.unbind(cond)

@@ -172,12 +172,15 @@ def compile_transformer(transformer, backend: str | None = None, **kwargs) -> st
     saying how (what the CLI prints).
 
     Whole-graph where the blocks carry no diffusers hooks (`max`, `48gb`): one graph serves all blocks; a
-    generation compiles one for the reference passes and two at the first denoising step (adapter and text
-    keys/values being computed, then cached); nothing after that (`tests/test_speed.py` counts it). Under fp8
-    storage (`24gb`: a casting hook on every layer), block offloading (`24gb-blocks`) or context parallelism (a
-    split hook on the first block) the graph breaks at those hooks, which run as they are, and the code between
-    them is compiled, no more graphs after the first step either. A step cache or layer-by-layer streaming is
-    refused (`COMPILE_WITH_CACHE`, `COMPILE_WITH_LEAF_STREAMING`).
+    generation compiles one for the reference passes and one for denoising, whatever the scales, windows and
+    guidance branches (the processors' `fixed_graph`: the first call of each conditioning and prompt, which
+    computes the keys and values kept for the others, runs uncompiled; a branch outside its window stays in the
+    graph at scale 0, which at the real size costs under 0.5 % of a pass where a new graph costs a compilation),
+    and a second video none (`tests/test_speed.py` counts them). Under fp8 storage (`24gb`: a casting hook on
+    every layer), block offloading (`24gb-blocks`) or context parallelism (a split hook on the first block) the
+    graph breaks at those hooks, which run as they are, and the code between them is compiled, with no more
+    graphs after the first compiled step either. A step cache or layer-by-layer streaming is refused
+    (`COMPILE_WITH_CACHE`, `COMPILE_WITH_LEAF_STREAMING`).
     """
     if getattr(transformer, "is_cache_enabled", False):
         raise InputError(COMPILE_WITH_CACHE)
@@ -187,6 +190,10 @@ def compile_transformer(transformer, backend: str | None = None, **kwargs) -> st
     options = {"fullgraph": not hooks, **kwargs}
     if backend is not None:
         options["backend"] = backend
+    from ..models.adapters import processors
+
+    for p in processors(transformer):
+        p.fixed_graph = True
     transformer.compile_repeated_blocks(**options)
     if options["fullgraph"]:
         return "compile: every transformer block compiled (torch.compile, whole graph)"
