@@ -19,8 +19,9 @@ device) and kept in the `Conditioning` for the calls after it; so are the text c
 once per prompt, when the conditionings of a generation share a `text_kv` store.
 
 Compiled blocks (`fixed_graph`, set by `lynx.pipelines.speed.compile_transformer`) see one graph per generation:
-a call that fills those caches runs uncompiled, and scales reach the processors as tensors, never as numbers
-torch.compile would specialise on, with a branch outside its window kept in the graph at scale 0.
+the reference passes and a call that fills those caches run uncompiled, and scales reach the processors as
+tensors, never as numbers torch.compile would specialise on, with a branch outside its window kept in the graph
+at scale 0.
 """
 
 from __future__ import annotations
@@ -385,7 +386,11 @@ def recording(transformer: nn.Module):
         raise InputError("reference features need installed full (Ref-adapter) adapters")
     selfs = [block.attn1.processor for block in transformer.blocks]
     recorded: list[torch.Tensor] = []
-    with conditioning(transformer, None):
+    # Compiled blocks run the reference passes uncompiled: 256 tokens, under 1 % of a denoising pass at the real
+    # size, where a graph of their own would cost a whole compilation.
+    eager = any(p.fixed_graph for p in selfs)
+    with conditioning(transformer, None), \
+            torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext():
         for p in selfs:
             p.record, p.recorded = True, None
         try:

@@ -172,9 +172,9 @@ def compile_transformer(transformer, backend: str | None = None, **kwargs) -> st
     saying how (what the CLI prints).
 
     Whole-graph where the blocks carry no diffusers hooks (`max`, `48gb`): one graph serves all blocks; a
-    generation compiles one for the reference passes and one for denoising, whatever the scales, windows and
-    guidance branches (the processors' `fixed_graph`: the first call of each conditioning and prompt, which
-    computes the keys and values kept for the others, runs uncompiled; a branch outside its window stays in the
+    generation compiles one, for denoising, whatever the scales, windows and guidance branches (the processors'
+    `fixed_graph`: the reference passes, under 1 % of a pass, and the first call of each conditioning and prompt,
+    which computes the keys and values kept for the others, run uncompiled; a branch outside its window stays in the
     graph at scale 0, which at the real size costs under 0.5 % of a pass where a new graph costs a compilation),
     and a second video none (`tests/test_speed.py` counts them). Under fp8 storage (`24gb`: a casting hook on
     every layer), block offloading (`24gb-blocks`) or context parallelism (a split hook on the first block) the
