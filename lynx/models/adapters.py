@@ -354,17 +354,17 @@ def conditioning(module: nn.Module, cond: Conditioning | None, text: torch.Tenso
         text_kv = entry[1]
     with _CALL_LOCK:
         saved = [(p, {a: getattr(p, a) for a in p.call_attributes}) for p in procs]
+        # A call that computes keys/values to keep runs once per conditioning and prompt: compiled blocks run it
+        # uncompiled, so their one graph is that of the calls after it, which read the kept ones.
+        fills = False
         for p in procs:
             if cond is None:
                 p.unbind()
             else:
                 p.bind(cond)
             p.set_call(keep_text=text_kv is not None, text_kv=text_kv.get(p) if text_kv is not None else None)
-        # A call that computes keys/values to keep runs once per conditioning and prompt: compiled blocks run it
-        # uncompiled, so their one graph is that of the calls after it, which read the kept ones.
-        fills = cond is not None and any(
-            p.fixed_graph and ((p.source is not None and p.kv is None and cond.cache_kv)
-                               or (p.cross and p.keep_text and p.text_kv is None)) for p in procs)
+            fills = fills or p.fixed_graph and ((p.source is not None and p.kv is None and cond.cache_kv)
+                                                or (p.cross and p.keep_text and p.text_kv is None))
         try:
             with torch.compiler.set_stance("force_eager") if fills else contextlib.nullcontext():
                 yield cond
