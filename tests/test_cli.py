@@ -96,6 +96,19 @@ def test_missing_weights_say_what_to_download(tmp_path):
     assert str(tmp_path / "models" / "Wan2.1-T2V-14B-Diffusers") in r.stderr
 
 
+def test_every_command_prints_its_help():
+    # argparse %-formats help texts: one "60% of the steps" among the settings made `lynx generate --help` raise.
+    import argparse
+
+    from lynx.apps.cli import build_parser
+
+    commands = next(a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name in ["", *commands]:
+        r = lynx(*([name] if name else []), "--help")
+        assert r.returncode == 0 and r.stderr == "" and "usage: lynx" in r.stdout, (name, r.stderr[-500:])
+    assert "the first 60% of the steps" in lynx("generate", "--help").stdout
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--frames", "10"], "--frames 10 is not 4k+1"),
     (["--out", "x.avi"], "must end in .mp4, .webp or .gif"),

@@ -47,10 +47,11 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
     """The generation knobs, generated from `GenerationSettings`' fields (flags, help and defaults)."""
     group = p.add_argument_group("generation settings (unset: the variant's default)")
     for name, field in GenerationSettings.model_fields.items():
+        help = help_text(name).replace("%", "%%")  # argparse %-formats help ("60% of the steps" broke --help)
         if field.annotation is bool:
-            group.add_argument(*flags(name), dest=name, action="store_true", help=help_text(name))
+            group.add_argument(*flags(name), dest=name, action="store_true", help=help)
         else:
-            group.add_argument(*flags(name), dest=name, metavar=name.upper(), help=help_text(name))
+            group.add_argument(*flags(name), dest=name, metavar=name.upper(), help=help)
 
 
 def settings_from_args(args) -> GenerationSettings:
