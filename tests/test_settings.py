@@ -83,7 +83,7 @@ def test_cli_flags_are_generated_from_the_fields():
     options = {a.dest: a for a in generate._actions}
     for name in FIELDS:
         assert options[name].option_strings == flags(name)
-        assert options[name].help == help_text(name)
+        assert options[name].help == help_text(name).replace("%", "%%")  # argparse %-formats help
     assert flags("num_inference_steps") == ["--steps", "--num-inference-steps"] and flags("seed") == ["--seed"]
     assert help_text("num_frames").endswith("(default 81 full, 121 lite)")
     assert help_text("guidance_scale_i").endswith("(default 2.0 full, two-way lite)")
