@@ -45,6 +45,7 @@ def files(tmp_path_factory, tiny_base, face_embedding, reference_crop):
     Image.fromarray(reference_crop).save(d / "crop.png")
     Image.fromarray(reference_crop).save(d / "photo.jpg")
     (d / "a-file").write_text("not a folder")
+    (d / "latin1.txt").write_bytes("un caf\xe9 au soleil".encode("latin-1"))
     return d
 
 
@@ -110,6 +111,9 @@ CASES = [
     ("sidecar-exists", ["--out", "{out}/lone.mp4"], "{out}/lone.mp4.json already exists; pass --overwrite"),
     ("prompt-empty", ["--prompt", "  "], "--prompt is empty"),
     ("prompt-file-missing", ["--prompt", "@{in}/none.txt"], "prompt file {in}/none.txt does not exist"),
+    ("prompt-file-folder", ["--prompt", "@{in}/bad-base"], "prompt file {in}/bad-base is a folder, not a file"),
+    ("prompt-file-latin1", ["--prompt", "@{in}/latin1.txt"], "prompt file {in}/latin1.txt is not UTF-8 text (byte 7 "
+                                                             "is not); save it as UTF-8"),
     ("two-people", ["--identity", "{in}/emb.npy"], "give the person with exactly one of"),
     ("unknown-flag", ["--guidence", "3"], "lynx: error: unrecognized arguments: --guidence 3"),
     ("variant-bogus", ["--variant", "medium"], "lynx generate: error: argument --variant: invalid choice"),

@@ -94,9 +94,17 @@ def output_path(args, seed: int | None = None) -> Path:
 def _read_prompt(value: str) -> str:
     if value.startswith("@"):
         path = Path(value[1:])
+        if path.is_dir():
+            raise InputError(f"prompt file {path} is a folder, not a file (--prompt @FILE reads a text file)")
         if not path.is_file():
             raise InputError(f"prompt file {path} does not exist")
-        return path.read_text().strip()
+        try:
+            return path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise InputError(f"prompt file {path} is not UTF-8 text (byte {e.start + 1} is not); save it as UTF-8, "
+                             "or give the text itself with --prompt") from None
+        except OSError as e:
+            raise InputError(f"prompt file {path} cannot be read ({e.strerror})") from None
     return value
 
 
