@@ -109,6 +109,8 @@ CASES = [
     ("out-suffix", ["--out", "{out}/x.avi"], "--out must end in .mp4, .webp or .gif"),
     ("out-exists", ["--out", "{out}/old.mp4"], "{out}/old.mp4 already exists; pass --overwrite"),
     ("sidecar-exists", ["--out", "{out}/lone.mp4"], "{out}/lone.mp4.json already exists; pass --overwrite"),
+    ("sidecar-is-folder", ["--out", "{out}/boxed.mp4", "--overwrite"], "{out}/boxed.mp4.json is a folder, but the "
+                                                                       "video's record (sidecar) is written there"),
     ("prompt-empty", ["--prompt", "  "], "--prompt is empty"),
     ("prompt-file-missing", ["--prompt", "@{in}/none.txt"], "prompt file {in}/none.txt does not exist"),
     ("prompt-file-folder", ["--prompt", "@{in}/bad-base"], "prompt file {in}/bad-base is a folder, not a file"),
@@ -158,6 +160,8 @@ def _output_folder(tmp_path) -> Path:
     (out / "lone.mp4.json").write_text("{}")  # a sidecar whose video was deleted
     (out / "folder.mp4").mkdir()
     (out / "folder.mp4" / "inside").write_text("kept")
+    (out / "boxed.mp4.json").mkdir()  # where a video's sidecar would go
+    (out / "boxed.mp4.json" / "inside").write_text("kept")
     return out
 
 

@@ -8,7 +8,7 @@ import time
 import warnings
 from pathlib import Path
 
-from ...errors import InputError, LynxError, WeightsNotFoundError
+from ...errors import InputError, LynxError, OutputError, WeightsNotFoundError
 from ...io.files import check_writable, slug
 from ...pipelines.settings import GenerationSettings, flags, help_text, parse_text
 from ...pipelines.settings import flag as settings_flag
@@ -84,6 +84,9 @@ def output_path(args, seed: int | None = None) -> Path:
     if path.suffix.lower() not in (".mp4", ".webp", ".gif"):
         raise InputError(f"--out must end in .mp4, .webp or .gif, not {path.name!r}")
     side = path.with_name(path.name + ".json")
+    if side.is_dir():  # the record could only be written after the whole generation, and then not at all
+        raise OutputError(f"{side} is a folder, but the video's record (sidecar) is written there; move the folder "
+                          "or choose another --out")
     for p in (path, side):
         if p.exists() and not p.is_dir() and not args.overwrite:
             raise InputError(f"{p} already exists; pass --overwrite to replace it, or choose another --out")
