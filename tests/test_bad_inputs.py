@@ -44,6 +44,7 @@ def files(tmp_path_factory, tiny_base, face_embedding, reference_crop):
     np.save(d / "text.npy", np.array(["a"] * 512))
     Image.fromarray(reference_crop).save(d / "crop.png")
     Image.fromarray(reference_crop).save(d / "photo.jpg")
+    Image.fromarray(reference_crop[:100, :80]).save(d / "small.png")
     (d / "a-file").write_text("not a folder")
     (d / "latin1.txt").write_bytes("un caf\xe9 au soleil".encode("latin-1"))
     return d
@@ -93,8 +94,13 @@ CASES = [
     ("embedding-short", ["--embedding", "{in}/short.npy"], "--embedding {in}/short.npy must hold 512 finite numbers"),
     ("embedding-nan", ["--embedding", "{in}/nan.npy"], "--embedding {in}/nan.npy must hold 512 finite numbers"),
     ("embedding-text", ["--embedding", "{in}/text.npy"], "--embedding {in}/text.npy must hold 512 finite numbers"),
-    ("embedding-missing", ["--embedding", "{in}/none.npy"], "input file {in}/none.npy does not exist"),
-    ("reference-missing", ["--reference", "{in}/none.png"], "input file {in}/none.png does not exist"),
+    ("embedding-missing", ["--embedding", "{in}/none.npy"], "--embedding: input file {in}/none.npy does not exist"),
+    ("embedding-folder", ["--embedding", "{in}/bad-base"], "--embedding: {in}/bad-base is a folder, not a file"),
+    ("reference-missing", ["--reference", "{in}/none.png"], "--reference: input file {in}/none.png does not exist"),
+    ("reference-folder", ["--reference", "{in}/bad-base"], "--reference: {in}/bad-base is a folder, not a file"),
+    ("reference-small", ["--reference", "{in}/small.png"], "--reference {in}/small.png is 80x100; it must be the "
+                                                           "256x256 aligned face crop"),
+    ("reference-absent", ["--reference", ""], "also need --reference CROP.png, the 256x256 aligned face crop"),
     ("reference-not-image", ["--reference", "{in}/emb.npy"], "--reference {in}/emb.npy is not an image file"),
     ("device-bogus", ["--device", "toaster"], "--device toaster is not a device name"),
     ("device-absent", ["--device", "cuda:99"], "--device cuda:99: this machine has" if torch.cuda.is_available()

@@ -61,6 +61,15 @@ def load_safety_gate(args, device):
                                notify=lambda notice: print(f"lynx {args.command}: {notice}", file=sys.stderr))
 
 
+def check_input_file(path, flag: str) -> None:
+    """An input file named by `flag` is there and is a file; otherwise one line saying which of the two is wrong
+    (a folder passed where a file goes is not "missing")."""
+    if Path(path).is_dir():
+        raise InputError(f"{flag}: {path} is a folder, not a file")
+    if not Path(path).is_file():
+        raise InputError(f"{flag}: input file {path} does not exist")
+
+
 def memory_choice(memory: str | None, offload: bool) -> str | None:
     """The preset the options ask for (`--offload` is `48gb`), or None for the plain placement."""
     if offload and memory not in (None, "48gb"):
@@ -135,8 +144,7 @@ def check_speed_options(speed: str, lora_specs, compile: bool = False, memory: s
         raise InputError("--speed turbo needs a step-distill LoRA: add --lora FILE (e.g. lightx2v's Wan2.1-T2V-14B "
                          "StepDistill-CfgDistill rank-32/64 LoRA)")
     for path, _ in loras:
-        if not Path(path).is_file():
-            raise InputError(f"input file {path} does not exist")
+        check_input_file(path, "--lora")
     return loras
 
 

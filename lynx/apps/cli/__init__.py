@@ -17,6 +17,7 @@ from ..options import (
     MEMORY_CHOICES,
     add_model_options,
     add_speed_options,
+    check_input_file,
     check_model_options,
     check_speed_options,
     load_pipeline,
@@ -192,6 +193,22 @@ def _load_embedding(path: str):
     return emb.astype(np.float32).reshape(512)
 
 
+def _load_reference(path: str):
+    """The --reference crop, or an `InputError` naming the flag (the pipeline would refuse a crop of another size
+    only after loading the model, and in its own words)."""
+    from ...face import load_image
+    from ...face.alignment import REFERENCE_SIZE
+
+    try:
+        crop = load_image(path)
+    except InputError as e:  # the file's own problem, said of the flag that named it
+        raise InputError(f"--reference {e}") from None
+    if crop.shape[:2] != (REFERENCE_SIZE, REFERENCE_SIZE):
+        raise InputError(f"--reference {path} is {crop.shape[1]}x{crop.shape[0]}; it must be the {REFERENCE_SIZE}x"
+                         f"{REFERENCE_SIZE} aligned face crop (`lynx face PHOTO` writes one)")
+    return crop
+
+
 def check_generate_args(args):
     """Everything `lynx generate` can check before loading a model, in the order a person fixes them.
 
@@ -242,9 +259,15 @@ def check_generate_args(args):
     from ...pipelines.speed import preset_settings
 
     settings = GenerationSettings(**{**preset_settings(args.speed), **typed.given()}).resolve(adapter_cfg.variant)
-    for p in (args.image or []) + [x for x in (args.identity, args.embedding, args.reference) if x]:
-        if not Path(p).is_file():
-            raise InputError(f"input file {p} does not exist")
+    for name, paths in (("--image", args.image or []), ("--identity", [args.identity]),
+                        ("--embedding", [args.embedding]), ("--reference", [args.reference])):
+        for p in paths:
+            if p:
+                check_input_file(p, name)
+    if args.embedding and not args.reference and adapter_cfg.use_ref and settings.ref_scale != 0:
+        raise InputError(f"{adapter_cfg.variant} adapters ({adapter}) also need --reference CROP.png, the 256x256 "
+                         "aligned face crop (`lynx face PHOTO` writes one); or pass --ref-scale 0 to run without "
+                         "the Ref-adapter")
     out = output_path(args, settings.seed)
     device, dtype = device_and_dtype(args.device, args.dtype)
     if args.attention_backend:
@@ -268,12 +291,7 @@ def cmd_generate(args) -> int:
     else:
         identity_kwargs["face_embedding"] = _load_embedding(args.embedding)
         if args.reference:
-            from ...face import load_image
-
-            try:
-                identity_kwargs["reference_image"] = load_image(args.reference)
-            except InputError as e:  # the file's own problem, said of the flag that named it
-                raise InputError(f"--reference {e}") from None
+            identity_kwargs["reference_image"] = _load_reference(args.reference)
 
     faces_used = identity_kwargs["identity"].faces_used() if "identity" in identity_kwargs else []
     from ...face.identity import describe_face
