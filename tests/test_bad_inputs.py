@@ -47,6 +47,11 @@ def files(tmp_path_factory, tiny_base, face_embedding, reference_crop):
     Image.fromarray(reference_crop[:100, :80]).save(d / "small.png")
     (d / "a-file").write_text("not a folder")
     (d / "latin1.txt").write_bytes("un caf\xe9 au soleil".encode("latin-1"))
+    from safetensors.torch import save_file
+
+    save_file({"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 24)}, str(d / "lora.safetensors"))
+    (d / "cut.safetensors").write_bytes((d / "lora.safetensors").read_bytes()[:-100])  # an interrupted download
+    (d / "junk.safetensors").write_text("<html>404 Not Found</html>")
     return d
 
 
@@ -117,6 +122,16 @@ CASES = [
     ("sidecar-exists", ["--out", "{out}/lone.mp4"], "{out}/lone.mp4.json already exists; pass --overwrite"),
     ("sidecar-is-folder", ["--out", "{out}/boxed.mp4", "--overwrite"], "{out}/boxed.mp4.json is a folder, but the "
                                                                        "video's record (sidecar) is written there"),
+    ("lora-missing", ["--lora", "{in}/none.safetensors"], "--lora: input file {in}/none.safetensors does not exist"),
+    ("lora-folder", ["--lora", "{in}/bad-base"], "--lora: {in}/bad-base is a folder, not a file"),
+    ("lora-not-safetensors", ["--lora", "{in}/junk.safetensors"], "--lora {in}/junk.safetensors is not a safetensors "
+                                                                  "file"),
+    ("lora-cut-short", ["--lora", "{in}/cut.safetensors"], "--lora {in}/cut.safetensors is cut short"),
+    ("lora-not-a-checkpoint", ["--lora", "{in}/photo.jpg"], "--lora {in}/photo.jpg is neither a safetensors file nor "
+                                                            "a PyTorch checkpoint"),
+    ("lora-scale-word", ["--lora", "{in}/lora.safetensors:abc"], ("--lora {in}/lora.safetensors:abc: the scale 'abc' "
+                                                                  "is not a number", "!does not exist")),
+    ("lora-scale-nan", ["--lora", "{in}/lora.safetensors:nan"], "the scale nan is not a finite number"),
     ("prompt-empty", ["--prompt", "  "], "--prompt is empty"),
     ("prompt-file-missing", ["--prompt", "@{in}/none.txt"], "prompt file {in}/none.txt does not exist"),
     ("prompt-file-folder", ["--prompt", "@{in}/bad-base"], "prompt file {in}/bad-base is a folder, not a file"),

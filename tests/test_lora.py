@@ -124,6 +124,10 @@ def test_not_a_lora_and_missing_files(pipe, tmp_path):
 
     with pytest.raises(InputError, match=r"nope\.safetensors does not exist"):
         pipe.load_lora_weights(tmp_path / "nope.safetensors")
+    # A damaged file (diffusers' reader raises OSError on it) is a CheckpointError naming it, not a traceback.
+    (tmp_path / "junk.bin").write_text("<html>404 Not Found</html>")
+    with pytest.raises(CheckpointError, match=r"junk\.bin could not be read as a LoRA"):
+        pipe.load_lora_weights(tmp_path / "junk.bin")
 
 
 def test_lora_spec_parsing():

@@ -131,3 +131,16 @@ def test_plan_command_with_a_lora(tmp_path):
 
     r = lynx(*common, "--lora", write_layout(tmp_path / "tiny.safetensors", "kohya"))
     assert r.returncode == 2 and "is a LoRA for a Wan transformer with 4+ blocks of width 24" in r.stderr
+
+
+def test_plan_refuses_a_bad_lora_file_in_one_line(tmp_path):
+    (tmp_path / "junk.safetensors").write_text("<html>404 Not Found</html>")
+    (tmp_path / "dir.safetensors").mkdir()
+    for spec, message in [(tmp_path / "junk.safetensors", f"--lora {tmp_path}/junk.safetensors is not a safetensors "
+                                                          "file"),
+                          (tmp_path / "dir.safetensors", f"--lora: {tmp_path}/dir.safetensors is a folder, not a file"),
+                          (f"{tmp_path}/junk.safetensors:abc", "the scale 'abc' is not a number")]:
+        r = lynx("plan", "--memory", "max", "--frames", "5", "--height", "32", "--width", "32", "--lora", spec)
+        assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("lynx plan: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert message in r.stderr, r.stderr

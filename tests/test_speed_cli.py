@@ -44,3 +44,11 @@ def test_turbo_needs_a_lora_lora_files_must_exist_and_compile_fits_the_presets(t
     r = lynx(*common, "--memory", "12gb", "--compile")
     assert r.returncode == 2 and "with --compile use --memory 24gb-blocks or 24gb" in r.stderr
     assert "loading" not in r.stderr
+
+
+def test_serve_refuses_a_bad_lora_file_before_it_starts(tmp_path):
+    """`lynx serve` shares generate's check (`check_speed_options`): the file is read before the port is bound."""
+    (tmp_path / "junk.safetensors").write_text("<html>404 Not Found</html>")
+    r = lynx("serve", "--port", "0", "--out-dir", tmp_path / "out", "--lora", tmp_path / "junk.safetensors")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "open http" not in r.stderr, r.stderr
+    assert f"--lora {tmp_path}/junk.safetensors is not a safetensors file" in r.stderr

@@ -131,21 +131,39 @@ def add_speed_options(p: argparse.ArgumentParser) -> None:
 
 def check_speed_options(speed: str, lora_specs, compile: bool = False, memory: str | None = None
                         ) -> list[tuple[str, float]]:
-    """The LoRAs of `--lora` specs as (file, scale), checked before any model loads: turbo needs one, each exists;
-    `--compile` goes with the speed and memory presets."""
-    from ..models.lora import parse_lora_spec
+    """The LoRAs of `--lora` specs as (file, scale), checked before any model loads: turbo needs one, each scale is
+    a number and each file a readable LoRA file; `--compile` goes with the speed and memory presets."""
     from ..pipelines.speed import compile_refusal
 
     refusal = compile_refusal(speed, memory) if compile else None
     if refusal:
         raise InputError(refusal)
-    loras = [parse_lora_spec(spec) for spec in lora_specs or []]
+    loras = [_checked_lora(spec) for spec in lora_specs or []]
     if speed == "turbo" and not loras:
         raise InputError("--speed turbo needs a step-distill LoRA: add --lora FILE (e.g. lightx2v's Wan2.1-T2V-14B "
                          "StepDistill-CfgDistill rank-32/64 LoRA)")
-    for path, _ in loras:
-        check_input_file(path, "--lora")
     return loras
+
+
+def _checked_lora(spec: str) -> tuple[str, float]:
+    """One `--lora FILE[:SCALE]` as (file, scale), its file checked without reading its weights."""
+    import math
+
+    from ..models.lora import LORA_SUFFIXES, lora_file_problem, parse_lora_spec
+
+    path, scale = parse_lora_spec(spec)
+    head, colon, tail = spec.rpartition(":")
+    # `FILE:abc` parses as a file named "FILE:abc"; when FILE is the LoRA, the typo is the scale, not the file.
+    if path == spec and colon and not Path(spec).exists() and (Path(head).is_file() or head.endswith(LORA_SUFFIXES)):
+        raise InputError(f"--lora {spec}: the scale {tail!r} is not a number (write FILE:SCALE, e.g. {head}:0.8)")
+    if not math.isfinite(scale):
+        raise InputError(f"--lora {spec}: the scale {scale} is not a finite number (write FILE:SCALE, e.g. "
+                         f"{path}:0.8)")
+    check_input_file(path, "--lora")
+    problem = lora_file_problem(path)
+    if problem:
+        raise InputError(f"--lora {path} {problem}")
+    return path, scale
 
 
 def speed_setup(pipe, speed: str, loras, compile: bool = False) -> list[str]:

@@ -15,6 +15,7 @@ Loading itself is diffusers' (`WanLoraLoaderMixin` + peft). This module adds wha
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from pathlib import Path
 
@@ -28,6 +29,39 @@ from ..errors import CheckpointError, InputError
 _ORIGINAL_BLOCK_KEY = re.compile(r"^blocks\.\d+\.(self_attn|cross_attn|ffn|norm\d?|modulation)")
 _DIFFUSERS_BLOCK_KEY = re.compile(r"^blocks\.\d+\.(attn1|attn2|ffn|norm\d?|scale_shift_table)\.")
 _LORA_KEY = re.compile(r"^transformer\.(.+)\.lora_([AB])\.weight$")
+
+
+# Suffixes of the files a LoRA comes in; diffusers reads `.safetensors` as safetensors and any other as torch.load.
+LORA_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def lora_file_problem(path) -> str | None:
+    """What makes the file at `path` unreadable as a LoRA, said after its name ("is not a safetensors file ..."),
+    or None. Reads its first bytes and, for safetensors, its header: a LoRA can be hundreds of MB, and front ends
+    check it before any model loads."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head.startswith(b"version "):
+                return "is a Git LFS pointer, not the weights (run `git lfs pull`, or download the file itself)"
+            if path.suffix != ".safetensors":  # what diffusers then does: torch.load, which needs a zip or a pickle
+                if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+                    return None
+                return "is neither a safetensors file nor a PyTorch checkpoint (a damaged or partial download?)"
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = json.loads(f.read(length)) if 0 < length <= size - 8 else None
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    except (ValueError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        return "is not a safetensors file (damaged, or another format under a .safetensors name)"
+    ends = [t.get("data_offsets", [0, 0])[1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)]
+    if 8 + length + max(ends, default=0) > size:
+        return f"is cut short ({size} bytes, its header describes more): download it again"
+    return None
 
 
 def _original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -56,6 +90,8 @@ def read_lora(source, **kwargs) -> tuple[dict[str, torch.Tensor], dict | None, s
         elif keys and all(_DIFFUSERS_BLOCK_KEY.match(k) or not k.startswith("blocks.") for k in keys) \
                 and not any(k.startswith("transformer.") for k in keys):
             state = {"transformer." + k: v for k, v in state.items()}
+    except OSError as e:  # diffusers' reader on a damaged file, or one in another format
+        raise CheckpointError(f"{name} could not be read as a LoRA: {' '.join(str(e).split())[:300]}") from None
     except (ValueError, KeyError) as e:  # diffusers' converters raise these on layouts they do not know
         raise CheckpointError(f"{name} is not a Wan LoRA in a layout diffusers reads (diffusers, original Wan / "
                               f"lightx2v, kohya / ComfyUI, musubi): {' '.join(str(e).split())[:300]}") from None
