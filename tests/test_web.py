@@ -454,6 +454,35 @@ def test_sigterm_during_a_run_stops_the_server_and_leaves_no_empty_video(tiny_ba
     assert not list(out.glob("*.mp4")) and not list(out.glob("*.json"))
 
 
+def test_the_command_serve_records_names_each_file_absolute_and_once(tiny_base, adapter_dirs, face_models, photos,
+                                                                     tmp_path):
+    """`lynx serve` started with relative paths: the sidecar's command gives --base, --adapter, --dtype and
+    --device once, every file absolute, and makes the same video when run from another folder."""
+    here = tmp_path / "here"
+    here.mkdir()
+    rel = lambda p: os.path.relpath(p, here)  # noqa: E731
+    proc, url, log = start_command("serve", "--port", "0", "--out-dir", "out", "--base", rel(tiny_base), "--adapter",
+                                   rel(adapter_dirs["full"]), "--face-models", rel(face_models), "--detector", "dlib",
+                                   "--dtype", "fp32", "--device", "cpu", "--no-safety-check", cwd=here, env={})
+    try:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+        _, side, command, _ = generate(client, [photos / "astronaut.jpg"], "a man nods", seed=2)
+    finally:
+        stop(proc, log)
+    argv = shlex.split(command)
+    for flag in ("--base", "--adapter", "--dtype", "--device", "--face-models"):
+        assert argv.count(flag) == 1, command
+    assert argv[argv.index("--base") + 1] == str(tiny_base.resolve())
+    assert argv[argv.index("--face-models") + 1] == str(face_models.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    argv[argv.index("--out") + 1] = "again.mp4"
+    proc = subprocess.run([sys.executable, "-m", "lynx", *argv[1:]], cwd=elsewhere, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert (read_video(elsewhere / "again.mp4")[0] == read_video(here / "out" / side["video"])[0]).all()
+
+
 # ----- the page in a real browser ---------------------------------------------------------------------------
 def test_page_checks_a_photo_generates_and_plays_the_video(web, photos, browser, screenshots):
     if browser is None:

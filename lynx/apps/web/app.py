@@ -610,7 +610,7 @@ class LynxWebApp:
         given."""
         flags = list(self.config.model_flags) + speed_flags(self.config.speed, self.config.loras, self.config.compile)
         if self.config.face_models and "--face-models" not in flags:
-            flags += ["--face-models", str(self.config.face_models)]
+            flags += ["--face-models", str(Path(self.config.face_models).resolve())]
         if self.config.detector != "auto" and "--detector" not in flags:
             flags += ["--detector", self.config.detector]
         return flags

@@ -60,13 +60,20 @@ def _model_actions() -> list[argparse.Action]:
     return [a for a in parser._actions if a.option_strings]
 
 
+# The record's command writes these itself (the resolved directories, the dtype and device the model ran on).
+RECORDED_FLAGS = {"base", "adapter", "dtype", "device"}
+# Options naming a file or folder: the command runs from any folder, so they are written absolute.
+PATH_FLAGS = {"base_transformer", "base_transformer_2", "face_models", "safety_model"}
+
+
 def model_flags(args) -> list[str]:
     """The model options `serve` was given, as flags `lynx generate` takes (both use add_model_options)."""
     flags = []
     for action in _model_actions():
         value = getattr(args, action.dest, action.default)
-        if value != action.default:
-            flags += [action.option_strings[-1]] + ([] if action.nargs == 0 else [str(value)])
+        if value != action.default and action.dest not in RECORDED_FLAGS:
+            value = str(Path(value).resolve()) if action.dest in PATH_FLAGS else str(value)
+            flags += [action.option_strings[-1]] + ([] if action.nargs == 0 else [value])
     return flags
 
 
