@@ -247,7 +247,8 @@ def test_serve_checks_the_speed_options_before_anything_starts(tmp_path):
     missing = tmp_path / "nope.safetensors"
     for args, message in [(["--speed", "turbo"], "--speed turbo needs a step-distill LoRA"),
                           (["--lora", missing], f"input file {missing} does not exist"),
-                          (["--memory", "12gb", "--compile"], "--compile does not combine with --memory 12gb")]:
+                          (["--memory", "12gb", "--compile"], "--compile does not combine with --memory 12gb"),
+                          (["--max-upload-mb", "0"], "--max-upload-mb: 0 MB accepts no upload; give at least 1")]:
         proc = subprocess.run([sys.executable, "-m", "lynx", "serve", "--port", "0", "--out-dir", tmp_path / "out",
                                *map(str, args)], capture_output=True, text=True, timeout=120,
                               env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -398,7 +399,7 @@ def stop(proc, log, how=signal.SIGINT):
 
 def test_serve_without_weights_says_what_to_download_and_checks_faces(photos, tmp_path, browser, screenshots):
     proc, url, log = start_command("serve", "--port", "0", "--out-dir", tmp_path / "out", "--face-models",
-                                   tmp_path / "face", "--detector", "dlib", cwd=tmp_path,
+                                   tmp_path / "face", "--detector", "dlib", "--max-upload-mb", "30", cwd=tmp_path,
                                    env={"LYNX_MODELS": str(tmp_path / "models")})
     try:
         assert url.startswith("http://127.0.0.1:")
@@ -416,6 +417,12 @@ def test_serve_without_weights_says_what_to_download_and_checks_faces(photos, tm
         assert len(gallery) == 2 and Image.open(gallery[1]["image"]).size == (256, 256)
         assert "1 face(s) found" in report and "a video also needs the face embedding" in report
         assert "recognition_arcface_ir_se50.pth" in report
+        # --max-upload-mb 30 takes a photo above the default 25 MB (noise: PNG cannot shrink it).
+        noise = np.random.default_rng(0).integers(0, 256, (3000, 3000, 3), np.uint8)
+        Image.fromarray(noise).save(tmp_path / "big.png", compress_level=1)
+        assert (tmp_path / "big.png").stat().st_size > 25 << 20
+        _, report = client.predict([handle_file(tmp_path / "big.png")], api_name="/check_faces")
+        assert report.startswith("- **big.png**: no face found in big.png"), report
 
         with pytest.raises(AppError) as caught:
             client.predict(photos=[handle_file(photos / "astronaut.jpg")], person="", prompt="a woman smiling",

@@ -43,7 +43,8 @@ from ..options import (
     transformer_files,
 )
 
-# Uploads: a phone photo is a few MB and at most ~50 MP; anything larger is refused before it is decoded.
+# Uploads: a phone photo is a few MB (the default limit; `--max-upload-mb`) and at most ~50 MP; anything larger is
+# refused before it is decoded.
 MAX_PHOTOS = 8
 MAX_PHOTO_MB = 25
 MAX_PHOTO_PIXELS = 50_000_000
@@ -61,7 +62,8 @@ class ServeConfig:
     """What `lynx serve` was started with. `load_options` go to `load_pipeline` (device and dtype as the CLI
     spells them); `model_flags` are the same options as `lynx generate` flags, for the equivalent command.
     `speed`, `loras` ((file, scale) pairs) and `compile` set the pipeline up once it is loaded, for every request;
-    the page's settings start from the speed preset's values."""
+    the page's settings start from the speed preset's values. `max_upload_mb`: the largest photo accepted (give
+    `open_page` the same, so Gradio refuses a larger upload before storing it)."""
 
     base: Path
     adapter: Path
@@ -75,9 +77,12 @@ class ServeConfig:
     speed: str = "exact"  # lynx.pipelines.speed's presets: exact, fast, turbo (docs/speed.md)
     loras: list[tuple[str, float]] = field(default_factory=list)
     compile: bool = False
+    max_upload_mb: int = MAX_PHOTO_MB
 
     def __post_init__(self):
         self.base, self.adapter, self.out_dir = Path(self.base), Path(self.adapter), Path(self.out_dir)
+        if self.max_upload_mb < 1:
+            raise InputError(f"max_upload_mb={self.max_upload_mb} accepts no photo; give at least 1")
 
 
 @dataclass(frozen=True)
@@ -321,8 +326,8 @@ class LynxWebApp:
 
         upload = Path(upload)
         shown = upload.name
-        if upload.stat().st_size > MAX_PHOTO_MB << 20:
-            raise InputError(f"{shown} is larger than {MAX_PHOTO_MB} MB; use a smaller photo")
+        if upload.stat().st_size > self.config.max_upload_mb << 20:
+            raise InputError(f"{shown} is larger than {self.config.max_upload_mb} MB; use a smaller photo")
         try:
             with Image.open(upload) as im:  # reads the header only: the size is known before anything is decoded
                 kind, (w, h) = im.format, im.size

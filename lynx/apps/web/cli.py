@@ -87,6 +87,17 @@ def load_options(args) -> dict:
     return {a.dest: getattr(args, a.dest) for a in _model_actions() if a.dest in accepted}
 
 
+def upload_mb(text: str) -> int:
+    """The upload limit in MB: a whole number, at least 1 (0 would refuse every photo)."""
+    try:
+        mb = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MB (default 25)") from None
+    if mb < 1:
+        raise argparse.ArgumentTypeError(f"{mb} MB accepts no upload; give at least 1 (default 25)")
+    return mb
+
+
 def port_number(text: str) -> int:
     """A TCP port, 0 (pick a free one) to 65535."""
     try:
@@ -117,7 +128,7 @@ def cmd_serve(args) -> int:
         out_dir=Path(args.out_dir), face_models=Path(args.face_models) if args.face_models else None,
         detector=args.detector, model_flags=model_flags(args), load_options=load_options(args),
         safety_check=not args.no_safety_check, safety_model=Path(args.safety_model) if args.safety_model else None,
-        speed=args.speed, loras=loras, compile=args.compile)
+        speed=args.speed, loras=loras, compile=args.compile, max_upload_mb=args.max_upload_mb)
     app = LynxWebApp(config)
     app.start()
     if app.missing():
@@ -163,7 +174,7 @@ def _add_server_options(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=port, help=f"default {port}; 0 picks a free port")
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
-    p.add_argument("--max-upload-mb", type=int, default=25, help="largest accepted upload (default 25 MB)")
+    p.add_argument("--max-upload-mb", type=upload_mb, default=25, help="largest accepted upload (default 25 MB)")
 
 
 def register(subparsers) -> None:
