@@ -109,7 +109,7 @@ def _png_header(path, width, height):
     return path
 
 
-def test_uploads_are_checked_by_content_size_and_pixels(web, tmp_path):
+def test_uploads_are_checked_by_content_size_and_pixels(web, photos, tmp_path):
     (tmp_path / "notes.jpg").write_text("not a photo at all")
     _png_header(tmp_path / "huge.png", 8000, 8000)  # 64 MP: more than any photo needs
     _png_header(tmp_path / "bomb.png", 60000, 60000)  # 3.6 GP in a few bytes: a decompression bomb
@@ -119,6 +119,13 @@ def test_uploads_are_checked_by_content_size_and_pixels(web, tmp_path):
     assert "**huge.png**: huge.png is 8000x8000 pixels; at most 50 million are accepted" in report
     assert "**bomb.png**: bomb.png claims more pixels than any photo has; it is not decoded" in report
     assert not any(p.name.startswith(("notes", "huge", "bomb")) for p in (web.out_dir / "photos").glob("*"))
+    # A cut-off photo passes the header checks; decoding it fails, and the message names it as uploaded.
+    jpeg = (photos / "astronaut.jpg").read_bytes()
+    (tmp_path / "half.jpg").write_bytes(jpeg[:len(jpeg) // 2])
+    _, report = web.client().predict([handle_file(tmp_path / "half.jpg")], api_name="/check_faces")
+    assert report.startswith("- **half.jpg**: half.jpg is a corrupt or truncated image") and "photos/" not in report
+    with pytest.raises(AppError, match=r"^half\.jpg is a corrupt or truncated image"):
+        generate(web.client(), [tmp_path / "half.jpg"], "a woman smiling")
     with pytest.raises(AppError, match="at most 8 photos of one person, got 9"):
         web.client().predict([handle_file(tmp_path / "notes.jpg")] * 9, api_name="/check_faces")
 

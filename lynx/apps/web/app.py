@@ -384,13 +384,12 @@ class LynxWebApp:
         for upload in uploads:
             try:
                 path, shown = self.store_photo(upload)
-                image = face.load_image(path)
                 with self.face_lock:
                     analyzer = self._analyzer(embedding)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", face.SeveralFacesWarning)  # the summary line says it
                     try:
-                        found = analyzer.find(path)
+                        image, found = face.load_image(path), analyzer.find(path)
                     except LynxError as e:  # the face code names the stored file; the person knows their own name
                         raise type(e)(str(e).replace(str(path), shown)) from None
                 faces, chosen = found.faces, found.face
