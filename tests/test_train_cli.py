@@ -47,3 +47,24 @@ def test_stage_configs_parse():
     assert one.data.frames == (1,) and max(two.data.frames) == 81
     for c in (one, two):
         assert c.train.learning_rate == 1e-5 and c.train.weight_decay == 0.01 and c.train.token_budget == 33600
+
+
+def test_train_refuses_an_earlier_runs_output_dir_without_resume(tiny_base, tmp_path, capsys, monkeypatch):
+    from lynx.training import trainer
+
+    monkeypatch.setattr(trainer, "setup_runtime", lambda: pytest.fail("the run started"))
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    cache.mkdir()
+    (cache / "index.jsonl").write_text("{}\n")
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-00000100\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[data]\ncache_dir = "{cache}"\n[train]\nbase = "{tiny_base}"\noutput_dir = "{out}"\n')
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "train.output_dir" in err and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000100\n"
+    out_file = tmp_path / "a-file"
+    out_file.write_text("")
+    assert main(["train", "--config", str(cfg), "--set", f'train.output_dir="{out_file}"']) == 2
+    assert "is a file" in capsys.readouterr().err

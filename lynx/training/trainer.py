@@ -36,7 +36,8 @@ from .data import PackDataset, PackStream, load_sample, load_shared, read_index
 from .model import Runtime, build_adapters, build_model, load_transformer, setup_runtime, teardown_runtime
 from .objective import LynxTrainModel, default_shift, flow_matching_loss, make_step_inputs, pad_text, token_count
 
-__all__ = ["Trainer", "TrainResult", "train", "read_metrics", "lr_factor", "build_adapters", "load_transformer"]
+__all__ = ["Trainer", "TrainResult", "train", "check_output_dir", "read_metrics", "lr_factor", "build_adapters",
+           "load_transformer"]
 
 METRICS_FILE = "metrics.csv"
 METRICS_FIELDS = ("step", "loss", "lr", "grad_norm", "tokens", "samples", "tokens_per_s", "seconds", "skipped")
@@ -405,11 +406,22 @@ class Trainer:
         return TrainResult(self.output_dir, t.steps, losses, final_dir, saved, sample_paths, skipped, main)
 
 
+def check_output_dir(output_dir: Path, resume) -> None:
+    """A fresh run writes checkpoints, metrics and `final/` over whatever `output_dir` holds, so it must start
+    in an empty (or new) folder; continuing a run there is what --resume is for."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"train.output_dir: {output_dir} is a file, not a folder; set train.output_dir to a folder")
+    if resume in (None, False) and output_dir.is_dir() and any(output_dir.iterdir()):
+        raise InputError(f"train.output_dir: {output_dir} is not empty (an earlier run's checkpoints would be "
+                         "overwritten); pass --resume to continue that run, or set train.output_dir to a new folder")
+
+
 def train(config: TrainingConfig, resume=None, progress: bool = True) -> TrainResult:
     """Train the adapters as `config` says; `resume` True/"auto" continues the latest checkpoint, or give a path.
 
     The config's files are checked before a process group is joined or a model is built."""
     check_files(config, "train")
+    check_output_dir(Path(config.train.output_dir), resume)
     runtime = setup_runtime()
     try:
         return Trainer(config, runtime, resume, progress).fit()
