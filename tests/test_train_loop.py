@@ -2,13 +2,14 @@
 pipeline, it fine-tunes released adapters, and a failed save loses nothing."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lynx.errors import InputError, LynxError
+from lynx.errors import CheckpointError, InputError, LynxError
 from lynx.models.adapters import adapter_config
 from lynx.models.loading import load_adapters
 from lynx.testing import adapter_files, load_tiny_adapters
@@ -167,6 +168,23 @@ def test_a_failed_save_keeps_the_last_checkpoint_and_resume_is_exact(identity_da
     assert state["step"] == 6 and state["packs_consumed"] == 6
     with pytest.raises(InputError, match="nothing to do"):
         train(config, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("damage,named", [
+    (lambda c: shutil.rmtree(c / "optimizer"), "optimizer"),
+    (lambda c: (c / "optimizer" / ".metadata").write_bytes((c / "optimizer" / ".metadata").read_bytes()[:100]),
+     "optimizer"),
+    (lambda c: (c / "rng" / "rank0.pt").write_bytes(b"not a torch file"), "rank0.pt"),
+    (lambda c: (c / "ref_layers.safetensors").unlink(), "ref_layers.safetensors"),
+], ids=["no optimizer", "truncated optimizer metadata", "damaged rng", "no ref layers"])
+def test_resume_names_a_missing_or_damaged_checkpoint_part(identity_data, tiny_base, tmp_path, damage, named):
+    config = make_config(identity_data, tiny_base, tmp_path / "run", steps=1)
+    train(config, progress=False)
+    damage(ckpt.checkpoint_dir(tmp_path / "run", 1))
+    # DCP raises CheckpointException, a BaseException: it must still become the one-line error.
+    with pytest.raises(CheckpointError, match=f"{named}.*earlier checkpoint") as e:
+        train(make_config(identity_data, tiny_base, tmp_path / "run", steps=2), resume=True, progress=False)
+    assert "\n" not in str(e.value)
 
 
 def test_clear_errors(identity_data, tiny_base, tmp_path):

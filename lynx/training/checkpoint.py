@@ -12,6 +12,7 @@ a kill during a save leaves the previous checkpoint untouched.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..constants import IP_LAYERS_FILE, REF_LAYERS_FILE, RESAMPLER_FILE
 from ..errors import CheckpointError, InputError
 from ..io.files import atomic_write
 from ..models.loading import ADAPTER_CONFIG_FILE, save_adapters
@@ -31,6 +33,7 @@ LATEST_FILE = "latest"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_DIR = "optimizer"
 RNG_DIR = "rng"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint writes it last, so a save without it is incomplete
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -161,6 +164,32 @@ def find_checkpoint(output_dir, resume) -> Path | None:
     return complete[-1] if complete else None
 
 
+def check_checkpoint(path: Path) -> None:
+    """The parts a resume reads are all there, found before a model is built (a damaged part is reported when it
+    is read); a part lost to a disk or a hand is named, not met as a loader's traceback."""
+    try:
+        full = json.loads((path / ADAPTER_CONFIG_FILE).read_text()).get("variant") == "full"
+    except (OSError, ValueError, AttributeError):
+        full = False  # the adapter loader reads the variant from the files themselves
+    for part in (RESAMPLER_FILE, IP_LAYERS_FILE) + ((REF_LAYERS_FILE,) if full else ()):
+        if not (path / part).is_file():
+            raise CheckpointError(f"{path / part} is missing: the checkpoint is incomplete; resume from an earlier "
+                                  "checkpoint (--resume DIR)")
+    if not (path / OPTIMIZER_DIR / DCP_METADATA).is_file():
+        raise CheckpointError(f"{path / OPTIMIZER_DIR} is missing or incomplete (no {DCP_METADATA}): the optimizer "
+                              "state cannot be restored; resume from an earlier checkpoint (--resume DIR)")
+
+
+def _reason(error: BaseException) -> str:
+    """One line of what went wrong: DCP wraps each rank's error, with its traceback, in `CheckpointException`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text.split(". ")[0][:300]
+
+
 def load_trainer_state(path: Path) -> dict:
     try:
         return json.loads((path / STATE_FILE).read_text())
@@ -174,15 +203,28 @@ def load_optimizer_and_rng(path: Path, model, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    root = logging.getLogger()
+    quiet = lambda record: False  # noqa: E731
+    # DCP logs each failed read with its traceback on the root logger before raising; the error below says it.
+    root.addFilter(quiet)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(path / OPTIMIZER_DIR))
-    except Exception as e:  # DCP reports damage with several exception types
-        raise CheckpointError(f"the optimizer state in {path / OPTIMIZER_DIR} cannot be loaded "
-                              f"({' '.join(str(e).split())[:300]}); resume from an earlier checkpoint") from None
+    # DCP reports damage with several exception types, and wraps them in CheckpointException, a BaseException.
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"the optimizer state in {path / OPTIMIZER_DIR} cannot be loaded ({_reason(e)}); "
+                              "resume from an earlier checkpoint (--resume DIR)") from None
+    finally:
+        root.removeFilter(quiet)
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     rng = path / RNG_DIR / f"rank{_rank()}.pt"
     if rng.is_file():
-        set_rng_state(torch.load(rng, weights_only=False))
+        try:
+            set_rng_state(torch.load(rng, weights_only=False))
+        except Exception as e:
+            raise CheckpointError(f"{rng} cannot be read ({_reason(e)}); resume from an earlier checkpoint "
+                                  "(--resume DIR)") from None

@@ -241,6 +241,8 @@ class Trainer:
         self.source = ckpt.find_checkpoint(self.output_dir, resume)
         if resume not in (None, False) and self.source is None and runtime.main:
             print(f"no checkpoint in {self.output_dir / ckpt.CHECKPOINTS_DIR}; starting from step 0")
+        if self.source is not None:
+            ckpt.check_checkpoint(self.source)
         state = ckpt.load_trainer_state(self.source) if self.source is not None else {}
         self.start_step = int(state.get("step", 0))
         self.bad_in_a_row = int(state.get("bad_steps_in_a_row", 0))
