@@ -3,6 +3,7 @@
 import pytest
 
 from lynx.apps.cli import build_parser, main
+from lynx.errors import InputError
 
 
 def test_commands_are_registered():
@@ -26,15 +27,45 @@ def test_missing_or_invalid_config(command, tmp_path, capsys):
     assert "section.key=value" in capsys.readouterr().err
 
 
-def test_prepare_reports_missing_face_models_before_loading_anything(tmp_path, capsys, monkeypatch):
+def test_prepare_reports_missing_face_models_before_loading_anything(tiny_base, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LYNX_FACE_MODELS", str(tmp_path / "no-face-models"))
+    (tmp_path / "m.jsonl").write_text('{"path": "a.png", "caption": "x"}\n')
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[data]\nmanifest = "{tmp_path}/m.jsonl"\ncache_dir = "{tmp_path}/cache"\n'
-                   f'[train]\nbase = "{tmp_path}/no-base"\n')
+                   f'[train]\nbase = "{tiny_base}"\n')
     assert main(["prepare", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert "lynx prepare: error:" in err and "Traceback" not in err
+    assert "lynx prepare: error:" in err and "no-face-models" in err and "Traceback" not in err
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("manifest,args,words", [
+    ("m.jsonl", ["--limit", "0"], "--limit 0"),
+    ("m.jsonl", ["--limit", "-2"], "--limit -2"),
+    ("latin1.jsonl", [], "not UTF-8"),
+    ("noheader.csv", [], "header"),
+], ids=["limit 0", "negative limit", "not UTF-8", "CSV without its header"])
+def test_prepare_refuses_before_any_model_loads_and_leaves_no_cache(tiny_base, tmp_path, capsys, monkeypatch,
+                                                                      manifest, args, words):
+    from lynx.training import data
+
+    monkeypatch.setattr(data, "face_identity_fn", lambda *a, **k: pytest.fail("face models were loaded"))
+    (tmp_path / "m.jsonl").write_text('{"path": "a.png", "caption": "x"}\n')
+    (tmp_path / "latin1.jsonl").write_bytes('{"path": "a.png", "caption": "caf\u00e9"}\n'.encode("latin-1"))
+    (tmp_path / "noheader.csv").write_text("a.png,x\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[data]\nmanifest = "{tmp_path / manifest}"\ncache_dir = "{tmp_path}/cache"\n'
+                   f'[train]\nbase = "{tiny_base}"\n')
+    assert main(["prepare", "--config", str(cfg), *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "cache").exists()
+    if not args:  # the library call refuses the same manifest without making the cache folder first
+        from lynx.training.config import load_training_config
+
+        with pytest.raises(InputError, match=words):
+            data.prepare(load_training_config(cfg), identity_fn=lambda frame: None, encoders=object())
+        assert not (tmp_path / "cache").exists()
 
 
 def test_stage_configs_parse():

@@ -61,6 +61,34 @@ def test_manifest_jsonl_and_csv(tmp_path):
         D.read_manifest(tmp_path / "none.jsonl")
 
 
+def test_manifest_values_of_the_wrong_type_are_skipped_naming_the_field(tmp_path):
+    rows = [{"path": 5, "caption": "x"}, {"path": ["a.png"], "caption": "x"}, {"path": None, "caption": "x"},
+            {"path": "a.png", "caption": {"text": "x"}}, {"path": "a.png", "caption": "x", "reference": 3},
+            {"path": "a.png", "caption": "x", "id": [1]}, 7, None, {"path": "b.png", "caption": "y", "id": 2}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entries, skipped = D.read_manifest(tmp_path / "m.jsonl")
+    assert [(e.key, e.path) for e in entries] == [("2", tmp_path / "b.png")]
+    assert [s["detail"] for s in skipped] == [
+        "line 1: path is 5, not text", 'line 2: path is ["a.png"], not text', "line 3: no path",
+        'line 4: caption is {"text": "x"}, not text', "line 5: reference is 3, not text", "line 6: id is [1], not text",
+        "line 7: not a JSON object", "line 8: not a JSON object"]
+    assert {s["reason"] for s in skipped} == {"bad_entry"}
+
+
+def test_manifest_encoding(tmp_path):
+    # A spreadsheet's CSV starts with a byte-order mark; its header must still read as 'path'.
+    (tmp_path / "m.csv").write_bytes("path,caption\na.png,caf\u00e9 au lait\n".encode("utf-8-sig"))
+    entries, skipped = D.read_manifest(tmp_path / "m.csv")
+    assert [e.caption for e in entries] == ["caf\u00e9 au lait"] and not skipped
+    (tmp_path / "m.jsonl").write_bytes('{"path": "a.png", "caption": "x"}\n'.encode("utf-8-sig"))
+    assert len(D.read_manifest(tmp_path / "m.jsonl")[0]) == 1
+    for name, text in (("latin1.csv", "path,caption\na.png,caf\u00e9\n"),
+                       ("latin1.jsonl", '{"path": "a.png", "caption": "caf\u00e9"}\n')):
+        (tmp_path / name).write_bytes(text.encode("latin-1"))
+        with pytest.raises(InputError, match=f"{name} is not UTF-8 text .*save it as UTF-8"):
+            D.read_manifest(tmp_path / name)
+
+
 # ----- sizing -------------------------------------------------------------------------------------------------------
 def test_bucket_clip_and_reference_choice():
     buckets = [(480, 832), (832, 480), (624, 624)]

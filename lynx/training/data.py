@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..constants import MAX_TEXT_TOKENS, REFERENCE_PROMPT
-from ..errors import CheckpointError, InputError, LynxError, NoFaceError
+from ..errors import CheckpointError, InputError, LynxError, NoFaceError, option
 from ..io.files import atomic_write
 from ..io.video import VideoInfo
 from ..models.loading import read_safetensors
@@ -49,7 +49,7 @@ CACHE_FORMAT = 1
 
 # Why a sample was left out; the keys appear in skipped.jsonl and in the prepare summary.
 SKIP_REASONS = {
-    "bad_entry": "manifest entry lacks a path or a caption, or is not valid JSON/CSV",
+    "bad_entry": "manifest entry lacks a path or a caption, has a value that is not text, or is not valid JSON/CSV",
     "duplicate": "another entry has the same id",
     "unreadable": "the file is missing or cannot be decoded",
     "no_face": "no usable face found",
@@ -78,32 +78,50 @@ def _key(raw_id, path: str, caption: str) -> str:
     return hashlib.sha1(f"{path}\0{caption}".encode()).hexdigest()[:16]
 
 
+def _entry_problem(row: dict | None) -> str | None:
+    """Why a manifest row cannot be a sample (None: it can); a value of the wrong type is named, not cast."""
+    if row is None:
+        return "not a JSON object"
+    for name in ("path", "caption", "reference", "id"):
+        value = row.get(name)
+        if name in ("path", "caption") and (value is None or isinstance(value, str) and not value.strip()):
+            return f"no {name}"
+        if value is not None and not isinstance(value, str) and not (name == "id" and type(value) is int):
+            return f"{name} is {json.dumps(value)[:40]}, not text"
+    return None
+
+
 def read_manifest(path) -> tuple[list[ManifestEntry], list[dict]]:
     """Entries of a JSONL/CSV manifest in file order, and a skip record for every unusable line."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"manifest {path} does not exist (a JSONL or CSV file with path and caption per sample)")
     rows: list[tuple[int, dict | None]] = []
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "path" not in reader.fieldnames or "caption" not in reader.fieldnames:
-                raise InputError(f"{path}: a CSV manifest needs a header with at least 'path' and 'caption'")
-            rows = [(i + 2, dict(r)) for i, r in enumerate(reader)]
-    else:
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append((i, obj if isinstance(obj, dict) else None))
-            except json.JSONDecodeError:
-                rows.append((i, None))
+    try:
+        # utf-8-sig: spreadsheet programs start their CSV (and some editors their text) with a byte-order mark.
+        if path.suffix.lower() == ".csv":
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or "path" not in reader.fieldnames or "caption" not in reader.fieldnames:
+                    raise InputError(f"{path}: a CSV manifest needs a header with at least 'path' and 'caption'")
+                rows = [(i + 2, dict(r)) for i, r in enumerate(reader)]
+        else:
+            for i, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    rows.append((i, obj if isinstance(obj, dict) else None))
+                except json.JSONDecodeError:
+                    rows.append((i, None))
+    except UnicodeDecodeError as e:
+        raise InputError(f"manifest {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     entries, skipped, seen = [], [], set()
     for line, row in rows:
-        if row is None or not str(row.get("path") or "").strip() or not str(row.get("caption") or "").strip():
+        problem = _entry_problem(row)
+        if problem:
             skipped.append({"key": f"line-{line}", "source": str(path), "reason": "bad_entry",
-                            "detail": f"line {line}"})
+                            "detail": f"line {line}: {problem}"})
             continue
         key = _key(row.get("id"), row["path"], row["caption"])
         if key in seen:
@@ -389,12 +407,14 @@ def prepare(config: TrainingConfig, identity_fn: IdentityFn | None = None, encod
     entry starting at i, so n processes can share one manifest and one cache.
     """
     data, started = config.data, time.time()
+    if limit is not None and limit < 1:
+        raise InputError(f"{option('limit', limit)} must be at least 1 (leave it out to prepare every sample)")
     check_files(config, "prepare")  # before any encoder or face model loads
+    entries, bad = read_manifest(data.manifest)  # a refused manifest leaves no cache folder behind
     storage = DTYPES[data.cache_dtype]
     cache = Path(data.cache_dir)
     (cache / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
     _check_or_write_prepare_record(cache, config)
-    entries, bad = read_manifest(data.manifest)
     skipped_log = cache / SKIPPED_FILE
     earlier_skips = {} if retry_skipped else _read_skipped(skipped_log)
     report = PrepareReport()

@@ -21,8 +21,11 @@ def _toml_string(value: str) -> str:
 
 
 def cmd_prepare(args) -> int:
-    from ...training.data import face_identity_fn, prepare
+    from ...training.config import check_files
+    from ...training.data import face_identity_fn, prepare, read_manifest
 
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit {args.limit}: prepare at least 1 sample (leave --limit out to prepare them all)")
     config = _config(args)
     shard = (0, 1)
     if args.shard:
@@ -33,6 +36,9 @@ def cmd_prepare(args) -> int:
         if not 0 <= i < n:
             raise InputError(f"--shard {args.shard}: I must be in 0..N-1")
         shard = (i, n)
+    # The config's files and the manifest are checked before the face models load (prepare checks them again).
+    check_files(config, "prepare")
+    read_manifest(config.data.manifest)
     identity_fn = face_identity_fn(args.detector, args.face_models, args.face_device)
     report = prepare(config, identity_fn=identity_fn, limit=args.limit, shard=shard,
                      retry_skipped=args.retry_skipped, progress=not args.no_progress)
