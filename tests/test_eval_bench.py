@@ -280,3 +280,46 @@ def test_manifest_formats_and_errors(tmp_path):
     for text in ("1/1", "3/2", "x"):
         with pytest.raises(InputError, match="--shard"):
             parse_shard(text)
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"subjects": 5}, "subjects must be a list, got 5"),
+    ({"subjects": [5]}, "subject must be a mapping"),
+    ({"subjects": [{"id": None, "photo": "a.png"}]}, "subject id null must be text"),
+    ({"subjects": [{"id": "a", "photos": 5}]}, "subject a: photos must be a list, got 5"),
+    ({"subjects": [{"id": "a", "photos": [3]}]}, "subject a: photo must be a file path"),
+    ({"subjects": [{"id": "a", "photo": "a.png", "embedding": ["e.npy"]}]}, "subject a: embedding must be a file"),
+    ({"prompts": 5}, "prompts must be a list"),
+    ({"prompts": [{"text": ["x"]}]}, "prompt 1's text must be text"),
+    ({"prompts": [{"text": "x", "id": [1]}]}, "prompt id \\[1\\] must be text"),
+    ({"settings": {"name": "s"}}, "settings must be a list"),
+    ({"settings": [{"name": "s", "adapter": 3}]}, "adapter must be a file path"),
+    ({"generation": ["a"]}, "generation must be a mapping"),
+    ({"base": 5}, "base must be a file path"),
+])
+def test_manifest_values_of_the_wrong_type_are_named(tmp_path, change, msg):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "m.json").write_text(json.dumps({"subjects": [{"id": "a", "photo": "a.png"}], "prompts": ["x"],
+                                                 **change}))
+    with pytest.raises(InputError, match=msg):
+        load_manifest(tmp_path / "m.json")
+
+
+def test_manifest_encoding(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    # A spreadsheet's CSV starts with a byte-order mark; its header must still read as 'subject'.
+    (tmp_path / "m.csv").write_bytes("subject,photo,prompt\na,a.png,caf\u00e9\n".encode("utf-8-sig"))
+    assert [p.text for p in load_manifest(tmp_path / "m.csv").prompts] == ["caf\u00e9"]
+    (tmp_path / "latin1.csv").write_bytes("subject,photo,prompt\na,a.png,caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(InputError, match="latin1.csv is not UTF-8 text .*save it as UTF-8"):
+        load_manifest(tmp_path / "latin1.csv")
+
+
+@pytest.mark.parametrize("only", [",", ""])
+def test_bench_refuses_an_empty_stage_selection(tmp_path, only):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "m.json").write_text(json.dumps({"subjects": [{"id": "a", "photo": "a.png"}], "prompts": ["x"]}))
+    r = subprocess.run([sys.executable, "-m", "lynx", "bench", str(tmp_path / "m.json"), "--out", str(tmp_path / "out"),
+                        "--only", only], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith(f"lynx bench: error: --only {only!r} names no stage"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

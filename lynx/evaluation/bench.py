@@ -42,7 +42,13 @@ VIDEO_SUFFIXES = (".mp4", ".webp", ".gif")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
+def _shown(value) -> str:
+    return json.dumps(value, default=str)[:60]
+
+
 def _check_id(value, what: str) -> str:
+    if not isinstance(value, str) and type(value) is not int:
+        raise InputError(f"{what} id {_shown(value)} must be text (letters, digits, '.', '_' or '-')")
     value = str(value).strip()
     if not _ID.match(value) or "__" in value:
         raise InputError(f"{what} id {value!r} must be 1-64 letters, digits, '.', '_' or '-' (no '__'), "
@@ -126,12 +132,25 @@ class Case:
 # ----------------------------------------------------------------------------------------------- manifest
 
 
-def _path(value, root: Path) -> Path:
-    p = Path(str(value)).expanduser()
+def _path(value, root: Path, what: str) -> Path:
+    if not isinstance(value, (str, Path)):
+        raise InputError(f"{what} must be a file path (text), got {_shown(value)}")
+    p = Path(value).expanduser()
     return p if p.is_absolute() else root / p
 
 
+def _list(value, what: str) -> list:
+    """A manifest's list (absent: empty); one item alone, or a mapping, is a mistake worth naming."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InputError(f"{what} must be a list, got {_shown(value)}")
+    return value
+
+
 def _split_params(raw: dict, where: str) -> tuple[dict, dict]:
+    if not isinstance(raw, dict):
+        raise InputError(f"{where} must be a mapping of key: value, got {_shown(raw)}")
     knobs = tuple(GenerationSettings.model_fields)
     unknown = set(raw) - set(knobs) - set(RUNNER_KEYS) - {"name"}
     if unknown:
@@ -158,8 +177,8 @@ def make_setting(raw: dict, root: Path, where: str = "setting") -> Setting:
     if fmt not in VIDEO_SUFFIXES:
         raise InputError(f"{where}: format must be one of {', '.join(VIDEO_SUFFIXES)}")
     s = Setting(name=_check_id(raw["name"], "setting"), params=params,
-                adapter=_path(runner["adapter"], root) if runner.get("adapter") else None, format=fmt,
-                videos=_path(runner["videos"], root) if runner.get("videos") else None,
+                adapter=_path(runner["adapter"], root, f"{where}: adapter") if runner.get("adapter") else None,
+                format=fmt, videos=_path(runner["videos"], root, f"{where}: videos") if runner.get("videos") else None,
                 pattern=str(runner.get("pattern", "{subject}__{prompt}")),
                 description=str(runner.get("description", "")))
     if s.external and (params or s.adapter):
@@ -183,14 +202,16 @@ def parse_setting_arg(text: str, root: Path = Path(".")) -> Setting:
 
 
 def _subject(raw: dict, root: Path, where: str) -> Subject:
+    if not isinstance(raw, dict):
+        raise InputError(f"{where} must be a mapping with an id and photo(s), got {_shown(raw)}")
     if "id" not in raw:
         raise InputError(f"{where}: every subject needs an id")
+    sid = _check_id(raw["id"], "subject")
     photos = raw.get("photos", raw.get("photo")) or []
-    photos = [photos] if isinstance(photos, (str, Path)) else list(photos)
-    s = Subject(id=_check_id(raw["id"], "subject"), photos=[_path(p, root) for p in photos],
-                identity=_path(raw["identity"], root) if raw.get("identity") else None,
-                embedding=_path(raw["embedding"], root) if raw.get("embedding") else None,
-                reference=_path(raw["reference"], root) if raw.get("reference") else None)
+    photos = [photos] if isinstance(photos, (str, Path)) else _list(photos, f"{where} {sid}: photos")
+    files = {k: _path(raw[k], root, f"{where} {sid}: {k}") if raw.get(k) else None
+             for k in ("identity", "embedding", "reference")}
+    s = Subject(id=sid, photos=[_path(p, root, f"{where} {sid}: photo") for p in photos], **files)
     if not (s.photos or s.identity or s.embedding):
         raise InputError(f"{where} {s.id}: give photo(s), an identity file or an embedding")
     for p in s.photos + [x for x in (s.identity, s.embedding, s.reference) if x]:
@@ -206,6 +227,8 @@ def _prompts(items: Iterable, where: str) -> list[Prompt]:
             item = {"text": item}
         if not isinstance(item, dict) or not str(item.get("text", "")).strip():
             raise InputError(f"{where}: prompt {n} has no text")
+        if not isinstance(item["text"], str):
+            raise InputError(f"{where}: prompt {n}'s text must be text, got {_shown(item['text'])}")
         pid = item.get("id") or f"p{n:02d}-{slug(item['text'], 24, 'x')}"
         out.append(Prompt(_check_id(pid, "prompt"), str(item["text"]).strip()))
     return out
@@ -243,9 +266,10 @@ def load_manifest(path, settings: Iterable[Setting] | None = None) -> Manifest:
     if not path.is_file():
         raise InputError(f"manifest {path} does not exist")
     root = path.parent
-    text = path.read_text()
     suffix = path.suffix.lower()
     try:
+        # utf-8-sig: spreadsheet programs start their CSV with a byte-order mark.
+        text = path.read_text(encoding="utf-8-sig")
         if suffix == ".json":
             raw = json.loads(text)
         elif suffix in (".yaml", ".yml"):
@@ -256,6 +280,8 @@ def load_manifest(path, settings: Iterable[Setting] | None = None) -> Manifest:
             raw = _read_csv(text, root)
         else:
             raise InputError(f"manifest {path}: use .yaml, .yml, .json or .csv")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"manifest {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except (ValueError, LookupError) as exc:
         if isinstance(exc, InputError):
             raise
@@ -264,8 +290,9 @@ def load_manifest(path, settings: Iterable[Setting] | None = None) -> Manifest:
         raise InputError(f"manifest {path} cannot be parsed: {exc}") from None
     if not isinstance(raw, dict):
         raise InputError(f"manifest {path} must be a mapping with `subjects` and `prompts`")
-    subjects = [_subject(s, root, f"{path.name}: subject") for s in raw.get("subjects") or []]
-    prompts = _prompts(raw.get("prompts") or [], path.name)
+    subjects = [_subject(s, root, f"{path.name}: subject")
+                for s in _list(raw.get("subjects"), f"{path.name}: subjects")]
+    prompts = _prompts(_list(raw.get("prompts"), f"{path.name}: prompts"), path.name)
     if not subjects or not prompts:
         raise InputError(f"manifest {path} needs at least one subject and one prompt")
     for what, ids in (("subject", [s.id for s in subjects]), ("prompt", [p.id for p in prompts])):
@@ -275,7 +302,8 @@ def load_manifest(path, settings: Iterable[Setting] | None = None) -> Manifest:
     if settings is not None:
         settings = list(settings)
     if not settings:
-        settings = [make_setting(s, root, f"{path.name}: setting") for s in raw.get("settings") or []]
+        settings = [make_setting(s, root, f"{path.name}: setting")
+                    for s in _list(raw.get("settings"), f"{path.name}: settings")]
     if not settings:
         settings = [Setting(name="default")]
     names = [s.name for s in settings]
@@ -288,8 +316,8 @@ def load_manifest(path, settings: Iterable[Setting] | None = None) -> Manifest:
     for s in settings:  # the shared knobs and each setting's own, checked together before anything runs
         _settings({**generation, **s.params}, f"{path.name}: setting {s.name}")
     return Manifest(subjects, prompts, settings, generation, str(raw.get("name", path.stem)),
-                    _path(raw["base"], root) if raw.get("base") else None,
-                    _path(raw["adapter"], root) if raw.get("adapter") else None, path)
+                    _path(raw["base"], root, f"{path.name}: base") if raw.get("base") else None,
+                    _path(raw["adapter"], root, f"{path.name}: adapter") if raw.get("adapter") else None, path)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -120,10 +120,13 @@ def cmd_bench(args) -> int:
 
     from ...evaluation.bench import default_identity_source, load_manifest, parse_setting_arg, parse_shard, run
 
-    stages = list(STAGES) if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
+    stages = list(STAGES) if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise InputError(f"--only takes a comma-separated subset of {', '.join(STAGES)}; got {', '.join(bad)}")
+    if not stages:  # a run of no stage would exit 0 having done nothing
+        raise InputError(f"--only {args.only!r} names no stage; give a comma-separated subset of {','.join(STAGES)}, "
+                         "or leave --only out to run them all")
     settings = [parse_setting_arg(s) for s in args.setting] if args.setting else None
     manifest = load_manifest(args.manifest, settings)
     judge = _judge_client(args, required=bool(args.only) and "judge" in stages) if "judge" in stages else None
