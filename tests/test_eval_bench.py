@@ -323,3 +323,13 @@ def test_bench_refuses_an_empty_stage_selection(tmp_path, only):
                         "--only", only], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith(f"lynx bench: error: --only {only!r} names no stage"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args", [["--every", "0"], ["--max-frames", "0"]])
+def test_bench_refuses_bad_frame_sampling_before_it_starts(tmp_path, args):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "m.json").write_text(json.dumps({"subjects": [{"id": "a", "photo": "a.png"}], "prompts": ["x"]}))
+    r = subprocess.run([sys.executable, "-m", "lynx", "bench", str(tmp_path / "m.json"), "--out", str(tmp_path / "out"),
+                        *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith(f"lynx bench: error: {' '.join(args)}:"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -149,6 +149,30 @@ def test_video_files_every_kth_frame_and_cli(tmp_path, evaluator, astronaut, cap
     assert "a.webp: 2 of 6 frames scored" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("args,words", [
+    (["--reference", "{tmp}/missing.png"], "--reference: image file not found"),
+    (["--reference", "{tmp}/not-an-image.png"], "--reference: {tmp}/not-an-image.png is not an image file"),
+    (["--reference", "{tmp}"], "--reference: expected an image file, got a directory"),
+    (["--reference", "{tmp}/p.png", "--every", "0"], "--every 0"),
+    (["--reference", "{tmp}/p.png", "--max-frames", "0"], "--max-frames 0"),
+    (["--reference", "{tmp}/p.png", "--max-frames", "-3"], "--max-frames -3"),
+    (["--reference", "{tmp}/p.png", "--segment-frames", "-1"], "--segment-frames -1"),
+], ids=["missing reference", "reference not an image", "reference a folder", "every 0", "max-frames 0",
+        "negative max-frames", "negative segment-frames"])
+def test_eval_refuses_bad_arguments_before_the_recognisers_load(tmp_path, monkeypatch, capsys, args, words):
+    from lynx.apps.cli import main
+    from lynx.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "FaceEvaluator", lambda *a, **k: pytest.fail("the recognisers were loaded"))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "p.png")
+    (tmp_path / "not-an-image.png").write_text("text")
+    save_video(np.zeros((2, 32, 32, 3), np.uint8), tmp_path / "v.mp4", fps=8)
+    assert main(["eval", str(tmp_path / "v.mp4"), *(a.replace("{tmp}", str(tmp_path)) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lynx eval: error: " + words.replace("{tmp}", str(tmp_path))), err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_recognisers_without_weights_are_skipped_with_a_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.insightface/models either
     empty = tmp_path / "models"

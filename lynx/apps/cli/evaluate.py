@@ -38,6 +38,16 @@ def _add_judge_args(p) -> None:
     g.add_argument("--judge-frames", type=int, default=8, help="frames sent per video (default 8)")
 
 
+def _check_face_args(args) -> None:
+    """The sampling numbers, checked before the recognisers load: a bad one would surface only after them, and
+    `--max-frames 0` would silently score every frame."""
+    if args.every < 1:
+        raise InputError(f"--every {args.every}: score every k-th frame with k at least 1 (1: every frame)")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise InputError(f"--max-frames {args.max_frames}: give at least 1, or leave --max-frames out to score "
+                         "every sampled frame")
+
+
 def _judge_client(args, required: bool):
     import os
 
@@ -75,6 +85,17 @@ def cmd_eval(args) -> int:
     for v in args.videos:
         if not Path(v).is_file():
             raise InputError(f"video file {v} does not exist")
+    _check_face_args(args)
+    if args.segment_frames < 0:
+        raise InputError(f"--segment-frames {args.segment_frames}: give a number of frames, or 0 for no segments")
+    if args.reference:
+        from ...face import load_image
+
+        for photo in args.reference:  # read now, not after the recognisers have loaded
+            try:
+                load_image(photo)
+            except InputError as e:
+                raise InputError(f"--reference: {e}") from None
     judge = _judge_client(args, required=False)
     if judge is not None and not args.prompt:
         raise InputError("judge metrics need the video's prompt: pass --prompt TEXT")
@@ -127,6 +148,7 @@ def cmd_bench(args) -> int:
     if not stages:  # a run of no stage would exit 0 having done nothing
         raise InputError(f"--only {args.only!r} names no stage; give a comma-separated subset of {','.join(STAGES)}, "
                          "or leave --only out to run them all")
+    _check_face_args(args)
     settings = [parse_setting_arg(s) for s in args.setting] if args.setting else None
     manifest = load_manifest(args.manifest, settings)
     judge = _judge_client(args, required=bool(args.only) and "judge" in stages) if "judge" in stages else None
