@@ -94,9 +94,11 @@ def test_face_check_draws_the_face_counts_it_and_shows_the_crop(web, photos):
     assert crop.shape == (256, 256, 3) and (crop == face.align_reference(image, faces[0].keypoints)).all()
     assert f"**astronaut.jpg**: 1 face(s) found; box x {x1}-{x2}, y {y1}-{y2}" in report
     assert "**cat.jpg**: no face found in cat.jpg; use a photo where one face is clearly visible" in report
-    # Kept by content, never by the name it was uploaded as.
+    # Kept by content, never by the name it was uploaded as; a refused photo is not kept.
     jpeg = (photos / "astronaut.jpg").read_bytes()
     assert (web.out_dir / "photos" / f"{hashlib.sha256(jpeg).hexdigest()}.jpg").read_bytes() == jpeg
+    cat = hashlib.sha256((photos / "cat.jpg").read_bytes()).hexdigest()
+    assert not list((web.out_dir / "photos").glob(f"{cat}.*"))
 
 
 def _png_header(path, width, height):
@@ -126,6 +128,10 @@ def test_uploads_are_checked_by_content_size_and_pixels(web, photos, tmp_path):
     assert report.startswith("- **half.jpg**: half.jpg is a corrupt or truncated image") and "photos/" not in report
     with pytest.raises(AppError, match=r"^half\.jpg is a corrupt or truncated image"):
         generate(web.client(), [tmp_path / "half.jpg"], "a woman smiling")
+    with pytest.raises(AppError, match=r"^half\.jpg is a corrupt or truncated image"):
+        web.client().predict([handle_file(tmp_path / "half.jpg")], "half", api_name="/save_identity")
+    half = hashlib.sha256((tmp_path / "half.jpg").read_bytes()).hexdigest()
+    assert not list((web.out_dir / "photos").glob(f"{half}.*"))
     with pytest.raises(AppError, match="at most 8 photos of one person, got 9"):
         web.client().predict([handle_file(tmp_path / "notes.jpg")] * 9, api_name="/check_faces")
 
@@ -344,9 +350,11 @@ def test_gallery_skips_a_sidecar_that_is_not_a_record_with_a_warning(web, photos
 
 def test_a_photo_the_face_check_refuses_is_refused_by_generate_before_the_queue(web, photos):
     listing = sorted(p.name for p in web.out_dir.iterdir())
+    photo_listing = sorted(p.name for p in (web.out_dir / "photos").iterdir())
     with pytest.raises(AppError, match="no face found in cat.jpg"):
         generate(web.client(), [photos / "astronaut.jpg", photos / "cat.jpg"], "a cat and a woman", seed=9)
     assert sorted(p.name for p in web.out_dir.iterdir()) == listing  # no name claimed, nothing written
+    assert sorted(p.name for p in (web.out_dir / "photos").iterdir()) == photo_listing  # nor the refused photo
 
 
 def test_claimed_names_are_given_back_when_the_server_stops(web, photos):

@@ -320,8 +320,17 @@ class LynxWebApp:
 
     # ----- photos and faces ----------------------------------------------------------------------------
     def store_photo(self, upload: str) -> tuple[Path, str]:
-        """Check an upload by its content and keep it as <out-dir>/photos/<sha256>.<ext>; also returns the name
-        it was uploaded as, which is only ever shown, never used in a path."""
+        """Check an upload (`check_upload`, then `find_face` on it) and keep it as <out-dir>/photos/<sha256>.<ext>;
+        also returns the name it was uploaded as, which is only ever shown, never used in a path."""
+        data, path, shown = self.check_upload(upload)
+        if not path.is_file():  # only accepted photos are kept: one there has been decoded and its face found
+            self.find_face(upload, shown)
+            self.keep_photo(data, path)
+        return path, shown
+
+    def check_upload(self, upload: str) -> tuple[bytes, Path, str]:
+        """An upload's bytes after the checks its header allows (format, file size, pixels), the path it is kept
+        under once accepted and the name it was uploaded as."""
         from PIL import Image, UnidentifiedImageError
 
         upload = Path(upload)
@@ -340,11 +349,26 @@ class LynxWebApp:
         if w * h > MAX_PHOTO_PIXELS:
             raise InputError(f"{shown} is {w}x{h} pixels; at most {MAX_PHOTO_PIXELS // 10**6} million are accepted")
         data = upload.read_bytes()
-        path = self.out_dir / "photos" / f"{hashlib.sha256(data).hexdigest()}{PHOTO_FORMATS[kind]}"
+        return data, self.out_dir / "photos" / f"{hashlib.sha256(data).hexdigest()}{PHOTO_FORMATS[kind]}", shown
+
+    def find_face(self, photo, shown: str, embedding: bool = False):
+        """A photo decoded whole and its face found: (image, FoundFace); an error names the photo as `shown`."""
+        from ... import face
+
+        with self.face_lock:
+            analyzer = self._analyzer(embedding)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", face.SeveralFacesWarning)  # the face check's summary says it
+                return face.load_image(photo), analyzer.find(photo)
+        except LynxError as e:  # the face code names the file, a temporary or stored one; the person knows their own
+            raise type(e)(str(e).replace(str(photo), shown)) from None
+
+    @staticmethod
+    def keep_photo(data: bytes, path: Path) -> None:
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda tmp: tmp.write_bytes(data))
-        return path, shown
 
     def _analyzer(self, embedding: bool):
         """The page's FaceAnalyzer, built once; rebuilt with ArcFace once its file has appeared. Under face_lock."""
@@ -383,15 +407,9 @@ class LynxWebApp:
         embedding = self.missing_arcface() is None
         for upload in uploads:
             try:
-                path, shown = self.store_photo(upload)
-                with self.face_lock:
-                    analyzer = self._analyzer(embedding)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", face.SeveralFacesWarning)  # the summary line says it
-                    try:
-                        image, found = face.load_image(path), analyzer.find(path)
-                    except LynxError as e:  # the face code names the stored file; the person knows their own name
-                        raise type(e)(str(e).replace(str(path), shown)) from None
+                data, path, shown = self.check_upload(upload)
+                image, found = self.find_face(upload, shown, embedding)
+                self.keep_photo(data, path)  # a refused photo is never kept
                 faces, chosen = found.faces, found.face
                 if embedding:
                     people.append(self.identity_of(path, shown))
