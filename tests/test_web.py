@@ -134,6 +134,11 @@ def test_uploads_are_checked_by_content_size_and_pixels(web, photos, tmp_path):
     assert not list((web.out_dir / "photos").glob(f"{half}.*"))
     with pytest.raises(AppError, match="at most 8 photos of one person, got 9"):
         web.client().predict([handle_file(tmp_path / "notes.jpg")] * 9, api_name="/check_faces")
+    # The content decides, not the name: a JPEG under any name is a JPEG.
+    for name in ("astronaut.txt", "astronaut"):
+        (tmp_path / name).write_bytes(jpeg)
+        _, report = web.client().predict([handle_file(tmp_path / name)], api_name="/check_faces")
+        assert report.startswith(f"- **{name}**: 1 face(s) found"), report
 
 
 # ----- generation -----------------------------------------------------------------------------------------

@@ -694,8 +694,10 @@ def build_page(app: LynxWebApp) -> gr.Blocks:
         missing = gr.Markdown(visible=False)
         with gr.Row():
             with gr.Column():
+                # No file_types: Gradio would refuse a photo by its name's extension (a JPEG saved as "photo", or
+                # ".jfif") in words of its own; `check_upload` and `find_face` decide by the content.
                 photos = gr.File(label=f"Photos of one person (up to {MAX_PHOTOS})", file_count="multiple",
-                                 file_types=["image"], elem_id="photos")
+                                 elem_id="photos")
                 faces = gr.Gallery(label="Faces found (green: the one used) and the crops the model sees",
                                    columns=4, height=260, format="png", elem_id="faces")
                 face_report = gr.Markdown(elem_id="face-report")
