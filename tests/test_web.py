@@ -183,6 +183,10 @@ def test_generate_writes_video_and_sidecar_never_overwriting_and_the_command_rem
     ({"num_frames": 6, "height": 30}, "invalid video size: num_frames=6 is not 4k+1 (try 5 or 9); height=30 is not "
                                       "a positive multiple of 16 (try 16 or 32)"),
     ({"num_inference_steps": 1000000}, "num_inference_steps=1000000 is above the limit of 200"),
+    ({"num_inference_steps": 0}, "num_inference_steps=0 must be at least 1 (try 1)"),
+    ({"num_frames": 0}, "invalid video size: num_frames=0 is not 4k+1 (try 1 or 5)"),
+    ({"height": 0, "width": -16}, "invalid video size: height=0 is not a positive multiple of 16 (try 16 or 32); "
+                                  "width=-16 is not a positive multiple of 16"),
     ({"fps": 0}, "fps=0 must be between 1 and 240"),
     ({"seed": -1}, "seed=-1 must be in [0, 2**63)"),
     ({"prompt": "  "}, "the prompt is empty"),

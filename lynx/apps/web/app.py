@@ -117,11 +117,12 @@ PAGE_SETTINGS = {"format": ".mp4"}
 SETTINGS: tuple[Setting, ...] = (
     Setting("negative_prompt", "text",
             lambda value: gr.Textbox(value, label="Negative prompt", lines=2, render=False)),
-    Setting("num_frames", "int", _number("Frames", "4k+1", precision=0, minimum=1)),
-    Setting("height", "int", _number("Height", "multiple of 16", precision=0, minimum=16)),
-    Setting("width", "int", _number("Width", "multiple of 16", precision=0, minimum=16)),
-    # The limit is GenerationSettings' (said in its words); a gr.Number maximum would answer first, in Gradio's.
-    Setting("num_inference_steps", "int", _number("Steps", f"at most {MAX_STEPS}", precision=0, minimum=1)),
+    # The limits are GenerationSettings' (said in its words, with a value to try); a gr.Number minimum or maximum
+    # would answer first, in Gradio's ("Value 0 is less than minimum value 1.").
+    Setting("num_frames", "int", _number("Frames", "4k+1", precision=0)),
+    Setting("height", "int", _number("Height", "multiple of 16", precision=0)),
+    Setting("width", "int", _number("Width", "multiple of 16", precision=0)),
+    Setting("num_inference_steps", "int", _number("Steps", f"at most {MAX_STEPS}", precision=0)),
     Setting("seed", "int", _number("Seed", precision=0)),
     Setting("fps", "int", _number("Frames per second", precision=0)),
     Setting("guidance_scale", "float", _number("Text guidance")),
