@@ -397,6 +397,19 @@ def test_saved_identity_is_reused_from_the_dropdown(web, photos, face_models):
     assert (frames[0] == frames[1]).all()
 
 
+def test_identity_names_in_any_script_are_saved_and_used(web, photos):
+    client = web.client()
+    for typed, name in [("Zoë", "zoë"), ("李雷", "李雷"), ("Ana\u202eMaria", "ana-maria")]:
+        person, note = client.predict([handle_file(photos / "astronaut.jpg")], typed, api_name="/save_identity")
+        assert person["value"] == name and [name, name] in person["choices"] and f"faces/{name}.identity" in note
+        assert (web.out_dir / "faces" / f"{name}.identity").is_file()
+    _, side, command, _ = generate(client, [], "a man waves", person="李雷", seed=6)
+    assert side["video"] == "李雷-a-man-waves-s6.mp4" and (web.out_dir / side["video"]).stat().st_size > 0
+    assert shlex.split(command)[3] == str(web.out_dir / "faces" / "李雷.identity")
+    with pytest.raises(AppError, match=r"give the identity a name \(letters and digits, in any script\)"):
+        client.predict([handle_file(photos / "astronaut.jpg")], "?!", api_name="/save_identity")
+
+
 # ----- without weights: `lynx serve` as a subprocess --------------------------------------------------------
 def start_command(*args, cwd, env):
     proc = subprocess.Popen([sys.executable, "-m", "lynx", *map(str, args)], cwd=cwd, stderr=subprocess.PIPE,
