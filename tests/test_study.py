@@ -216,6 +216,36 @@ def test_a_plain_directory_of_method_folders(tmp_path):
         Study(tmp_path / "missing")
 
 
+def test_videos_with_bad_sidecars_are_skipped_with_a_note(bench_run):
+    videos = bench_run / "videos" / "baseline"
+    bad = {"astro__beach.mp4.json": "{not json", "astro__rain.mp4.json": "[1, 2]",
+           "astro__park.mp4.json": json.dumps({"prompt": "p", "identity": "astro.jpg"})}
+    for name, text in bad.items():
+        (videos / name).write_text(text)
+    out = subprocess.run([sys.executable, "-m", "lynx", "study", str(bench_run), "--results"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "lynx study: skipped baseline/astro__beach.mp4: its sidecar astro__beach.mp4.json is not valid JSON" \
+        in out.stderr
+    assert "skipped baseline/astro__rain.mp4: its sidecar astro__rain.mp4.json is not a JSON object" in out.stderr
+    assert "skipped baseline/astro__park.mp4: its sidecar astro__park.mp4.json has identity.images that are not" \
+        in out.stderr
+    study = Study(bench_run)
+    assert sorted(study.items) == [f"lynx-full/astro__{p}.mp4" for p in ("beach", "park", "rain")]
+    assert {i.prompt for i in study.items.values()} == set(PROMPTS.values())
+
+    # Nothing usable left: one line, naming a bad sidecar.
+    for video in (bench_run / "videos" / "lynx-full").glob("*.mp4"):
+        sidecar_path(video).write_text(json.dumps({"prompt": 7}))
+    out = subprocess.run([sys.executable, "-m", "lynx", "study", str(bench_run), "--results"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert last.startswith(f"lynx study: error: no usable videos under {bench_run}: 6 skipped for their sidecars, "
+                           "e.g. baseline/astro__beach.mp4: its sidecar astro__beach.mp4.json is not valid JSON")
+    assert last.endswith("; fix or delete those sidecars")
+
+
 def test_the_rating_page_in_a_browser(served, browser, screenshots):
     if browser is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium): the page was not opened")

@@ -161,6 +161,8 @@ def cmd_study(args) -> int:
     from .study import Study, build_study_page
 
     study = Study(Path(args.dir), Path(args.db) if args.db else None)
+    for note in study.skipped:
+        print(f"lynx study: skipped {note}", file=sys.stderr)
     if args.results:
         print(study.results_markdown())
         return 0

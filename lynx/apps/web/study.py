@@ -9,7 +9,8 @@ The results table has one row per method, in Table 3's layout.
 
 Videos are found as `DIR/<method>/**/<case>.<mp4|webp|gif>` (a `lynx bench` output directory: its
 `videos/<setting>/...`); the prompt comes from each video's sidecar, the reference photo from the sidecar's
-photo or the bench run's `references/<subject>.*`.
+photo or the bench run's `references/<subject>.*`. A video whose sidecar is there but unusable (unreadable, not
+JSON, a prompt that is not text) is skipped with a note, not rated without its prompt.
 """
 
 from __future__ import annotations
@@ -54,29 +55,64 @@ class Item:
     reference: Path | None
 
 
-def _reference(directory: Path, case: str, record: dict) -> Path | None:
-    for image in (record.get("identity") or {}).get("images") or []:
-        if Path(image.get("path", "")).is_file():
-            return Path(image["path"])
+def read_sidecar(video: Path) -> tuple[str | None, list[str]]:
+    """The prompt and photo paths in a video's sidecar (None and [] without one). Any JSON object with these
+    fields will do, not only a lynx record: other methods' videos come with sidecars of their own. One that is
+    there but unusable raises InputError saying what is wrong with it."""
+    side = sidecar_path(video)
+    if not side.exists():
+        return None, []
+    try:
+        record = json.loads(side.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"its sidecar {side.name} cannot be read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise InputError(f"its sidecar {side.name} is not valid JSON ({e})") from None
+    if not isinstance(record, dict):
+        raise InputError(f"its sidecar {side.name} is not a JSON object")
+    prompt = record.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise InputError(f"its sidecar {side.name} has a prompt that is not text")
+    identity = record.get("identity") or {}
+    images = identity.get("images") or [] if isinstance(identity, dict) else None
+    if not isinstance(images, list) or not all(isinstance(i, dict) and isinstance(i.get("path", ""), str)
+                                               for i in images):
+        raise InputError(f"its sidecar {side.name} has identity.images that are not a list of {{\"path\": ...}}")
+    return prompt, [i.get("path", "") for i in images]
+
+
+def _is_file(path) -> bool:
+    try:
+        return bool(path) and Path(path).is_file()
+    except (OSError, ValueError):  # a path with a NUL byte, or one too long, names no photo
+        return False
+
+
+def _reference(directory: Path, case: str, photos: list[str]) -> Path | None:
+    for photo in photos:
+        if _is_file(photo):
+            return Path(photo)
     found = sorted((directory / "references").glob(f"{case.split('__')[0]}.*"))
     return found[0] if found else None
 
 
-def find_items(directory: Path) -> list[Item]:
+def find_items(directory: Path) -> tuple[list[Item], list[str]]:
+    """The videos to rate, and a note for each one skipped for its sidecar."""
     root = directory / "videos" if (directory / "videos").is_dir() else directory
-    items = []
+    items, skipped = [], []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if path.suffix.lower() not in VIDEO_FORMATS or not path.is_file() or path.stat().st_size == 0 \
                 or any(part.startswith(".") for part in rel.parts):
             continue
         try:
-            record = json.loads(sidecar_path(path).read_text())
-        except (OSError, ValueError):
-            record = {}
+            prompt, photos = read_sidecar(path)
+        except InputError as e:
+            skipped.append(f"{rel.as_posix()}: {e}")
+            continue
         method = rel.parts[0] if len(rel.parts) > 1 else root.name
-        items.append(Item(rel.as_posix(), method, path, record.get("prompt"), _reference(directory, path.stem, record)))
-    return items
+        items.append(Item(rel.as_posix(), method, path, prompt, _reference(directory, path.stem, photos)))
+    return items, skipped
 
 
 class Study:
@@ -86,7 +122,11 @@ class Study:
         self.root = Path(directory)
         if not self.root.is_dir():
             raise InputError(f"{self.root} is not a directory of videos")
-        self.items = {item.key: item for item in find_items(self.root)}
+        items, self.skipped = find_items(self.root)
+        self.items = {item.key: item for item in items}
+        if not self.items and self.skipped:
+            raise InputError(f"no usable videos under {self.root}: {len(self.skipped)} skipped for their sidecars, "
+                             f"e.g. {self.skipped[0]}; fix or delete those sidecars")
         if not self.items:
             raise InputError(f"no videos (.mp4, .webp, .gif) under {self.root}; expected <dir>/<method>/<video>")
         self.methods = sorted({item.method for item in self.items.values()})
