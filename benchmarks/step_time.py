@@ -497,7 +497,7 @@ def clip(size: str, speed: str, memory: str | None, steps: int | None, device: s
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=list(SIZES))
     parser.add_argument("--steps", type=int, default=8, help="per generation; every step after the first is timed")
     parser.add_argument("--repeats", type=int, default=10, help="generations of each pipeline (rounds)")
@@ -517,6 +517,13 @@ def main():
     parser.add_argument("--compile", action="store_true", help="with --clip: compile the blocks as `lynx generate "
                         "--compile` does (refused, as there, with --speed fast or --memory 12gb)")
     args = parser.parse_args()
+    # Checked before anything is built: a bad count would surface as an IndexError after minutes of setup.
+    for flag, value, least, why in (("--steps", args.steps, 2, "the first step of a generation is not timed"),
+                                    ("--repeats", args.repeats, 1, "generations of each pipeline"),
+                                    ("--clip-steps", args.clip_steps, 1, "denoising steps of the clip"),
+                                    ("--threads", args.threads, 1, "CPU threads")):
+        if value is not None and value < least:
+            parser.exit(2, f"{parser.prog}: error: {flag} {value}: must be at least {least} ({why})\n")
     if args.profile and args.device != "cpu":
         parser.error("--profile reads operators' CPU time: use it with --device cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

@@ -5,6 +5,10 @@ checked against what it promises: which adapters act at which step, which branch
 a step cache skips in each branch, what torch.compile traces, and how often a projection runs.
 """
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -289,3 +293,46 @@ def test_presets(full):
     with pytest.raises(InputError, match="needs a step-distill LoRA"):
         speed.apply_speed(full, "turbo")
     assert np.allclose(speed.turbo_sigmas(4) * 1000, [1000, 750, 500, 250])
+
+
+# ----- the benchmark scripts' arguments ------------------------------------------------------------------------
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    """A benchmarks/ script as a module (shared with tests/test_step_flops.py, which loads step_time too)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        spec.loader.exec_module(sys.modules.setdefault(name, importlib.util.module_from_spec(spec)))
+    return sys.modules[name]
+
+
+@pytest.mark.parametrize("script,args,words", [
+    ("step_time", ["--steps", "1"], "--steps 1: must be at least 2"),
+    ("step_time", ["--repeats", "0"], "--repeats 0: must be at least 1"),
+    ("step_time", ["--clip", "--clip-steps", "-1"], "--clip-steps -1: must be at least 1"),
+], ids=["step_time steps 1", "step_time repeats 0", "step_time clip-steps -1"])
+def test_benchmark_scripts_refuse_bad_arguments_before_measuring(script, args, words, tmp_path, monkeypatch, capsys):
+    module = _script(script)
+    for name in ("bench", "clip", "throughput", "measure_gpu"):
+        if hasattr(module, name):
+            monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("it started measuring"))
+    if script == "train_throughput":
+        monkeypatch.setattr(module, "dist", None)  # no process group either
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *(a.replace("{tmp}", str(tmp_path)) for a in args)])
+    with pytest.raises(SystemExit) as e:
+        module.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"{script}.py: error: {words.replace('{tmp}', str(tmp_path))}"), err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_step_time_help_describes_it_in_whole_sentences(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["step_time.py", "--help"])
+    with pytest.raises(SystemExit):
+        _script("step_time").main()
+    description = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
+    assert description == ("Time one denoising step of LynxPipeline against diffusers' plain WanPipeline on the "
+                           "same model, in one process, beside the ratio the FLOP count predicts (docs/benchmarks.md).")
