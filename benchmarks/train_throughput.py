@@ -21,6 +21,7 @@ import json
 import math
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -162,6 +163,36 @@ def measure_gpu(runtime: Runtime, blocks: int, tokens: int = 32760) -> dict:
     return {"blocks": blocks, "measured_peak_gib": measured, "estimated_gib": est["total"] / GIB}
 
 
+def _check_args(parser, args) -> torch.device:
+    """Every argument, before the process group and the models: a mistake is one line, not a traceback after
+    minutes of measuring (or a result that cannot be written)."""
+    def refuse(message):
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                               ("--measure-blocks", args.measure_blocks, 0)):
+        if value < least:
+            refuse(f"{flag} {value}: must be at least {least}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        refuse(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        refuse(f"--device {args.device}: CUDA is not available here; use --device cpu")
+    if args.measure_blocks and device.type != "cuda":
+        refuse("--measure-blocks needs --device cuda")
+    if args.json:
+        folder = Path(args.json).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            refuse(f"--json {args.json}: its folder {folder} cannot be made "
+                   f"({'a file is in the way' if isinstance(e, FileExistsError) else e.strerror})")
+        if Path(args.json).is_dir():
+            refuse(f"--json {args.json} is a folder; give a file name")
+    return device
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -172,7 +203,7 @@ def main():
     parser.add_argument("--measure-blocks", type=int, default=0, help="CUDA: real step of a k-block 14B-width model")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = _check_args(parser, args), DTYPES[args.dtype]
     # One process as its own FSDP2 group, exactly as `lynx train` runs on one device.
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                             world_size=1)
@@ -200,8 +231,6 @@ def main():
     eight = next(r for r in table[1:] if r["gpus"] == 8 and r["stage"].startswith("stage 2"))
     print("\n  breakdown, stage 2 on 8 GPUs:\n" + describe({k: v * GIB for k, v in eight["breakdown_gib"].items()}))
     if args.measure_blocks:
-        if device.type != "cuda":
-            raise SystemExit("--measure-blocks needs --device cuda")
         m = measure_gpu(runtime, args.measure_blocks)
         results["measured"] = m
         print(f"\nmeasured on {results['gpu']}: {m['blocks']} blocks, peak {m['measured_peak_gib']:.1f} GiB; "

@@ -6,6 +6,7 @@ a step cache skips in each branch, what torch.compile traces, and how often a pr
 """
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -312,7 +313,14 @@ def _script(name: str):
     ("step_time", ["--steps", "1"], "--steps 1: must be at least 2"),
     ("step_time", ["--repeats", "0"], "--repeats 0: must be at least 1"),
     ("step_time", ["--clip", "--clip-steps", "-1"], "--clip-steps -1: must be at least 1"),
-], ids=["step_time steps 1", "step_time repeats 0", "step_time clip-steps -1"])
+    ("train_throughput", ["--steps", "0"], "--steps 0: must be at least 1"),
+    ("train_throughput", ["--warmup", "-1"], "--warmup -1: must be at least 0"),
+    ("train_throughput", ["--measure-blocks", "2"], "--measure-blocks needs --device cuda"),
+    ("train_throughput", ["--device", "nope"], "--device 'nope' is not a device"),
+    ("train_throughput", ["--json", "{tmp}/a-file/r.json"], "--json {tmp}/a-file/r.json: its folder {tmp}/a-file"),
+], ids=["step_time steps 1", "step_time repeats 0", "step_time clip-steps -1", "train_throughput steps 0",
+        "train_throughput warmup -1", "train_throughput measure-blocks on cpu", "train_throughput bad device",
+        "train_throughput json under a file"])
 def test_benchmark_scripts_refuse_bad_arguments_before_measuring(script, args, words, tmp_path, monkeypatch, capsys):
     module = _script(script)
     for name in ("bench", "clip", "throughput", "measure_gpu"):
@@ -336,3 +344,11 @@ def test_step_time_help_describes_it_in_whole_sentences(monkeypatch, capsys):
     description = " ".join(capsys.readouterr().out.split("\n\n")[1].split())
     assert description == ("Time one denoising step of LynxPipeline against diffusers' plain WanPipeline on the "
                            "same model, in one process, beside the ratio the FLOP count predicts (docs/benchmarks.md).")
+
+
+def test_train_throughput_makes_the_folder_of_its_json(tmp_path, monkeypatch, one_thread):
+    out = tmp_path / "new" / "folder" / "r.json"
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", "--sizes", "tiny", "--steps", "1", "--warmup", "0",
+                                      "--json", str(out)])
+    _script("train_throughput").main()
+    assert json.loads(out.read_text())["throughput"][0]["size"] == "tiny"
