@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -135,6 +136,7 @@ def main() -> None:
         args.memory = args.memory[0]
         print(json.dumps(measure(args)))
         return
+    failed = []
     for name in args.memory:
         cmd = [sys.executable, __file__, "--one", "--memory", name, "--variant", args.variant, "--size", args.size,
                "--device", args.device, "--frames", str(args.frames), "--height", str(args.height),
@@ -143,6 +145,7 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(f"{name}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            failed.append(name)
             continue
         result = json.loads(out.stdout.strip().splitlines()[-1])
         from lynx.pipelines.plan import GIB, plan_memory
@@ -157,6 +160,9 @@ def main() -> None:
         if not result["peaks_gib"]:
             lora = f" with a rank-{args.lora_rank} LoRA" if args.lora_rank else ""
             print(f"{name:12s} {args.variant} ran on {result['device']}{lora} (no CUDA: nothing measured)")
+    if failed:  # the others still ran; a session script must still see that this run is not complete
+        sys.exit(f"{Path(__file__).name}: error: {len(failed)} of {len(args.memory)} preset(s) failed: "
+                 f"{', '.join(failed)} (their errors are above)")
 
 
 if __name__ == "__main__":

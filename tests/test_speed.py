@@ -7,6 +7,8 @@ a step cache skips in each branch, what torch.compile traces, and how often a pr
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -352,3 +354,12 @@ def test_train_throughput_makes_the_folder_of_its_json(tmp_path, monkeypatch, on
                                       "--json", str(out)])
     _script("train_throughput").main()
     assert json.loads(out.read_text())["throughput"][0]["size"] == "tiny"
+
+
+def test_memory_benchmark_exits_non_zero_when_a_preset_fails(tmp_path):
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "memory_peak.py"), "--size", "tiny", "--device", "no-such",
+                        "--memory", "max"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)})
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("memory_peak.py: error: 1 of 1 preset(s) failed: max (their errors "
+                                                 "are above)")
