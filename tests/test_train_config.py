@@ -1,6 +1,7 @@
 """Training configs: typed, checked whole at load, every mistake named by its key and allowed values before any
 model loads; nested typed overrides; one dtype vocabulary."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,29 @@ def test_missing_files_are_found_before_any_model_loads(tiny_base, tmp_path, no_
     with pytest.raises(InputError) as e:
         T.train(config, progress=False)
     assert all(w in str(e.value) for w in words), str(e.value)
+
+
+@pytest.mark.parametrize("init,download,then", [
+    ("my adapters", "--include 'lynx_lite/*' --local-dir '{tmp}/my adapters'", '"{tmp}/my adapters/lynx_lite"'),
+    ("models/lynx_full", "--include 'lynx_full/*' --local-dir {tmp}/models", None),
+], ids=["a folder of any name", "a lynx_full folder"])
+def test_download_hints_name_the_folders_the_config_points_at(tiny_base, tmp_path, no_model, init, download, then):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "index.jsonl").write_text("{}\n")
+    (tmp_path / init).mkdir(parents=True)
+    config = training_config_from_dict({"train": {"base": str(tiny_base), "init": str(tmp_path / init),
+                                                  "variant": "lite"}, "data": {"cache_dir": str(cache)}})
+    with pytest.raises(InputError) as e:
+        T.train(config, progress=False)
+    message = str(e.value)
+    assert f"train.init: {tmp_path / init} has no resampler.safetensors" in message and "\n" not in message
+    assert "hf download ByteDance/lynx " + download.replace("{tmp}", str(tmp_path)) in message
+    assert then is None or f"then set train.init = {then.replace('{tmp}', str(tmp_path))}" in message
+    config = training_config_from_dict({"train": {"base": str(tmp_path / "my base")},
+                                        "data": {"cache_dir": str(cache)}})
+    with pytest.raises(InputError, match=re.escape(f"--local-dir '{tmp_path}/my base'")):
+        T.train(config, progress=False)
 
 
 def test_prepare_names_a_missing_manifest(tiny_base, tmp_path):

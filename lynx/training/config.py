@@ -8,13 +8,21 @@ Dtypes have one vocabulary everywhere: `lynx.runtime.DTYPES` (fp32, bf16, fp16).
 
 from __future__ import annotations
 
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
-from ..constants import DEFAULT_NEGATIVE_PROMPT, ResamplerConfig
+from ..constants import (
+    ADAPTER_REPO,
+    BASE_MODEL_REPO,
+    DEFAULT_NEGATIVE_PROMPT,
+    IP_LAYERS_FILE,
+    RESAMPLER_FILE,
+    ResamplerConfig,
+)
 from ..errors import InputError
 
 INDEX_FILE = "index.jsonl"  # the prepared cache's table of samples (written by lynx.training.data)
@@ -277,6 +285,16 @@ def load_training_config(path, overrides: tuple[str, ...] | list[str] = ()) -> T
     return training_config_from_dict(values)
 
 
+def _adapter_download(directory: Path, variant: str) -> str:
+    """The `hf download` line that fills `directory`, wherever it is: the repository keeps each variant in a
+    lynx_full/ or lynx_lite/ folder, which lands under --local-dir."""
+    if directory.name in ("lynx_full", "lynx_lite"):
+        return (f"hf download {ADAPTER_REPO} --include '{directory.name}/*' "
+                f"--local-dir {shlex.quote(str(directory.parent))}")
+    return (f"hf download {ADAPTER_REPO} --include 'lynx_{variant}/*' --local-dir {shlex.quote(str(directory))}, "
+            f"then set train.init = \"{directory / f'lynx_{variant}'}\"")
+
+
 def check_files(config: TrainingConfig, command: Literal["prepare", "train"]) -> None:
     """What `command` will open exists, checked before any model loads; each problem names its key."""
     from ..models.loading import inspect_base_dir
@@ -287,7 +305,8 @@ def check_files(config: TrainingConfig, command: Literal["prepare", "train"]) ->
     report = inspect_base_dir(t.base)
     if not report.ok:
         raise InputError(f"train.base: the Wan2.1-T2V base model was not found at {t.base} "
-                         f"({'; '.join(report.problems)}); point train.base (or --base) at it")
+                         f"({'; '.join(report.problems)}); point train.base (or --base) at it, or download it "
+                         f"there: hf download {BASE_MODEL_REPO} --local-dir {shlex.quote(str(t.base))}")
     if command == "prepare":
         if not d.manifest or not d.cache_dir:
             raise InputError("data.manifest and data.cache_dir must be set in the training config")
@@ -303,6 +322,13 @@ def check_files(config: TrainingConfig, command: Literal["prepare", "train"]) ->
     if t.init != "scratch" and not Path(t.init).is_dir():
         raise InputError(f"train.init: {t.init} is not a directory; use \"scratch\" or a lynx_full/lynx_lite "
                          "(or checkpoint) directory to fine-tune")
+    if t.init != "scratch":
+        init = Path(t.init)
+        missing = [n for n in (RESAMPLER_FILE, IP_LAYERS_FILE) if not (init / n).is_file()]
+        if missing:
+            raise InputError(f"train.init: {init} has no {' or '.join(missing)}; point train.init at a "
+                             "lynx_full/lynx_lite (or checkpoint) directory, or use \"scratch\". To fine-tune the "
+                             f"released weights: {_adapter_download(init, t.variant)}")
     if t.tensorboard:
         import importlib.util
 
