@@ -216,6 +216,39 @@ def test_a_plain_directory_of_method_folders(tmp_path):
         Study(tmp_path / "missing")
 
 
+def test_still_webp_and_gif_photos_are_not_videos(tmp_path):
+    """A `lynx serve` output directory: its videos beside photos/ (uploads, kept as .webp among others)."""
+    from PIL import Image
+
+    save_video(np.zeros((5, 16, 16, 3), np.uint8), tmp_path / "serve" / "a.webp", 8)
+    one = tmp_path / "serve" / "one-frame.webp"  # `lynx generate --frames 1`: a video, as its sidecar says
+    save_video(np.zeros((1, 16, 16, 3), np.uint8), one, 8)
+    sidecar_path(one).write_text(json.dumps({"prompt": "a portrait"}))
+    (tmp_path / "photos").mkdir()
+    for name in ("upload.webp", "upload.gif"):
+        Image.new("RGB", (16, 16)).save(tmp_path / "photos" / name)
+    study = Study(tmp_path)
+    assert sorted(study.items) == ["serve/a.webp", "serve/one-frame.webp"] and study.methods == ["serve"]
+
+
+def test_photo_folders_hold_no_videos_even_as_webp(tmp_path, photos):
+    """A `lynx serve` output directory: videos at the top, uploads in photos/ (a WebP photo among them), and a
+    plain directory with a references/ folder; a method's one-frame WebP video is still a video."""
+    from PIL import Image
+
+    save_video(np.zeros((5, 16, 16, 3), np.uint8), tmp_path / "serve" / "a.webp", 8)  # frames alike: one still
+    (tmp_path / "serve" / "photos").mkdir()
+    (tmp_path / "references").mkdir()
+    for folder in (tmp_path / "serve" / "photos", tmp_path / "references"):
+        Image.open(photos / "astronaut.jpg").save(folder / "astro.webp")
+        Image.open(photos / "astronaut.jpg").save(folder / "astro.gif")
+    assert sorted(Study(tmp_path / "serve").items) == ["a.webp"]
+    save_video(np.zeros((5, 16, 16, 3), np.uint8), tmp_path / "m" / "astro__b.webp", 8)
+    study = Study(tmp_path)
+    assert sorted(study.items) == ["m/astro__b.webp", "serve/a.webp"] and study.methods == ["m", "serve"]
+    assert study.items["m/astro__b.webp"].reference == tmp_path / "references" / "astro.gif"  # still the reference
+
+
 def test_videos_with_bad_sidecars_are_skipped_with_a_note(bench_run):
     videos = bench_run / "videos" / "baseline"
     bad = {"astro__beach.mp4.json": "{not json", "astro__rain.mp4.json": "[1, 2]",

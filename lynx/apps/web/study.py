@@ -8,9 +8,10 @@ aesthetics (AQ), motion naturalness (MN) and overall quality (VQ). Ratings go to
 The results table has one row per method, in Table 3's layout.
 
 Videos are found as `DIR/<method>/**/<case>.<mp4|webp|gif>` (a `lynx bench` output directory: its
-`videos/<setting>/...`); the prompt comes from each video's sidecar, the reference photo from the sidecar's
-photo or the bench run's `references/<subject>.*`. A video whose sidecar is there but unusable (unreadable, not
-JSON, a prompt that is not text) is skipped with a note, not rated without its prompt.
+`videos/<setting>/...`), never in the photo folders lynx writes (`photos/`, `faces/`, `references/`); the
+prompt comes from each video's sidecar, the reference photo from the sidecar's photo or the bench run's
+`references/<subject>.*`. A video whose sidecar is there but unusable (unreadable, not JSON, a prompt that is
+not text) is skipped with a note, not rated without its prompt.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ DIMENSIONS = {
     "MN": ("Motion naturalness", "Do people and things move as they would in reality?"),
     "VQ": ("Overall video quality", "Taken as a whole, how good is the video?"),
 }
+# Folders of photos that lynx writes beside videos: `lynx serve`'s uploads and saved identities, `lynx bench`'s
+# references. A photo there can be a .webp, which is also a video format, and a one-frame WebP video cannot be
+# told from a photo (Pillow writes a video whose frames are all alike as one still frame): the folder decides.
+PHOTO_FOLDERS = ("photos", "faces", "references")
 SCHEMA = ("CREATE TABLE IF NOT EXISTS ratings (rater TEXT NOT NULL, item TEXT NOT NULL, method TEXT NOT NULL, "
           + ", ".join(f"{d.lower()} INTEGER NOT NULL CHECK ({d.lower()} BETWEEN 1 AND 5)" for d in DIMENSIONS)
           + ", rated_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (rater, item))")
@@ -103,7 +108,8 @@ def find_items(directory: Path) -> tuple[list[Item], list[str]]:
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if path.suffix.lower() not in VIDEO_FORMATS or not path.is_file() or path.stat().st_size == 0 \
-                or any(part.startswith(".") for part in rel.parts):
+                or any(part.startswith(".") for part in rel.parts) \
+                or any(part in PHOTO_FOLDERS for part in rel.parts[:-1]):
             continue
         try:
             prompt, photos = read_sidecar(path)
