@@ -279,6 +279,27 @@ def test_videos_with_bad_sidecars_are_skipped_with_a_note(bench_run):
     assert last.endswith("; fix or delete those sidecars")
 
 
+def test_the_db_folder_is_made_and_a_file_that_is_not_a_ratings_database_refused(bench_run, tmp_path):
+    db = tmp_path / "new" / "deeper" / "ratings.sqlite"
+    Study(bench_run, db=db).rate("ann", "baseline/astro__beach.mp4", dict.fromkeys(("FR", "PF", "AQ", "MN", "VQ"), 4))
+    assert [r["ratings"] for r in Study(bench_run, db=db).results()] == [1]  # made once, then reopened
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, not a database\n" * 20)
+    out = subprocess.run([sys.executable, "-m", "lynx", "study", str(bench_run), "--db", str(notes), "--results"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 2 and out.stderr == f"lynx study: error: {notes} exists and is not a SQLite database; " \
+        "give --db a new file or a study's ratings file\n", out.stderr
+    assert notes.read_text() == "my notes, not a database\n" * 20  # untouched
+    with pytest.raises(InputError, match="is a folder; --db names the ratings file"):
+        Study(bench_run, db=tmp_path)
+    other = tmp_path / "other.sqlite"  # another program's database with a table of the same name
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE ratings (movie TEXT, stars INTEGER)")
+    with pytest.raises(InputError, match="has a ratings table that is not lynx study's"):
+        Study(bench_run, db=other)
+
+
 def test_the_rating_page_in_a_browser(served, browser, screenshots):
     if browser is None:
         pytest.skip("no chromium on PATH (Debian: apt-get install -y chromium): the page was not opened")

@@ -137,14 +137,37 @@ class Study:
             raise InputError(f"no videos (.mp4, .webp, .gif) under {self.root}; expected <dir>/<method>/<video>")
         self.methods = sorted({item.method for item in self.items.values()})
         self.db = Path(db) if db else self.root / "study.sqlite"
-        with self._connect() as c:
-            c.execute("PRAGMA journal_mode=WAL")  # raters read while another writes
-            c.execute(SCHEMA)
+        self._open_db()
         # Raters get copies under random names: neither the page nor a URL tells the method.
         self.clips = Path(tempfile.mkdtemp(prefix="lynx-study-"))
         atexit.register(shutil.rmtree, self.clips, True)
         self.tokens = {key: secrets.token_hex(8) for key in self.items}
         self._copying = threading.Lock()
+
+    def _open_db(self) -> None:
+        """Create the ratings table, or check the one there; the file's folder is made when missing."""
+        if self.db.is_dir():
+            raise InputError(f"{self.db} is a folder; --db names the ratings file, e.g. {self.db / 'study.sqlite'}")
+        try:
+            header = b""
+            if self.db.exists():
+                with open(self.db, "rb") as f:
+                    header = f.read(16)
+            # SQLite opens any file and says "file is not a database" only at the first statement; an empty file
+            # is a new database to it.
+            if header and header != b"SQLite format 3\0":
+                raise InputError(f"{self.db} exists and is not a SQLite database; give --db a new file or a "
+                                 "study's ratings file")
+            self.db.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as c:
+                c.execute("PRAGMA journal_mode=WAL")  # raters read while another writes
+                c.execute(SCHEMA)
+                columns = {row[1] for row in c.execute("PRAGMA table_info(ratings)")}
+        except (OSError, sqlite3.Error) as e:
+            raise InputError(f"cannot keep the ratings in {self.db} ({e}); give --db a file in a folder you can "
+                             "write") from None
+        if not {"rater", "item", "method", *(d.lower() for d in DIMENSIONS)} <= columns:
+            raise InputError(f"{self.db} has a ratings table that is not lynx study's; give --db another file")
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.db, timeout=60, isolation_level=None)  # autocommit: each statement is atomic
