@@ -158,6 +158,18 @@ def test_one_name_per_visit_and_incomplete_ratings_refused(served, tmp_path):
     assert [r["ratings"] for r in study.results()] == [1]
 
 
+def test_a_video_whose_reference_photo_is_unreadable_is_shown_with_the_photo_missing(served, bench_run, tmp_path):
+    reference = bench_run / "references" / "astro.jpg"
+    reference.write_bytes(reference.read_bytes()[:2000])  # cut off, as an interrupted copy leaves it
+    study, url = served()
+    client = Client(url, verbose=False, download_files=str(tmp_path / "dl"))
+    progress, prompt, photo, video, _ = view(client.predict("erin", api_name="/start"))
+    assert progress == "**erin**: 0 of 6 rated." and photo is None and Path(video["value"]).is_file()
+    assert prompt.startswith("**Prompt:** a person") and prompt.endswith("*(the reference photo is missing)*")
+    assert "astro" not in prompt  # blind: the page never names the photo
+    assert view(client.predict(3, 3, 3, 3, 3, api_name="/rate"))[0] == "**erin**: 1 of 6 rated."
+
+
 def test_concurrent_writers_on_one_database(bench_run):
     """Two servers on one file (as two `lynx study` processes would be), two threads each, no rating lost."""
     studies = [Study(bench_run), Study(bench_run)]

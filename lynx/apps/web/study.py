@@ -23,6 +23,7 @@ import random
 import secrets
 import shutil
 import sqlite3
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -183,6 +184,19 @@ class Study:
                 os.replace(part, path)
         return path
 
+    def reference_photo(self, item: Item):
+        """The item's reference photo as RGB, or None when there is none or it cannot be read (the page says it
+        is missing; the terminal says why, the page never names the file: its path can tell the method)."""
+        from ...face import load_image
+
+        if item.reference is None:
+            return None
+        try:
+            return load_image(item.reference)
+        except LynxError as e:
+            print(f"lynx study: the reference photo of {item.key} is shown as missing: {e}", file=sys.stderr)
+            return None
+
     def next_item(self, rater: str) -> tuple[Item | None, int]:
         """The rater's next unrated video in their own order, and how many they have rated."""
         with self._connect() as c:
@@ -261,13 +275,13 @@ def build_study_page(study: Study) -> gr.Blocks:
             if item is None:
                 return ["", f"**All done, thank you, {who}.** {total}.", "", None, gr.update(value=None),
                         gr.update(value=None)] + [None] * len(radios)
-            from ...face import load_image
-
             is_mp4 = item.path.suffix.lower() == ".mp4"
             clip = str(study.clip(item))
+            photo = study.reference_photo(item)
             return [item.key, f"**{who}**: {total}.",
-                    f"**Prompt:** {item.prompt}" if item.prompt else "*(no prompt was recorded for this video)*",
-                    load_image(item.reference) if item.reference else None,
+                    (f"**Prompt:** {item.prompt}" if item.prompt else "*(no prompt was recorded for this video)*")
+                    + ("" if photo is not None else "\n\n*(the reference photo is missing)*"),
+                    photo,
                     gr.update(value=clip if is_mp4 else None, visible=is_mp4),
                     gr.update(value=None if is_mp4 else clip, visible=not is_mp4)] + [None] * len(radios)
 
