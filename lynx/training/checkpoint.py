@@ -201,9 +201,8 @@ def load_trainer_state(path: Path) -> dict:
 def load_optimizer_and_rng(path: Path, model, optimizer) -> None:
     """Restore the optimizer (resharded to this world size if it changed) and, when it matches, this rank's RNG."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     root = logging.getLogger()
