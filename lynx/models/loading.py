@@ -274,7 +274,7 @@ def read_safetensors(path: Path, meta: bool = False) -> dict[str, torch.Tensor]:
             return {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for every kind of damage
         raise CheckpointError(f"{path} could not be read as safetensors ({e}). The file is damaged or "
-                              "incomplete; download it again.") from None
+                              "incomplete (an interrupted download or save): fetch or write it again.") from None
 
 
 def _keys_by_block(state: dict, names: tuple[str, ...], path: Path) -> dict[int, dict[str, torch.Tensor]]:

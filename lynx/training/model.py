@@ -233,7 +233,8 @@ def _read(state: dict[str, torch.Tensor], directory: Path, what: str) -> None:
         with open(path, "rb") as f:
             f.seek(begin)
             if f.readinto(memoryview(buffer.numpy())) != buffer.numel():
-                raise CheckpointError(f"{path} ends inside {key}: the file is incomplete; download it again")
+                raise CheckpointError(f"{path} ends inside {key}: the file is incomplete (an interrupted download "
+                                      "or save): fetch or write it again")
         with torch.no_grad():
             local.copy_(buffer.view(dtype).view(local.shape))
 
