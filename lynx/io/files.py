@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -34,8 +35,14 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def slug(text: str, limit: int = 40, fallback: str = "video") -> str:
-    """A file-name-safe form of `text` (letters, digits, dashes), never empty."""
-    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower()[:limit].strip("-") or fallback
+    """A file-name-safe form of `text`, never empty: letters, digits and their accents of any script, lowercase,
+    anything else one dash ("Zoë" -> "zoë", "李雷" -> "李雷", "Astro Naut!" -> "astro-naut"). NFKC first, so a name
+    typed with a combining accent or full-width letters names the same file."""
+    text = unicodedata.normalize("NFKC", str(text)).lower()
+    # Letters (L), marks (M: an accent, a Devanagari vowel sign) and digits (N); never a separator, a dot or an
+    # invisible format character (a right-to-left override would make the name read differently).
+    kept = "".join(c if unicodedata.category(c)[0] in "LMN" else "-" for c in text)
+    return re.sub(r"-+", "-", kept).strip("-")[:limit].strip("-") or fallback
 
 
 # A video of the default size is a few MB; less free space than this fails the encode late.

@@ -13,12 +13,10 @@ import hashlib
 import inspect
 import json
 import os
-import re
 import sys
 import threading
 import time
 import traceback
-import unicodedata
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,17 +172,6 @@ def draw_faces(image: np.ndarray, faces, chosen) -> np.ndarray:
         draw.rectangle([float(v) for v in f.box], outline=(0, 200, 0) if f is chosen else (160, 160, 160),
                        width=width)
     return np.asarray(out)
-
-
-def identity_slug(name: str, limit: int = 40) -> str:
-    """An identity's name as the file name it is saved under: letters, digits (and their accents) of any script,
-    lowercase, anything else one dash ("Zoë" -> "zoë", "李雷" -> "李雷", "Astro Naut!" -> "astro-naut"); may be
-    empty. NFKC first, so a name typed with a combining accent or full-width letters names the same file."""
-    text = unicodedata.normalize("NFKC", name).lower()
-    # Letters (L), marks (M: an accent, a Devanagari vowel sign) and digits (N); never a separator, dot or an
-    # invisible format character (a right-to-left override would make the name read differently).
-    kept = "".join(c if unicodedata.category(c)[0] in "LMN" else "-" for c in text)
-    return re.sub(r"-+", "-", kept).strip("-")[:limit].strip("-")
 
 
 def format_seconds(s: float) -> str:
@@ -456,7 +443,7 @@ class LynxWebApp:
         """Analyse the photos into one identity and keep it as <out-dir>/faces/<name>.identity; returns the name."""
         from ... import face
 
-        name = identity_slug(name or "")
+        name = slug(name or "", 40, fallback="")
         if not name:
             raise InputError("give the identity a name (letters and digits, in any script)")
         if not uploads:
@@ -529,7 +516,7 @@ class LynxWebApp:
         """`<person>-<prompt>-s<seed>.<fmt>` in the output directory, made unique (-2, -3, ...) and claimed at
         once with an empty file: an existing video, from here or the CLI, is never replaced. A claimed name is
         given back when the run ends without a video, and by `shutdown` when the server stops."""
-        who = identity_slug(run.identity_file.stem, 24) if run.identity_file else "person"
+        who = slug(run.identity_file.stem, 24) if run.identity_file else "person"
         stem = f"{who}-{slug(run.prompt)}-s{run.settings.seed}"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for n in range(1, 10_000):
