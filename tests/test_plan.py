@@ -144,3 +144,35 @@ def test_plan_refuses_a_bad_lora_file_in_one_line(tmp_path):
         assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.startswith("lynx plan: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--frames", "0"], "invalid video size: --frames 0 is not 4k+1 (try 1 or 5)"),
+    (["--gpu-gib", "0"], "argument --gpu-gib: 0 is not a card size: give its memory in GiB, a number above 0"),
+    (["--gpu-gib", "-8"], "argument --gpu-gib: -8 is not a card size"),
+    (["--gpu-gib", "lots"], "argument --gpu-gib: lots is not a card size"),
+    (["--frames", "100001"], "--frames 100001 is above the limit of 241 (try 241, or pass --allow-large"),
+    (["--height", "100000"], "--height 100000 is above the limit of 1920 (try 1920, or pass --allow-large"),
+    (["--height", "100000", "--allow-large"], "--height 100000 is beyond the 16384 that Wan's position embedding "
+                                              "covers"),
+])
+def test_plan_refuses_bad_sizes_in_one_line(args, message):
+    r = lynx("plan", "--memory", "max", *args)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("lynx plan: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert message in r.stderr, r.stderr
+
+
+def test_plan_denoises_a_long_video_in_the_context_windows_generate_uses():
+    """Frames beyond the context window are denoised window by window, as `lynx generate` runs them."""
+    from lynx.pipelines.windows import ContextWindows
+
+    r = lynx("plan", "--memory", "max", "--variant", "lite", "--frames", "41", "--context-frames", "21",
+             "--height", "32", "--width", "32")
+    assert r.returncode == 0, r.stderr
+    windows = len(ContextWindows(frames=21, overlap=16).video_windows(41))
+    assert windows == 4 and f"41 frames at 32x32 in {windows} context windows of 21 frames" in r.stdout
+    from lynx.pipelines.plan import plan_settings
+
+    # Without --context-frames, the window generate uses: the variant's clip (81 frames full).
+    assert plan_settings("full", frames=241).context_frames == 81

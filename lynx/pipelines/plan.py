@@ -39,9 +39,11 @@ from ..constants import (
     lite_adapter_config,
     sampling_defaults,
 )
+from ..errors import SettingsError, option
 from .memory import MEMORY_PRESETS, MemoryPreset, get_preset
 from .pipeline_lynx import REFERENCE_SIZE
 from .settings import GenerationSettings
+from .windows import ContextWindows, latent_frames
 
 GIB = 1024 ** 3  # card sizes are binary: a "24 GB" RTX 4090 has 24 GiB
 PHASES = ("text encoding", "reference passes", "denoising", "VAE decode")
@@ -233,18 +235,21 @@ def lora_resident(preset: MemoryPreset, phase: str, models: Models, lora: int) -
 
 @lru_cache(maxsize=16)
 def activation_peaks(variant: str, frames: int, height: int, width: int, fp8_weights: bool,
-                     dtype: torch.dtype = torch.bfloat16) -> tuple[dict[str, int], int]:
+                     dtype: torch.dtype = torch.bfloat16, windows: tuple[tuple[int, int], ...] | None = None
+                     ) -> tuple[dict[str, int], int]:
     """Peak bytes of live tensors in the text, reference and denoising phases of one video, run on meta tensors
     (weights not counted; the fp8 preset's per-layer bf16 copies are, since they are made during the call),
     and the bytes still alive when the VAE starts decoding (texts, identity tokens, reference features, the
-    adapters' cached keys and values). Presets that store the weights alike share one run (it takes seconds)."""
-    peaks, carried = _activation_peaks(variant, frames, height, width, fp8_weights, dtype)
+    adapters' cached keys and values). Presets that store the weights alike share one run (it takes seconds).
+    `windows`: the context windows a long video is denoised in (latent-frame ranges; None: one)."""
+    peaks, carried = _activation_peaks(variant, frames, height, width, fp8_weights, dtype, windows)
     return dict(peaks), carried
 
 
 @lru_cache(maxsize=16)
 def _activation_peaks(variant: str, frames: int, height: int, width: int, fp8_weights: bool,
-                      dtype: torch.dtype) -> tuple[dict[str, int], int]:
+                      dtype: torch.dtype, windows: tuple[tuple[int, int], ...] | None = None
+                      ) -> tuple[dict[str, int], int]:
     from ..models.adapters import Conditioning, conditioning, recording
 
     models = build_models(variant, dtype, fp8_weights)
@@ -278,13 +283,29 @@ def _activation_peaks(variant: str, frames: int, height: int, width: int, fp8_we
         latents = torch.zeros(latent_shape(frames, height, width), dtype=torch.float32, **meta)
         t = torch.full((1,), 999.0, **meta)
         branches = [(texts[0], cond), (texts[1], uncond)] + ([(texts[1], cond)] if d.guidance_scale_i else [])
-        preds = []
-        for text, c in branches:
-            with conditioning(tr, c):
-                preds.append(tr(hidden_states=latents.to(dtype), timestep=t, encoder_hidden_states=text,
-                                return_dict=False)[0])
-        latents = latents + sum(p.float() for p in preds)  # guidance and the scheduler step, to size
-        del preds, latents
+
+        def predict(window):
+            preds = []
+            for text, c in branches:
+                with conditioning(tr, c):
+                    preds.append(tr(hidden_states=window.to(dtype), timestep=t, encoder_hidden_states=text,
+                                    return_dict=False)[0])
+            return preds
+
+        spans = windows or ((0, latents.shape[2]),)
+        window_noise = []
+        for start, end in spans:
+            # Rebound as in the pipeline's loop: a window's predictions live until the next window's are made.
+            preds = predict(latents if len(spans) == 1 else latents[:, :, start:end])
+            window_noise.append(sum(p.float() for p in preds))  # guidance, to size
+        if len(spans) > 1:  # the pipeline's blend: weighted sums into one prediction, then normalised
+            out = torch.zeros_like(latents)
+            for (start, end), noise in zip(spans, window_noise):
+                out[:, :, start:end] += noise * torch.ones(end - start, **meta).view(1, 1, -1, 1, 1)
+            window_noise = [out / 2]
+            del out, noise
+        latents = latents + window_noise[0]  # the scheduler step, to size
+        del preds, latents, window_noise
         carried = tracker.now
     return dict(tracker.peaks), carried
 
@@ -332,14 +353,18 @@ class MemoryPlan:
     width: int
     phases: list[PhasePlan] = field(default_factory=list)
     lora: int = 0  # bytes of LoRA weights counted in the transformer's
+    windows: int = 1  # context windows the denoising runs in
+    window_frames: int | None = None
 
     @property
     def peak(self) -> PhasePlan:
         return max(self.phases, key=lambda p: p.total)
 
     def table(self) -> str:
+        long = (f" in {self.windows} context windows of {self.window_frames} frames (as `lynx generate` denoises "
+                "them; the VAE decodes all frames)" if self.windows > 1 else "")
         rows = [f"Lynx {self.variant}, memory preset {self.preset}, {self.frames} frames at "
-                f"{self.height}x{self.width} (predicted, GiB):",
+                f"{self.height}x{self.width}{long} (predicted, GiB):",
                 f"  {'phase':18s} {'weights':>8s} {'activations':>12s} {'peak':>7s}"]
         for p in self.phases:
             rows.append(f"  {p.phase:18s} {p.weights / GIB:8.2f} {p.activations / GIB:12.2f} {p.total / GIB:7.2f}")
@@ -351,19 +376,41 @@ class MemoryPlan:
         return "\n".join(rows)
 
 
+def plan_settings(variant: str = "full", frames: int | None = None, height: int | None = None,
+                  width: int | None = None, context_frames: int | None = None,
+                  allow_large: bool = False) -> GenerationSettings:
+    """The video size to plan, checked by the same rules (4k+1 frames, sides in steps of 16, the limits that
+    `allow_large` lifts) and in the same words as a generation, resolved for `variant` (its context windows
+    too), and within what the transformer can position (its RoPE table)."""
+    settings = GenerationSettings(num_frames=frames, height=height, width=width, context_frames=context_frames,
+                                  allow_large=allow_large).resolve(variant)
+    rope, (_, ph, pw) = WAN_14B_TRANSFORMER_CONFIG["rope_max_seq_len"], WAN_14B_TRANSFORMER_CONFIG["patch_size"]
+    window = "context_frames" if settings.num_frames > settings.context_frames else "num_frames"
+    # The VAE's 8x, then the patch: positions per axis; a window's latent frames, one position each.
+    for name, most in (("height", rope * 8 * ph), ("width", rope * 8 * pw), (window, (rope - 1) * 4 + 1)):
+        value = getattr(settings, name)
+        if value > most:
+            raise SettingsError(f"{option(name, value)} is beyond the {most} that Wan's position embedding covers "
+                                f"(try {most} or less)")
+    return settings
+
+
 def plan_memory(preset: str, variant: str = "full", frames: int | None = None, height: int | None = None,
-                width: int | None = None, lora: int = 0) -> MemoryPlan:
+                width: int | None = None, lora: int = 0, context_frames: int | None = None,
+                allow_large: bool = False) -> MemoryPlan:
     """The predicted peak GPU memory of each phase of one video (bf16) under `preset`, with LoRAs of `lora`
-    bytes (`lynx.models.lora.lora_bytes`) in the transformer."""
+    bytes (`lynx.models.lora.lora_bytes`) in the transformer. A video longer than the context window
+    (`context_frames`, default the variant's clip) is denoised window by window, as the pipeline does."""
     p = get_preset(preset)
-    d = sampling_defaults(variant)
-    frames, height, width = frames or d.num_frames, height or d.height, width or d.width
-    # The same size rules (4k+1 frames, sides in steps of 16, limits) as a generation, in the same words.
-    GenerationSettings(num_frames=frames, height=height, width=width, allow_large=True)
-    peaks, carried = activation_peaks(variant, frames, height, width, p.fp8_weights)
+    s = plan_settings(variant, frames, height, width, context_frames, allow_large)
+    frames, height, width = s.num_frames, s.height, s.width
+    spans = ContextWindows(frames=s.context_frames, overlap=s.context_overlap).windows(latent_frames(frames))
+    peaks, carried = activation_peaks(variant, frames, height, width, p.fp8_weights,
+                                      windows=tuple(spans) if len(spans) > 1 else None)
     peaks["VAE decode"] = carried + decode_peak(frames, height, width, p.vae_tiling)
     models = build_models(variant, fp8_weights=p.fp8_weights)
-    plan = MemoryPlan(preset, variant, frames, height, width, lora=lora)
+    plan = MemoryPlan(preset, variant, frames, height, width, lora=lora, windows=len(spans),
+                      window_frames=s.context_frames)
     for phase in PHASES:
         if phase == "reference passes" and not models.use_ref:
             continue

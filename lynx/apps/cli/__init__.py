@@ -501,17 +501,34 @@ def cmd_info(args) -> int:
     return status
 
 
+def _card_gib(text: str) -> float:
+    """--gpu-gib: a card's memory, a positive number of GiB (argparse words the refusal)."""
+    import math
+
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = math.nan
+    if not (math.isfinite(gib) and gib > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a card size: give its memory in GiB, a number above 0 "
+                                         "(e.g. 24)")
+    return gib
+
+
 def cmd_plan(args) -> int:
     from ...models.lora import lora_bytes
     from ...pipelines.memory import MEMORY_PRESETS, get_preset
-    from ...pipelines.plan import GIB, build_models, plan_memory
+    from ...pipelines.plan import GIB, build_models, plan_memory, plan_settings
 
-    loras = check_speed_options("exact", args.lora)  # each file exists
+    size = dict(frames=args.frames, height=args.height, width=args.width, context_frames=args.context_frames,
+                allow_large=args.allow_large)
+    plan_settings(args.variant, **size)  # before the LoRAs are read and the models built
+    loras = check_speed_options("exact", args.lora)  # each file a LoRA
     transformer = build_models(args.variant).transformer if loras else None  # the 14B's shapes, on meta
     lora = sum(lora_bytes(path, transformer) for path, _ in loras)  # a LoRA for another model size is refused
     fits = []
     for name in args.memory or list(MEMORY_PRESETS):
-        plan = plan_memory(name, args.variant, args.frames, args.height, args.width, lora=lora)
+        plan = plan_memory(name, args.variant, lora=lora, **size)
         print(plan.table())
         print(f"  meant for: {get_preset(name).gpu}\n")
         if args.gpu_gib:  # the CUDA context comes on top of what torch allocates
@@ -570,10 +587,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="predict the peak GPU memory of each phase under a memory preset (no GPU needed)")
     pl.add_argument("--memory", nargs="+", choices=MEMORY_CHOICES, help="preset(s) to plan (default: all)")
     pl.add_argument("--variant", choices=("full", "lite"), default="full")
-    pl.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite)")
+    pl.add_argument("--frames", type=int, help="4k+1 (default 81 full, 121 lite); beyond --context-frames, "
+                                               "denoised in context windows as `lynx generate` does")
     pl.add_argument("--height", type=int, help="default 480")
     pl.add_argument("--width", type=int, help="default 832")
-    pl.add_argument("--gpu-gib", type=float, help="say which of the presets fit on a card of this many GiB")
+    pl.add_argument("--context-frames", type=int, help="frames per context window, as for `lynx generate` "
+                                                       "(default: the variant's clip, 81 full, 121 lite)")
+    pl.add_argument("--allow-large", action="store_true",
+                    help="lift the limits on frames and sides, as for `lynx generate`")
+    pl.add_argument("--gpu-gib", type=_card_gib, help="say which of the presets fit on a card of this many GiB")
     pl.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
                     help="count a LoRA's weights too, as `lynx generate --lora` loads them (repeatable)")
     pl.set_defaults(func=cmd_plan)
