@@ -143,3 +143,20 @@ def test_info_reports_models_and_problems(tiny_base, adapter_dirs, tmp_path):
     assert "variant full: ID branch on 4 blocks" in r.stdout and "variant lite: ID branch on 2 blocks" in r.stdout
     r = lynx("info", "--base", tmp_path / "none")
     assert r.returncode == 1 and "does not exist" in r.stdout and "hf download" in r.stdout
+
+
+def test_info_reports_missing_adapters_with_downloads_to_the_folders_given(tiny_base, tmp_path):
+    # No adapters where the defaults point: missing, exit 1, and only the adapters to download (the base is fine).
+    r = lynx("info", "--base", tiny_base, env={"LYNX_MODELS": str(tmp_path / "models")})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"adapter: none found ({tmp_path}/models/lynx_full or {tmp_path}/models/lynx_lite)" in r.stdout
+    assert f"hf download ByteDance/lynx --include 'lynx_full/*' --local-dir {tmp_path}/models\n" in r.stdout
+    assert "Wan-AI/Wan2.1-T2V-14B-Diffusers" not in r.stdout
+    # A folder of the user's own naming: the download goes into it (hf makes lynx_full/ there), and --adapter
+    # then names that subfolder; not the folder's parent, where the files would never reach it.
+    r = lynx("info", "--base", tiny_base, "--adapter", tmp_path / "my-adapters")
+    assert r.returncode == 1 and f"problem: {tmp_path}/my-adapters does not exist" in r.stdout, r.stdout
+    assert f"--include 'lynx_full/*' --local-dir {tmp_path}/my-adapters\n" in r.stdout
+    assert f"so that {tmp_path}/my-adapters/lynx_full holds" in r.stdout
+    assert f"pass --adapter {tmp_path}/my-adapters/lynx_full" in r.stdout
+

@@ -468,18 +468,31 @@ def cmd_info(args) -> int:
               f"{tcfg['attention_head_dim']} = {width} wide, FFN {tcfg['ffn_dim']}, text_dim {tcfg['text_dim']}")
     for problem in report.problems:
         print(f"  problem: {problem}")
-    adapters = [Path(a) for a in args.adapter] if args.adapter else \
-        [d for d in (default_adapter_dir("full"), default_adapter_dir("lite")) if d.exists()]
+    defaults = [default_adapter_dir("full"), default_adapter_dir("lite")]
+    adapters = [Path(a) for a in args.adapter] if args.adapter else [d for d in defaults if d.exists()]
     status = 0 if report.ok else 1
+    to_download = []  # adapter folders to download, with the --adapter that then points at them
+    if not adapters:
+        print(f"adapter: none found ({' or '.join(map(str, defaults))})")
+        to_download.append(defaults[0])
+        status = 1
     for a in adapters:
         print(f"adapter: {a}")
+        if not a.is_dir():
+            print(f"  problem: {a} {'is a file, not a folder' if a.exists() else 'does not exist'}")
+            to_download.append(a)
+            status = 1
+            continue
         if not tcfg:
             print("  (cannot check against the base: no transformer config)")
             continue
         try:
             cfg, states = read_adapter_config(a, num_blocks, width)
         except LynxError as e:
-            print(f"  problem: {e}")
+            # Only the problem here: its download lines are gathered below, for each folder as it was given.
+            print(f"  problem: {str(e).splitlines()[0]}")
+            if isinstance(e, WeightsNotFoundError) or "\n" in str(e):
+                to_download.append(a)
             status = 1
             continue
         counts = {k: sum(v.numel() for v in s.values()) for k, s in states.items() if s is not None}
@@ -496,8 +509,14 @@ def cmd_info(args) -> int:
 
     notice = safety_model_missing()
     print(f"safety classifier: {safety_model_dir()}" + (f"\n  {notice}" if notice else " (the safety gate is on)"))
-    if not report.ok or not adapters:
-        print("\n" + download_instructions(base, adapters[0] if adapters else None))
+    if not report.ok:
+        print("\n" + download_instructions(base))
+    for a in to_download:
+        # `hf download --include 'lynx_full/*' --local-dir D` writes D/lynx_full/: a folder not named like the
+        # release's is where it goes, and --adapter then names the subfolder.
+        named = a.name.startswith("lynx_")
+        print("\n" + download_instructions(adapter_dir=a if named else a / "lynx_full")
+              + ("" if named else f"\nThen pass --adapter {a / 'lynx_full'} (or lynx_lite for the lite variant)."))
     return status
 
 
