@@ -160,3 +160,28 @@ def test_info_reports_missing_adapters_with_downloads_to_the_folders_given(tiny_
     assert f"so that {tmp_path}/my-adapters/lynx_full holds" in r.stdout
     assert f"pass --adapter {tmp_path}/my-adapters/lynx_full" in r.stdout
 
+
+def test_face_checks_every_output_before_a_face_model_runs(face_models, photos, tmp_path):
+    """The photo is a cat: a face model that ran would refuse it (no face), so a refusal naming the output shows
+    the outputs were checked first. Nothing is written."""
+    cat = photos / "cat.jpg"
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "out"
+    (out / "cat.identity").mkdir(parents=True)
+    (out / "cat-reference256.png").write_bytes(b"an earlier crop")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "cat.jpg").write_bytes(cat.read_bytes())
+    no_arcface = ("--face-models", tmp_path / "empty")
+    for more_photos, args, message in [
+        ((), ("--out-dir", tmp_path / "a-file"), f"--out-dir {tmp_path}/a-file/cat.identity: {tmp_path}/a-file is a "
+                                                 "file, not a folder"),
+        ((), ("--out-dir", out), f"{out}/cat.identity is a folder where the identity goes"),
+        ((), ("--out-dir", out, *no_arcface), f"{out}/cat-reference256.png already exists; pass --overwrite"),
+        ((tmp_path / "other" / "cat.jpg",), ("--out-dir", tmp_path / "new", *no_arcface),
+         "would both be written to " + str(tmp_path / "new" / "cat-arcface112.png")),
+    ]:
+        r = lynx("face", cat, *more_photos, "--face-models", face_models, "--detector", "dlib", *args)
+        assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stdout + r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["cat-reference256.png", "cat.identity"]
+    assert not (tmp_path / "new").exists()

@@ -406,14 +406,43 @@ def _face_check_without_embedding(args, analyzer, missing: str) -> int:
         if not args.no_save:
             name = slug(Path(photo).stem, 40)
             for kind, crop in (("arcface112", found.arcface_crop), ("reference256", found.reference_crop)):
-                path = out_dir / f"{name}-{kind}.png"
-                if path.exists() and not args.overwrite:
-                    raise InputError(f"{path} already exists; pass --overwrite to replace it")
+                path = out_dir / f"{name}-{kind}.png"  # checked by check_face_outputs
                 out_dir.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(crop).save(path)
                 print(f"wrote {kind} crop: {path}")
     print(f"\nno identity file written: the face embedding needs the ArcFace weights.\n{missing}")
     return 0
+
+
+def face_outputs(args, embedding: bool) -> dict[str, Path]:
+    """The files `lynx face` writes, by kind: the identity and its crops, or (no embedding) each photo's crops."""
+    out_dir = Path(args.out_dir)
+    if embedding:
+        name = slug(args.name or Path(args.photos[0]).stem, 40)
+        return {"identity": out_dir / f"{name}.identity", "arcface": out_dir / f"{name}-arcface112.png",
+                "reference": out_dir / f"{name}-reference256.png"}
+    return {f"{kind} crop of {photo}": out_dir / f"{slug(Path(photo).stem, 40)}-{kind}.png"
+            for photo in args.photos for kind in ("arcface112", "reference256")}
+
+
+def check_face_outputs(args, paths: dict[str, Path]) -> None:
+    """Every file `lynx face` will write, proven writable before a face model runs (a refusal after the analysis
+    wasted it, and one between two files left the first written)."""
+    out_dir = Path(args.out_dir)
+    seen: dict[Path, str] = {}
+    for kind, p in paths.items():
+        if not _inside(p, out_dir):
+            raise InputError(f"refusing to write {p} outside {out_dir}")
+        if p in seen:
+            raise InputError(f"the {seen[p]} and the {kind} would both be written to {p}; run `lynx face` once "
+                             "per photo name, or rename one photo")
+        seen[p] = kind
+        if p.is_dir():
+            raise OutputError(f"{p} is a folder where the {kind} goes; move it, or choose another --out-dir or "
+                              "--name")
+        if p.exists() and not args.overwrite:
+            raise InputError(f"{p} already exists; pass --overwrite to replace it")
+        check_writable(p, flag="--out-dir")
 
 
 def cmd_face(args) -> int:
@@ -422,6 +451,9 @@ def cmd_face(args) -> int:
     check_face_index(args.face_index)
     out_dir = Path(args.out_dir)
     missing = face.arcface_missing(args.face_models)
+    paths = face_outputs(args, embedding=missing is None)
+    if not args.no_save:
+        check_face_outputs(args, paths)
     analyzer = face.FaceAnalyzer(args.detector, models_dir=args.face_models, embedding=missing is None)
     if missing:
         return _face_check_without_embedding(args, analyzer, missing)
@@ -431,15 +463,7 @@ def cmd_face(args) -> int:
         return 0
     from PIL import Image
 
-    name = slug(args.name or Path(args.photos[0]).stem, 40)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"identity": out_dir / f"{name}.identity", "arcface": out_dir / f"{name}-arcface112.png",
-             "reference": out_dir / f"{name}-reference256.png"}
-    for p in paths.values():
-        if not _inside(p, out_dir):
-            raise InputError(f"refusing to write {p} outside {out_dir}")
-        if p.exists() and not args.overwrite:
-            raise InputError(f"{p} already exists; pass --overwrite to replace it")
     identity.save(paths["identity"])
     Image.fromarray(identity.arcface_crop).save(paths["arcface"])
     Image.fromarray(identity.reference_crop).save(paths["reference"])
