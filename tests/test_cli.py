@@ -185,3 +185,22 @@ def test_face_checks_every_output_before_a_face_model_runs(face_models, photos, 
         assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["cat-reference256.png", "cat.identity"]
     assert not (tmp_path / "new").exists()
+
+
+def test_a_prompt_starting_with_at_is_written_and_read_back_as_text(tiny_base, adapter_dirs, identity_files,
+                                                                    tmp_path):
+    """`--prompt @x` reads the file x, so the sidecar's command writes the prompt "@home, a man" as "@@home, a man",
+    which generate reads back as the text; running that command makes the same prompt again."""
+    import shlex
+
+    emb, crop = identity_files
+    r = lynx("generate", "--embedding", emb, "--reference", crop, "--prompt", "@@home, a man", "--base", tiny_base,
+             "--adapter", adapter_dirs["full"], "--out", tmp_path / "a.mp4", *TINY)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "a.mp4.json").read_text())
+    argv = shlex.split(meta["command"])
+    assert meta["prompt"] == "@home, a man" and argv[argv.index("--prompt") + 1] == "@@home, a man"
+    argv[argv.index("--out") + 1] = str(tmp_path / "b.mp4")
+    r = lynx(*argv[1:])
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "b.mp4.json").read_text())["prompt"] == "@home, a man"

@@ -166,7 +166,9 @@ def generate_command(prompt: str, settings: GenerationSettings, identity: Identi
                        ("--reference", identity.reference)):
         if file is not None:
             argv += [flag, file.path]
-    argv += ["--prompt", prompt, "--base", str(Path(base).resolve()), "--adapter", str(Path(adapter).resolve()),
+    # `--prompt @x` reads the file x: a prompt starting with @ is written @@, which `lynx generate` reads back as @.
+    argv += ["--prompt", "@" + prompt if prompt.startswith("@") else prompt,
+             "--base", str(Path(base).resolve()), "--adapter", str(Path(adapter).resolve()),
              "--out", str(Path(out).resolve()), *settings.cli_args()]
     argv += (["--dtype", dtype] if dtype else []) + (["--device", device] if device else []) + list(extra)
     return " ".join(shlex.quote(a) for a in argv)

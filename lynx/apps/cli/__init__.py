@@ -96,6 +96,8 @@ def output_path(args, seed: int | None = None) -> Path:
 
 
 def _read_prompt(value: str) -> str:
+    if value.startswith("@@"):  # a prompt that itself starts with @ (sidecar commands write it so)
+        return value[1:]
     if value.startswith("@"):
         path = Path(value[1:])
         if path.is_dir():
@@ -595,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--identity", help="identity file written by `lynx face`")
     who.add_argument("--embedding", help=".npy with a 512-d ArcFace embedding")
     who.add_argument("--reference", help="256x256 aligned face crop (full model, with --embedding)")
-    g.add_argument("--prompt", required=True, help="text, or @FILE to read it from a file")
+    g.add_argument("--prompt", required=True, help="text, or @FILE to read it from a file; text that starts with "
+                                                   "@ is written with two (@@text)")
     add_model_options(g)
     g.add_argument("--out", help="output file (.mp4, .webp or .gif); default: a name from the inputs in --out-dir")
     g.add_argument("--out-dir", default="outputs")
