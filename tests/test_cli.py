@@ -204,3 +204,27 @@ def test_a_prompt_starting_with_at_is_written_and_read_back_as_text(tiny_base, a
     r = lynx(*argv[1:])
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "b.mp4.json").read_text())["prompt"] == "@home, a man"
+
+
+def test_the_sidecar_command_names_model_files_by_absolute_path(tiny_base, adapter_dirs, identity_files, tmp_path):
+    """Paths typed relative to the folder generate ran in are written absolute: the command runs from any folder."""
+    import shlex
+
+    from test_lora import write_layout
+
+    emb, crop = identity_files
+    work = tmp_path / "work"
+    work.mkdir()
+    write_layout(work / "style.safetensors", "kohya")
+    r = lynx("generate", "--embedding", emb, "--reference", crop, "--prompt", "a man walks", "--base", tiny_base,
+             "--adapter", adapter_dirs["full"], "--out", tmp_path / "a.mp4", "--lora", "style.safetensors:0.5",
+             "--face-models", "faces", "--safety-model", "nsfw", *TINY, cwd=work)
+    assert r.returncode == 0, r.stderr
+    argv = shlex.split(json.loads((tmp_path / "a.mp4.json").read_text())["command"])
+    value = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
+    assert value("--lora") == f"{work}/style.safetensors:0.5"
+    assert value("--face-models") == f"{work}/faces" and value("--safety-model") == f"{work}/nsfw"
+    argv[argv.index("--out") + 1] = str(tmp_path / "b.mp4")
+    r = lynx(*argv[1:], cwd=tmp_path)  # another folder
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(read_video(tmp_path / "b.mp4")[0], read_video(tmp_path / "a.mp4")[0])

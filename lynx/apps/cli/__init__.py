@@ -361,8 +361,9 @@ def _windows(settings):
                           blend=settings.context_blend)
 
 
-def given_flags(args, *adders, skip: tuple[str, ...] = ()) -> list[str]:
-    """The options of the `adders` groups given values other than their defaults, as flags again."""
+def given_flags(args, *adders, skip: tuple[str, ...] = (), convert: dict | None = None) -> list[str]:
+    """The options of the `adders` groups given values other than their defaults, as flags again; `convert` maps
+    an option's name to a function applied to each of its values."""
     parser = argparse.ArgumentParser(add_help=False)
     for add in adders:
         add(parser)
@@ -378,14 +379,25 @@ def given_flags(args, *adders, skip: tuple[str, ...] = ()) -> list[str]:
             flags_.append(flag_)
         else:
             for v in value if isinstance(action, argparse._AppendAction) else [value]:
-                flags_ += [flag_, str(v)]
+                flags_ += [flag_, str((convert or {}).get(action.dest, str)(v))]
     return flags_
 
 
+def _absolute_lora(spec: str) -> str:
+    from ...models.lora import parse_lora_spec
+
+    path, scale = parse_lora_spec(spec)
+    return f"{Path(path).resolve()}:{scale}"
+
+
 def model_command_flags(args) -> list[str]:
-    """The model and speed options of this run, for the sidecar's equivalent command."""
+    """The model and speed options of this run, for the sidecar's equivalent command: paths made absolute, so the
+    command makes the video again from any folder."""
+    absolute = lambda p: Path(p).resolve()  # noqa: E731
     return given_flags(args, add_model_options, add_speed_options,
-                       skip=("base", "adapter", "variant", "dtype", "device"))
+                       skip=("base", "adapter", "variant", "dtype", "device"),
+                       convert={"base_transformer": absolute, "base_transformer_2": absolute, "face_models": absolute,
+                                "safety_model": absolute, "lora": _absolute_lora})
 
 
 def _face_check_without_embedding(args, analyzer, missing: str) -> int:
