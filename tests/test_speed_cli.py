@@ -52,3 +52,22 @@ def test_serve_refuses_a_bad_lora_file_before_it_starts(tmp_path):
     r = lynx("serve", "--port", "0", "--out-dir", tmp_path / "out", "--lora", tmp_path / "junk.safetensors")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "open http" not in r.stderr, r.stderr
     assert f"--lora {tmp_path}/junk.safetensors is not a safetensors file" in r.stderr
+
+
+def test_the_printed_preset_lines_show_the_values_given_over_the_preset(tiny_base, adapter_dirs, tmp_path):
+    """`--speed exact --steps 2` runs 2 steps: the line says 2 and that --steps was given, not the recipe's 50."""
+    np.save(tmp_path / "emb.npy", np.ones(512, np.float32))
+    common = ["generate", "--embedding", tmp_path / "emb.npy", "--prompt", "a man walks", "--base", tiny_base,
+              "--adapter", adapter_dirs["lite"], "--out-dir", tmp_path, "--height", "32", "--width", "32",
+              "--frames", "5"]
+    r = lynx(*common, "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    assert ("speed exact: the authors' recipe (2 UniPC steps, 2-way guidance (2 transformer passes per step), "
+            "adapters on every step); given explicitly: --steps 2 (the recipe's 50)") in r.stderr
+    lora = write_layout(tmp_path / "distill.safetensors", "kohya")
+    r = lynx(*common, "--speed", "turbo", "--lora", lora, "--steps", "2", "--ip-scale", "1", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    assert ("speed turbo: 2 steps of FlowMatchLCM (x0 then re-noise), shift 5.0, timesteps 1000/500 before the "
+            "shift; given explicitly: --steps 2 (the preset's 4)") in r.stderr
+    assert "speed turbo: ip_scale 1.0, ref_scale 0.6, " in r.stderr and "--ip-scale 1.0 (the preset's 0.8)" in r.stderr
+    assert "2/2" in r.stderr  # the steps that ran

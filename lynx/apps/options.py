@@ -166,14 +166,15 @@ def _checked_lora(spec: str) -> tuple[str, float]:
     return path, scale
 
 
-def speed_setup(pipe, speed: str, loras, compile: bool = False) -> list[str]:
+def speed_setup(pipe, speed: str, loras, compile: bool = False, settings=None) -> list[str]:
     """Load the LoRAs into `pipe`, apply the speed preset and compile if asked; a line per setting (printed by the
-    front end). The preset's knob values go in the settings (`preset_settings`), its step grid in the call
-    (`speed_sigmas`)."""
+    front end), with the values of the resolved `settings` when given (knobs given explicitly win over the preset's,
+    and the lines say so). The preset's knob values go in the settings (`preset_settings`), its step grid in the
+    call (`speed_sigmas`)."""
     from ..pipelines import speed as speeds
 
     lines = speeds.load_loras(pipe, loras)
-    lines += speeds.apply_speed(pipe, speed, loras)[1]
+    lines += speeds.apply_speed(pipe, speed, loras, settings)[1]
     if compile:
         lines.append(speeds.compile_transformer(pipe.transformer))
     return lines

@@ -232,9 +232,55 @@ def preset_settings(speed: str) -> dict:
     return {"exact": {}, "fast": {"guidance_i_end": FAST_GUIDANCE_I_END}, "turbo": dict(TURBO)}[speed]
 
 
-def apply_speed(pipe, speed: str, loras: list[tuple[str, float]] = ()) -> tuple[dict, list[str]]:
+def _passes(settings) -> str:
+    if settings.guidance_scale <= 1:
+        return f"guidance {settings.guidance_scale:g} (one transformer pass per step, no identity guidance)"
+    return "2-way guidance (2 transformer passes per step)" if settings.two_way else "3-way guidance"
+
+
+def _overridden(settings, preset: dict, whose: str = "the preset's") -> str:
+    """The knobs of `preset` that `settings` set otherwise (given explicitly: they win), as a line's ending."""
+    from .settings import flag
+
+    changed = [f"{flag(k)} {getattr(settings, k)} ({whose} {v})" for k, v in preset.items()
+               if getattr(settings, k) != v]
+    return f"; given explicitly: {', '.join(changed)}" if changed else ""
+
+
+def speed_lines(speed: str, settings, variant: str = "full") -> list[str]:
+    """What the preset `speed` runs with, from the resolved `settings` a generation of `variant` uses: a line per
+    setting, with the knobs given explicitly over the preset's values said so (they win)."""
+    from .settings import default
+
+    s = settings
+    windows = (s.ip_start, s.ip_end, s.ref_start, s.ref_end) == (0.0, 1.0, 0.0, 1.0) and s.ref_blocks == "all"
+    if speed == "exact":
+        recipe = {k: default(variant, k) for k in ("num_inference_steps", "guidance_scale", "guidance_scale_i")}
+        return [f"speed exact: the authors' recipe ({s.num_inference_steps} UniPC steps, {_passes(s)}, adapters on "
+                f"{'every step' if windows else 'the steps and blocks given'})"
+                + _overridden(s, recipe, "the recipe's")]
+    if speed == "fast":
+        cache = f"speed fast: SeaCache (threshold {FAST_CACHE_THRESHOLD}) with one cache state per guidance branch"
+        if s.guidance_scale <= 1 or s.two_way:  # no identity branch for the preset to cut short
+            return [cache, f"speed fast: {_passes(s)}"]
+        return [cache, f"speed fast: identity guidance only in the first {s.guidance_i_end:.0%} of the steps "
+                       "(2 transformer passes instead of 3 after that)"
+                       + _overridden(s, {"guidance_i_end": FAST_GUIDANCE_I_END})]
+    steps = s.num_inference_steps
+    return [
+        f"speed turbo: {steps} steps of FlowMatchLCM (x0 then re-noise), shift {TURBO_SHIFT}, timesteps "
+        f"{'/'.join(str(int(round(x * 1000))) for x in turbo_sigmas(steps))} before the shift"
+        + _overridden(s, {"num_inference_steps": TURBO["num_inference_steps"]}),
+        f"speed turbo: {_passes(s)}"
+        + _overridden(s, {k: TURBO[k] for k in ("guidance_scale", "guidance_scale_i")}),
+        f"speed turbo: ip_scale {s.ip_scale}, ref_scale {s.ref_scale}, Ref-adapter on the first {s.ref_end:.0%} of "
+        "the steps" + _overridden(s, {k: TURBO[k] for k in ("ip_scale", "ref_scale", "ref_end")})]
+
+
+def apply_speed(pipe, speed: str, loras: list[tuple[str, float]] = (), settings=None) -> tuple[dict, list[str]]:
     """Set `pipe` up for a speed preset; returns the call keyword arguments the preset sets and a line per
-    setting (what the CLI prints). Arguments the caller passes itself override the returned ones.
+    setting (what the CLI prints). Arguments the caller passes itself override the returned ones; given the
+    resolved `settings` of the call, the lines say what applies, those overrides included.
 
     exact: the authors' recipe (nothing changes). fast: SeaCache per guidance branch + identity guidance in
     the first 40 % of the steps. turbo: a step-distill LoRA (required in `loras`), 4 LCM steps at guidance 1,
@@ -242,30 +288,26 @@ def apply_speed(pipe, speed: str, loras: list[tuple[str, float]] = ()) -> tuple[
     """
     if speed not in SPEEDS:
         raise InputError(f"speed must be one of {', '.join(SPEEDS)}, not {speed!r}")
+    if speed == "turbo" and not loras:
+        raise InputError("--speed turbo needs a step-distill LoRA: add --lora FILE (e.g. lightx2v's "
+                         "Wan2.1-T2V-14B StepDistill-CfgDistill rank-32/64 LoRA)")
+    variant = "lite" if getattr(pipe, "variant", None) == "lite" else "full"
+    if settings is None:
+        from .settings import GenerationSettings
+
+        settings = GenerationSettings(**preset_settings(speed)).resolve(variant)
+    lines = speed_lines(speed, settings, variant)
     if speed == "exact":
-        return {}, ["speed exact: the authors' recipe (50 UniPC steps, 3-way guidance, adapters on every step)"]
+        return {}, lines
     if speed == "fast":
         from diffusers import SeaCacheConfig
 
         pipe.transformer.enable_cache(SeaCacheConfig(threshold=FAST_CACHE_THRESHOLD))
-        return {"guidance_i_end": FAST_GUIDANCE_I_END}, [
-            f"speed fast: SeaCache (threshold {FAST_CACHE_THRESHOLD}) with one cache state per guidance branch",
-            f"speed fast: identity guidance only in the first {FAST_GUIDANCE_I_END:.0%} of the steps "
-            "(2 transformer passes instead of 3 after that)"]
-    if not loras:
-        raise InputError("--speed turbo needs a step-distill LoRA: add --lora FILE (e.g. lightx2v's "
-                         "Wan2.1-T2V-14B StepDistill-CfgDistill rank-32/64 LoRA)")
+        return {"guidance_i_end": FAST_GUIDANCE_I_END}, lines
     from diffusers import FlowMatchLCMScheduler
 
     pipe.scheduler = FlowMatchLCMScheduler(shift=TURBO_SHIFT)
-    steps = TURBO["num_inference_steps"]
-    kwargs = {**TURBO, "sigmas": turbo_sigmas(steps)}
-    return kwargs, [
-        f"speed turbo: {steps} steps of FlowMatchLCM (x0 then re-noise), shift {TURBO_SHIFT}, timesteps "
-        f"{'/'.join(str(int(round(s * 1000))) for s in turbo_sigmas(steps))} before the shift",
-        "speed turbo: guidance 1 (one transformer pass per step, no identity guidance)",
-        f"speed turbo: ip_scale {TURBO['ip_scale']}, ref_scale {TURBO['ref_scale']}, Ref-adapter on the first "
-        f"{TURBO['ref_end']:.0%} of the steps"]
+    return {**TURBO, "sigmas": turbo_sigmas(TURBO["num_inference_steps"])}, lines
 
 
 def load_loras(pipe, loras: list[tuple[str, float]]) -> list[str]:

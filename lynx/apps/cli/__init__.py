@@ -321,7 +321,7 @@ def cmd_generate(args) -> int:
     if len(video_windows) > 1:
         print(f"long video: {len(video_windows)} context windows of {settings.context_frames} frames, overlap "
               f"{settings.context_overlap}, {settings.context_blend} blending", file=sys.stderr)
-    lines = speed_setup(pipe, args.speed, loras, args.compile)
+    lines = speed_setup(pipe, args.speed, loras, args.compile, settings)
     if args.batch_branches and rank is not None:
         lines.append("batch-branches: off under --guidance-parallel")
     if not rank:
