@@ -132,6 +132,8 @@ CASES = [
     ("lora-scale-word", ["--lora", "{in}/lora.safetensors:abc"], ("--lora {in}/lora.safetensors:abc: the scale 'abc' "
                                                                   "is not a number", "!does not exist")),
     ("lora-scale-nan", ["--lora", "{in}/lora.safetensors:nan"], "the scale nan is not a finite number"),
+    ("context-overlap-default", ["--frames", "17", "--context-frames", "9"], "--context-frames 9 is too short for "
+                                                                            "the default --context-overlap 16"),
     ("prompt-empty", ["--prompt", "  "], "--prompt is empty"),
     ("prompt-file-missing", ["--prompt", "@{in}/none.txt"], "prompt file {in}/none.txt does not exist"),
     ("prompt-file-folder", ["--prompt", "@{in}/bad-base"], "prompt file {in}/bad-base is a folder, not a file"),

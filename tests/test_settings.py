@@ -143,3 +143,19 @@ def test_pipeline_takes_every_field_and_returns_the_resolved_settings(full, face
     out = full("a man walks", face_embedding=face_embedding, reference_image=reference_crop, generator=gen,
                output_type="latent", **{**SMALL, "num_inference_steps": 1})
     assert out.settings.seed == 1234 and out.settings.guidance_scale_i == 2.0
+
+
+def test_a_short_context_window_with_the_default_overlap(full, face_embedding, reference_crop):
+    """A clip no longer than its window is one window: the default overlap (16 frames) does not apply and must not
+    refuse it. A longer clip with that window does overlap: refused, saying the overlap is the default and the fix."""
+    out = full("a man walks", face_embedding=face_embedding, reference_image=reference_crop, output_type="latent",
+               **{**SMALL, "num_inference_steps": 1}, context_frames=9)
+    assert (out.settings.num_frames, out.settings.context_frames) == (5, 9)
+    with pytest.raises(SettingsError) as e:
+        GenerationSettings(num_frames=17, context_frames=9).resolve("full")
+    assert e.value.render(flag) == ("--context-frames 9 is too short for the default --context-overlap 16 (windows "
+                                    "must overlap by less than they hold): pass --context-overlap 4 or less, or a "
+                                    "longer window")
+    # Given explicitly, an overlap the window cannot hold is refused as before, whatever the clip's length.
+    with pytest.raises(SettingsError, match="context_overlap=16 must be under the window's 8 frames"):
+        GenerationSettings(num_frames=5, context_frames=9, context_overlap=16)

@@ -309,8 +309,17 @@ class GenerationSettings(BaseModel):
         """These settings with every knob left `None` filled from `variant`'s defaults ("full" or "lite")."""
         if variant not in SAMPLING_PRESETS:
             raise SettingsError(f"variant must be one of {', '.join(SAMPLING_PRESETS)}, not {variant!r}")
-        return GenerationSettings(**{name: default(variant, name) if getattr(self, name) is None
-                                     else getattr(self, name) for name in GenerationSettings.model_fields})
+        values = {name: default(variant, name) if getattr(self, name) is None else getattr(self, name)
+                  for name in GenerationSettings.model_fields}
+        window, overlap = values["context_frames"], values["context_overlap"]
+        if self.context_overlap is None and overlap >= window - 1:  # the default overlap, in a short window
+            fit = max(0, (window - 2) // FRAME_STEP * FRAME_STEP)
+            if values["num_frames"] > window:
+                raise SettingsError(f"{option('context_frames', window)} is too short for the default "
+                                    f"{option('context_overlap', overlap)} (windows must overlap by less than they "
+                                    f"hold): pass {option('context_overlap', fit)} or less, or a longer window")
+            values["context_overlap"] = fit  # one window: nothing overlaps, the value only has to be valid
+        return GenerationSettings(**values)
 
     def given(self) -> dict[str, Any]:
         """The knobs set (not None, not off): what overrides a preset."""
