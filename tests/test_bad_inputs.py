@@ -134,6 +134,9 @@ CASES = [
     ("lora-scale-nan", ["--lora", "{in}/lora.safetensors:nan"], "the scale nan is not a finite number"),
     ("context-overlap-default", ["--frames", "17", "--context-frames", "9"], "--context-frames 9 is too short for "
                                                                             "the default --context-overlap 16"),
+    ("base-is-file", ["--base", "{in}/a-file"], ("--base {in}/a-file is a file, not a folder", "!does not exist")),
+    ("adapter-is-file", ["--adapter", "{in}/a-file"], ("--adapter {in}/a-file is a file, not a folder",
+                                                       "!not found")),
     ("prompt-empty", ["--prompt", "  "], "--prompt is empty"),
     ("prompt-file-missing", ["--prompt", "@{in}/none.txt"], "prompt file {in}/none.txt does not exist"),
     ("prompt-file-folder", ["--prompt", "@{in}/bad-base"], "prompt file {in}/bad-base is a folder, not a file"),

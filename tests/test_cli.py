@@ -143,6 +143,11 @@ def test_info_reports_models_and_problems(tiny_base, adapter_dirs, tmp_path):
     assert "variant full: ID branch on 4 blocks" in r.stdout and "variant lite: ID branch on 2 blocks" in r.stdout
     r = lynx("info", "--base", tmp_path / "none")
     assert r.returncode == 1 and "does not exist" in r.stdout and "hf download" in r.stdout
+    # Files where the model folders go: said so, with no download offered over them.
+    (tmp_path / "a-file").write_text("not a folder")
+    r = lynx("info", "--base", tmp_path / "a-file", "--adapter", tmp_path / "a-file")
+    assert r.returncode == 1 and r.stdout.count(f"problem: {tmp_path}/a-file is a file, not a folder") == 2, r.stdout
+    assert "does not exist" not in r.stdout and "hf download ByteDance" not in r.stdout and "Wan-AI" not in r.stdout
 
 
 def test_info_reports_missing_adapters_with_downloads_to_the_folders_given(tiny_base, tmp_path):

@@ -70,6 +70,13 @@ def check_input_file(path, flag: str) -> None:
         raise InputError(f"{flag}: input file {path} does not exist")
 
 
+def check_model_folder(path, flag: str) -> None:
+    """A model directory option that names a file: said so (the download checks would call it missing, and offer
+    to download over it)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise InputError(f"{flag} {path} is a file, not a folder: give the model's directory")
+
+
 def memory_choice(memory: str | None, offload: bool) -> str | None:
     """The preset the options ask for (`--offload` is `48gb`), or None for the plain placement."""
     if offload and memory not in (None, "48gb"):

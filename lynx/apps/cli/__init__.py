@@ -18,6 +18,7 @@ from ..options import (
     add_model_options,
     add_speed_options,
     check_input_file,
+    check_model_folder,
     check_model_options,
     check_speed_options,
     load_pipeline,
@@ -234,6 +235,8 @@ def check_generate_args(args):
     typed = settings_from_args(args)
     base = Path(args.base or default_base_dir())
     adapter = Path(args.adapter or default_adapter_dir(args.variant))
+    check_model_folder(base, "--base")
+    check_model_folder(adapter, "--adapter")
     # Every missing download is reported at once, before anything else is checked or loaded.
     from ...models.loading import check_model_dirs
 
@@ -504,7 +507,7 @@ def cmd_info(args) -> int:
         num_blocks, width = report.transformer_shape
         print(f"  transformer: {tcfg['num_layers']} blocks, {tcfg['num_attention_heads']} heads x "
               f"{tcfg['attention_head_dim']} = {width} wide, FFN {tcfg['ffn_dim']}, text_dim {tcfg['text_dim']}")
-    for problem in report.problems:
+    for problem in report.problems if base.is_dir() or not base.exists() else [f"{base} is a file, not a folder"]:
         print(f"  problem: {problem}")
     defaults = [default_adapter_dir("full"), default_adapter_dir("lite")]
     adapters = [Path(a) for a in args.adapter] if args.adapter else [d for d in defaults if d.exists()]
@@ -518,7 +521,7 @@ def cmd_info(args) -> int:
         print(f"adapter: {a}")
         if not a.is_dir():
             print(f"  problem: {a} {'is a file, not a folder' if a.exists() else 'does not exist'}")
-            to_download.append(a)
+            to_download += [] if a.exists() else [a]
             status = 1
             continue
         if not tcfg:
@@ -547,7 +550,7 @@ def cmd_info(args) -> int:
 
     notice = safety_model_missing()
     print(f"safety classifier: {safety_model_dir()}" + (f"\n  {notice}" if notice else " (the safety gate is on)"))
-    if not report.ok:
+    if not report.ok and not base.is_file():
         print("\n" + download_instructions(base))
     for a in to_download:
         # `hf download --include 'lynx_full/*' --local-dir D` writes D/lynx_full/: a folder not named like the
