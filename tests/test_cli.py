@@ -164,6 +164,11 @@ def test_info_reports_missing_adapters_with_downloads_to_the_folders_given(tiny_
     assert f"--include 'lynx_full/*' --local-dir {tmp_path}/my-adapters\n" in r.stdout
     assert f"so that {tmp_path}/my-adapters/lynx_full holds" in r.stdout
     assert f"pass --adapter {tmp_path}/my-adapters/lynx_full" in r.stdout
+    # generate says the same (the loader's own instructions, shared by every front end).
+    r = lynx("generate", "--prompt", "x", "--embedding", tmp_path / "e.npy", "--base", tiny_base, "--adapter",
+             tmp_path / "my-adapters", "--no-safety-check")
+    assert r.returncode == 2 and f"--local-dir {tmp_path}/my-adapters\n" in r.stderr, r.stderr
+    assert f"pass --adapter {tmp_path}/my-adapters/lynx_full" in r.stderr
 
 
 def test_face_checks_every_output_before_a_face_model_runs(face_models, photos, tmp_path):

@@ -49,16 +49,24 @@ def download_instructions(base_dir: Path | None = None, adapter_dir: Path | None
         include = "".join(f" --include '{part}/*'" for part in base_parts or [])
         lines.append(f"  hf download {BASE_MODEL_REPO}{include} --local-dir {base_dir}")
         holds.append(f"{base_dir} holds {', '.join(base_parts or BASE_SUBFOLDERS)}")
+    then = ""
     if adapter_dir is not None:
         adapter_dir = Path(adapter_dir)
-        variant = adapter_dir.name if adapter_dir.name.startswith("lynx_") else "lynx_full"
-        lines.append(f"  hf download {ADAPTER_REPO} --include '{variant}/*' --local-dir {adapter_dir.parent}")
-        holds.append(f"{adapter_dir} holds {RESAMPLER_FILE}, {IP_LAYERS_FILE}"
+        # `hf download --include 'lynx_full/*' --local-dir D` writes D/lynx_full/: a folder named like the
+        # release's gets its files from its parent; a folder of another name receives the release's subfolder.
+        named = adapter_dir.name.startswith("lynx_")
+        variant = adapter_dir.name if named else "lynx_full"
+        target = adapter_dir if named else adapter_dir / variant
+        lines.append(f"  hf download {ADAPTER_REPO} --include '{variant}/*' "
+                     f"--local-dir {adapter_dir.parent if named else adapter_dir}")
+        holds.append(f"{target} holds {RESAMPLER_FILE}, {IP_LAYERS_FILE}"
                      + (f" and {REF_LAYERS_FILE}" if variant != "lynx_lite" else ""))
+        if not named:
+            then = f"Then pass --adapter {target} (or lynx_lite for the lite variant).\n"
     size = "tens of gigabytes" if base_dir is not None and not base_parts else "a few gigabytes at most"
     return (f"Download it ({size}) with the Hugging Face CLI (`pip install -U huggingface_hub`):\n"
-            + "\n".join(lines) + f"\nso that {' and '.join(holds)}.\n"
-            "Or point --base/--adapter (or $LYNX_MODELS) at where they already are.")
+            + "\n".join(lines) + f"\nso that {' and '.join(holds)}.\n" + then
+            + "Or point --base/--adapter (or $LYNX_MODELS) at where they already are.")
 
 
 def _adapter_incomplete(adapter_dir) -> bool:

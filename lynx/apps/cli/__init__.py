@@ -553,11 +553,7 @@ def cmd_info(args) -> int:
     if not report.ok and not base.is_file():
         print("\n" + download_instructions(base))
     for a in to_download:
-        # `hf download --include 'lynx_full/*' --local-dir D` writes D/lynx_full/: a folder not named like the
-        # release's is where it goes, and --adapter then names the subfolder.
-        named = a.name.startswith("lynx_")
-        print("\n" + download_instructions(adapter_dir=a if named else a / "lynx_full")
-              + ("" if named else f"\nThen pass --adapter {a / 'lynx_full'} (or lynx_lite for the lite variant)."))
+        print("\n" + download_instructions(adapter_dir=a))
     return status
 
 
