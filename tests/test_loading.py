@@ -149,3 +149,18 @@ def test_base_dir_inspection(tiny_base, tmp_path):
     assert "hf download Wan-AI/Wan2.1-T2V-14B-Diffusers --include 'vae/*' --local-dir" in msg
     # Only the missing part is named: not the whole base, not the adapters, and not the old CLI's name.
     assert "tens of gigabytes" not in msg and "ByteDance/lynx" not in msg and "huggingface-cli" not in msg
+
+
+def test_model_paths_that_are_the_wrong_kind_of_thing_say_so(tmp_path):
+    """A file where the base folder goes, or a folder where a GGUF file goes: named as what it is, not missing."""
+    from lynx.errors import InputError
+    from lynx.models.loading import check_transformer_files
+
+    (tmp_path / "base").write_text("not a folder")
+    assert inspect_base_dir(tmp_path / "base").problems == [f"{tmp_path}/base is a file, not a folder"]
+    assert inspect_base_dir(tmp_path / "none").problems == [f"{tmp_path}/none does not exist"]
+    (tmp_path / "q4.gguf").mkdir()
+    with pytest.raises(InputError, match="q4.gguf is a folder, not a file"):
+        check_transformer_files({"transformer": tmp_path / "q4.gguf"})
+    with pytest.raises(WeightsNotFoundError, match="q5.gguf does not exist"):
+        check_transformer_files({"transformer": tmp_path / "q5.gguf"})

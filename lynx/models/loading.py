@@ -114,7 +114,7 @@ def inspect_base_dir(path, transformer_files: dict | None = None) -> BaseDirRepo
     files = transformer_files or {}
     report = BaseDirReport(path)
     if not path.is_dir():
-        report.problems.append(f"{path} does not exist")
+        report.problems.append(f"{path} {'is a file, not a folder' if path.exists() else 'does not exist'}")
         return report
     for sub in BASE_SUBFOLDERS:
         folder = path / sub
@@ -248,6 +248,8 @@ def check_transformer_files(transformer_files: dict | None) -> dict[str, Path]:
         if not is_gguf(f):
             raise InputError(f"{f}: a base transformer file must be a GGUF file (.gguf), such as city96's "
                              "Wan2.1-T2V-14B Q4/Q5/Q8 files")
+        if f.is_dir():
+            raise InputError(f"transformer file {f} is a folder, not a file")
         if not f.is_file():
             raise WeightsNotFoundError(f"transformer file {f} does not exist")
     return files

@@ -507,7 +507,7 @@ def cmd_info(args) -> int:
         num_blocks, width = report.transformer_shape
         print(f"  transformer: {tcfg['num_layers']} blocks, {tcfg['num_attention_heads']} heads x "
               f"{tcfg['attention_head_dim']} = {width} wide, FFN {tcfg['ffn_dim']}, text_dim {tcfg['text_dim']}")
-    for problem in report.problems if base.is_dir() or not base.exists() else [f"{base} is a file, not a folder"]:
+    for problem in report.problems:
         print(f"  problem: {problem}")
     defaults = [default_adapter_dir("full"), default_adapter_dir("lite")]
     adapters = [Path(a) for a in args.adapter] if args.adapter else [d for d in defaults if d.exists()]
