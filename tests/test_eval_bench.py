@@ -333,3 +333,12 @@ def test_bench_refuses_bad_frame_sampling_before_it_starts(tmp_path, args):
                         *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith(f"lynx bench: error: {' '.join(args)}:"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_ids_are_letters_and_digits_of_any_script_and_never_a_path():
+    from lynx.evaluation.bench import _check_id
+
+    assert [_check_id(v, "prompt") for v in ("p01-café", "李雷", "ok.1", 7)] == ["p01-café", "李雷", "ok.1", "7"]
+    for bad in ("a b", "../x", "_a", "a__b", "x" * 65, "", "a/b", "a\u202eb"):
+        with pytest.raises(InputError, match="becomes part of file names"):
+            _check_id(bad, "prompt")

@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -39,7 +40,10 @@ log = logging.getLogger("lynx.evaluation")
 # A setting may set the generation knobs (the fields of GenerationSettings) and what the runner itself reads.
 RUNNER_KEYS = ("adapter", "format", "videos", "pattern", "description")
 VIDEO_SUFFIXES = (".mp4", ".webp", ".gif")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+def _id_char(c: str, first: bool) -> bool:
+    # Letters, digits and their marks of any script, as lynx.io.files.slug keeps them (a prompt id is made by it).
+    kind = unicodedata.category(c)[0]
+    return kind in "LN" or (not first and (kind == "M" or c in "._-"))
 
 
 def _shown(value) -> str:
@@ -50,7 +54,7 @@ def _check_id(value, what: str) -> str:
     if not isinstance(value, str) and type(value) is not int:
         raise InputError(f"{what} id {_shown(value)} must be text (letters, digits, '.', '_' or '-')")
     value = str(value).strip()
-    if not _ID.match(value) or "__" in value:
+    if not 1 <= len(value) <= 64 or not all(_id_char(c, i == 0) for i, c in enumerate(value)) or "__" in value:
         raise InputError(f"{what} id {value!r} must be 1-64 letters, digits, '.', '_' or '-' (no '__'), "
                          f"starting with a letter or digit: it becomes part of file names")
     return value
