@@ -29,6 +29,7 @@ from lynx.evaluation import bench
 from lynx.evaluation.bench import load_manifest, parse_setting_arg, parse_shard, shard_cases
 from lynx.face import load_image
 from lynx.io.video import save_video
+from lynx.testing import run_command
 
 GENERATION = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}
 PROMPTS = [{"id": "beach", "text": "a person walks on the beach"}, "a man dancing in rain"]
@@ -319,8 +320,7 @@ def test_manifest_encoding(tmp_path):
 def test_bench_refuses_an_empty_stage_selection(tmp_path, only):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "m.json").write_text(json.dumps({"subjects": [{"id": "a", "photo": "a.png"}], "prompts": ["x"]}))
-    r = subprocess.run([sys.executable, "-m", "lynx", "bench", str(tmp_path / "m.json"), "--out", str(tmp_path / "out"),
-                        "--only", only], capture_output=True, text=True, timeout=120)
+    r = run_command("bench", tmp_path / "m.json", "--out", tmp_path / "out", "--only", only)
     assert r.returncode == 2 and r.stderr.startswith(f"lynx bench: error: --only {only!r} names no stage"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
@@ -329,8 +329,7 @@ def test_bench_refuses_an_empty_stage_selection(tmp_path, only):
 def test_bench_refuses_bad_frame_sampling_before_it_starts(tmp_path, args):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "m.json").write_text(json.dumps({"subjects": [{"id": "a", "photo": "a.png"}], "prompts": ["x"]}))
-    r = subprocess.run([sys.executable, "-m", "lynx", "bench", str(tmp_path / "m.json"), "--out", str(tmp_path / "out"),
-                        *args], capture_output=True, text=True, timeout=120)
+    r = run_command("bench", tmp_path / "m.json", "--out", tmp_path / "out", *args)
     assert r.returncode == 2 and r.stderr.startswith(f"lynx bench: error: {' '.join(args)}:"), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 

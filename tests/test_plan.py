@@ -19,6 +19,7 @@ from lynx.pipelines.plan import (
     plan_memory,
     resident_weights,
 )
+from lynx.testing import run_command
 
 
 def test_live_bytes_counts_each_storage_once_until_its_last_view_dies():
@@ -140,7 +141,7 @@ def test_plan_refuses_a_bad_lora_file_in_one_line(tmp_path):
                                                           "file"),
                           (tmp_path / "dir.safetensors", f"--lora: {tmp_path}/dir.safetensors is a folder, not a file"),
                           (f"{tmp_path}/junk.safetensors:abc", "the scale 'abc' is not a number")]:
-        r = lynx("plan", "--memory", "max", "--frames", "5", "--height", "32", "--width", "32", "--lora", spec)
+        r = run_command("plan", "--memory", "max", "--frames", "5", "--height", "32", "--width", "32", "--lora", spec)
         assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.startswith("lynx plan: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert message in r.stderr, r.stderr
@@ -157,7 +158,7 @@ def test_plan_refuses_a_bad_lora_file_in_one_line(tmp_path):
                                               "covers"),
 ])
 def test_plan_refuses_bad_sizes_in_one_line(args, message):
-    r = lynx("plan", "--memory", "max", *args)
+    r = run_command("plan", "--memory", "max", *args)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.startswith("lynx plan: error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert message in r.stderr, r.stderr
