@@ -6,10 +6,7 @@ loading code paths (diffusers-layout base directory, official adapter file names
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -283,18 +280,3 @@ def save_transformer_gguf(path, transformer, quant_type=gguf_quant_type, prefix:
     writer.close()
     return values
 
-
-def run_command(*args) -> subprocess.CompletedProcess:
-    """`lynx ARGS` in this process, its exit code, stdout and stderr captured as a subprocess's would be: for
-    refusals, which end before any model loads (a subprocess spends seconds importing torch and diffusers).
-    Tests that load models or exercise the process itself (signals, exit paths) run the real command."""
-    from .apps.cli import main
-
-    argv = [str(a) for a in args]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse's refusals
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return subprocess.CompletedProcess(["lynx", *argv], code, out.getvalue(), err.getvalue())

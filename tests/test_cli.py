@@ -1,5 +1,7 @@
 """The `lynx` command run as a subprocess on tiny saved models: videos, sidecars, refusals and messages."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lynx.apps.cli import output_path
+from lynx.apps.cli import main, output_path
 from lynx.errors import InputError
 from lynx.io.video import read_video
 
@@ -25,6 +27,20 @@ def lynx(*args, cwd=None, env=None):
     # PYTHONPATH: this checkout's package, whatever the working directory (and an installed copy) would give.
     return subprocess.run([sys.executable, "-m", "lynx", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=300)
+
+
+def run_command(*args) -> subprocess.CompletedProcess:
+    """`lynx ARGS` in this process, its exit code, stdout and stderr captured as a subprocess's would be: for
+    refusals, which end before any model loads (a subprocess spends seconds importing torch and diffusers).
+    Tests that load models or exercise the process itself (signals, exit paths) run the real command."""
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's refusals
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(["lynx", *argv], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,13 @@ from eval_judge_server import JudgeServer
 from eval_media import insightface_images, moving_video
 from PIL import Image
 from skimage import data as skdata
+from test_cli import run_command
 
 from lynx.errors import InputError
 from lynx.evaluation import bench
 from lynx.evaluation.bench import load_manifest, parse_setting_arg, parse_shard, shard_cases
 from lynx.face import load_image
 from lynx.io.video import save_video
-from lynx.testing import run_command
 
 GENERATION = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}
 PROMPTS = [{"id": "beach", "text": "a person walks on the beach"}, "a man dancing in rain"]

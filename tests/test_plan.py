@@ -6,7 +6,7 @@ The prediction at the real size (81 frames at 480x832, bf16) must put `24gb` und
 
 import pytest
 import torch
-from test_cli import lynx
+from test_cli import lynx, run_command
 
 from lynx.models.adapters import processors
 from lynx.pipelines.memory import get_preset
@@ -19,7 +19,6 @@ from lynx.pipelines.plan import (
     plan_memory,
     resident_weights,
 )
-from lynx.testing import run_command
 
 
 def test_live_bytes_counts_each_storage_once_until_its_last_view_dies():

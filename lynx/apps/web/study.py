@@ -184,18 +184,29 @@ class Study:
                 os.replace(part, path)
         return path
 
-    def reference_photo(self, item: Item):
-        """The item's reference photo as RGB, or None when there is none or it cannot be read (the page says it
-        is missing; the terminal says why, the page never names the file: its path can tell the method)."""
+    def reference_photo(self, item: Item) -> Path | None:
+        """The item's reference photo as a PNG under the item's random name, or None when there is none or it
+        cannot be read (the page says it is missing; the terminal says why, the page never names the file: its
+        path can tell the method). A file, not an array: Gradio rewrites an array's cached image in place on every
+        request, so a second rater asking for the same photo cut the first one's download short."""
+        from PIL import Image
+
         from ...face import load_image
 
         if item.reference is None:
             return None
-        try:
-            return load_image(item.reference)
-        except LynxError as e:
-            print(f"lynx study: the reference photo of {item.key} is shown as missing: {e}", file=sys.stderr)
-            return None
+        path = self.clips / f"{self.tokens[item.key]}-photo.png"
+        with self._copying:
+            if not path.exists():
+                try:
+                    rgb = load_image(item.reference)
+                except LynxError as e:
+                    print(f"lynx study: the reference photo of {item.key} is shown as missing: {e}", file=sys.stderr)
+                    return None
+                part = path.with_name(f".{path.name}.part")
+                Image.fromarray(rgb).save(part, format="PNG")
+                os.replace(part, path)
+        return path
 
     def next_item(self, rater: str) -> tuple[Item | None, int]:
         """The rater's next unrated video in their own order, and how many they have rated."""
@@ -256,7 +267,7 @@ def build_study_page(study: Study) -> gr.Blocks:
                 start = gr.Button("Start", variant="primary", scale=1)
             progress = gr.Markdown()
             with gr.Row():
-                reference = gr.Image(label="Reference photo", type="numpy", interactive=False, height=300)
+                reference = gr.Image(label="Reference photo", type="filepath", interactive=False, height=300)
                 with gr.Column(scale=2):
                     prompt = gr.Markdown()
                     video = gr.Video(label="Video", autoplay=True, loop=True, interactive=False, height=400)
@@ -278,6 +289,7 @@ def build_study_page(study: Study) -> gr.Blocks:
             is_mp4 = item.path.suffix.lower() == ".mp4"
             clip = str(study.clip(item))
             photo = study.reference_photo(item)
+            photo = None if photo is None else str(photo)
             return [item.key, f"**{who}**: {total}.",
                     (f"**Prompt:** {item.prompt}" if item.prompt else "*(no prompt was recorded for this video)*")
                     + ("" if photo is not None else "\n\n*(the reference photo is missing)*"),
