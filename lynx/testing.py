@@ -279,4 +279,3 @@ def save_transformer_gguf(path, transformer, quant_type=gguf_quant_type, prefix:
     writer.write_tensors_to_file()
     writer.close()
     return values
-
