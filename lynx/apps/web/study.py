@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import random
 import secrets
 import shutil
@@ -32,6 +31,7 @@ from pathlib import Path
 import gradio as gr
 
 from ...errors import InputError, LynxError
+from ...io.files import atomic_write
 from ...io.video import VIDEO_FORMATS, sidecar_path
 
 DIMENSIONS = {
@@ -179,9 +179,7 @@ class Study:
         # second copy over the first truncated it while the server was still sending it).
         with self._copying:
             if not path.exists():
-                part = path.with_name(f".{path.name}.part")
-                shutil.copyfile(item.path, part)
-                os.replace(part, path)
+                atomic_write(path, lambda tmp: shutil.copyfile(item.path, tmp))
         return path
 
     def reference_photo(self, item: Item) -> Path | None:
@@ -203,9 +201,7 @@ class Study:
                 except LynxError as e:
                     print(f"lynx study: the reference photo of {item.key} is shown as missing: {e}", file=sys.stderr)
                     return None
-                part = path.with_name(f".{path.name}.part")
-                Image.fromarray(rgb).save(part, format="PNG")
-                os.replace(part, path)
+                atomic_write(path, lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"))
         return path
 
     def next_item(self, rater: str) -> tuple[Item | None, int]:
